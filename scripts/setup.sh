@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs everything vmrun needs on Debian 12 (as root), then builds the guest image.
+# Safe to run again: apt, pip and the image build are all no-ops when up to date.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  qemu-system-x86 qemu-system-common   # QEMU, qboot, virtiofsd (/usr/lib/qemu/virtiofsd)
+  busybox-static                       # the demo and test containers
+  runc                                 # bench: the baseline vmrun is compared with
+  lz4 cpio kmod binutils               # the guest image builder
+  iproute2
+)
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+elif [ ! -d /var/lib/apt/lists ] || [ -z "$(ls /var/lib/apt/lists 2>/dev/null | grep -v lock)" ]; then
+  apt-get update -q   # the image builder downloads guest packages with apt-get download
+fi
+
+python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+vmrun image build

@@ -1,0 +1,103 @@
+"""Fixtures for tests that boot real guests with real QEMU (TCG here, KVM where it works).
+
+Each test gets a private run dir, state root and config; afterwards it checks that
+nothing it started is left: no process naming its run dir, no mount, no state.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from guest.build import find_image
+from vmrun.busybox import make_busybox_bundle
+from vmrun.config import Config
+
+@pytest.fixture(scope="session")
+def guest_image():
+    image = find_image(Config().image_dir)
+    if image is None:
+        pytest.fail("no guest image: run `vmrun image build` (scripts/setup.sh does)")
+    return image
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{proc.name}: {cmdline[:120]}")
+    return found
+
+
+def _mounts_under(path: str) -> list[str]:
+    with open("/proc/self/mounts") as mounts:
+        return [line.split()[1] for line in mounts if line.split()[1].startswith(path)]
+
+
+@dataclass
+class Env:
+    base: Path
+    config_path: Path
+    root: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "VMRUN_CONFIG": str(self.config_path)}
+
+    def config(self) -> Config:
+        from vmrun.config import load_config
+
+        return load_config(self.config_path)
+
+    def bundle(self, name: str, args: list[str], **kwargs) -> Path:
+        return make_busybox_bundle(self.base / "bundles" / name, args, **kwargs)
+
+    def vmrun(self, *args: str, input: bytes | None = None, timeout: float = 180, **kwargs):
+        return subprocess.run([sys.executable, "-m", "vmrun.cli", "--root", str(self.root), *args],
+                              input=input, capture_output=True, timeout=timeout, env=self.env, **kwargs)
+
+    def popen(self, *args: str, **kwargs) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "vmrun.cli", "--root", str(self.root), *args],
+                                env=self.env, **kwargs)
+
+
+@pytest.fixture
+def vm_env(guest_image):
+    # Short paths: unix sockets live under the run dir.
+    base = Path(tempfile.mkdtemp(prefix="vmrun-t", dir="/tmp"))
+    run_dir = base / "run"
+    config_path = base / "vmrun.toml"
+    config_path.write_text(f'run_dir = "{run_dir}"\nboot_timeout = 120\n')
+    env = Env(base, config_path, base / "state")
+    yield env
+    deadline = time.monotonic() + 10
+    while _processes_mentioning(str(run_dir)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    leftovers = _processes_mentioning(str(run_dir))
+    mounts = _mounts_under(str(base))
+    vm_dirs = list((run_dir / "vm").iterdir()) if (run_dir / "vm").exists() else []
+    states = list(env.root.iterdir()) if env.root.exists() else []
+    for line in leftovers:
+        os.kill(int(line.split(":")[0]), 9)
+    for point in sorted(mounts, reverse=True):
+        subprocess.run(["umount", "-l", point], check=False)
+    if not mounts:
+        shutil.rmtree(base, ignore_errors=True)
+    assert not leftovers, f"processes left behind: {leftovers}"
+    assert not mounts, f"mounts left behind: {mounts}"
+    assert not vm_dirs, f"sandbox dirs left behind: {vm_dirs}"
+    assert not states, f"state left behind: {states}"

@@ -1,0 +1,52 @@
+"""Bad input: one line on stderr (and in the --log JSON), a non-zero exit, nothing left."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def assert_clean_failure(result, fragment, log=None):
+    assert result.returncode != 0
+    err = result.stderr.decode().strip()
+    assert "\n" not in err and fragment in err, err
+    if log is not None:
+        last = json.loads(log.read_text().strip().splitlines()[-1])
+        assert last["level"] == "error" and fragment in last["msg"]
+
+
+def test_config_that_does_not_parse(vm_env):
+    bundle = vm_env.bundle("badjson", ["true"])
+    (bundle / "config.json").write_text("{ this is not json")
+    log = vm_env.base / "log.json"
+    result = vm_env.vmrun("--log", str(log), "--log-format", "json", "run", "--bundle", str(bundle), "bad")
+    assert_clean_failure(result, "not valid JSON", log)
+
+
+def test_missing_rootfs(vm_env):
+    bundle = vm_env.bundle("norootfs", ["true"])
+    import shutil
+
+    shutil.rmtree(bundle / "rootfs")
+    assert_clean_failure(vm_env.vmrun("run", "--bundle", str(bundle), "norootfs"), "does not exist")
+
+
+@pytest.mark.parametrize("command", [["state", "nosuch"], ["kill", "nosuch"], ["delete", "nosuch"]])
+def test_unknown_id(vm_env, command):
+    assert_clean_failure(vm_env.vmrun(*command), "does not exist")
+
+
+@pytest.mark.parametrize("bad_id", ["a/b", "..", "../escape", "x/../y"])
+def test_ids_with_slash_or_dotdot(vm_env, bad_id):
+    bundle = vm_env.bundle("ids", ["true"])
+    assert_clean_failure(vm_env.vmrun("run", "--bundle", str(bundle), bad_id), "invalid container id")
+
+
+def test_process_that_crun_cannot_start(vm_env):
+    bundle = vm_env.bundle("nobinary", ["/no/such/binary"])
+    result = vm_env.vmrun("run", "--bundle", str(bundle), "nobinary")
+    assert result.returncode != 0
+    assert "\n" not in result.stderr.decode().strip()

@@ -1,0 +1,67 @@
+"""`vmrun run` end to end: a real guest, a real agent, crun inside."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import time
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def test_output_comes_from_the_guest_kernel(vm_env, guest_image):
+    bundle = vm_env.bundle("uname", ["uname", "-r"])
+    result = vm_env.vmrun("run", "--bundle", str(bundle), "uname")
+    assert result.returncode == 0, result.stderr
+    release = result.stdout.decode().strip()
+    assert release == guest_image.manifest["kernel"]["release"]
+    assert release != os.uname().release
+
+
+@pytest.mark.parametrize("script, expected", [("exit 0", 0), ("exit 7", 7), ("kill -9 $$", 137)])
+def test_exit_status_propagates(vm_env, script, expected):
+    bundle = vm_env.bundle("exit", ["sh", "-c", script])
+    result = vm_env.vmrun("run", "--bundle", str(bundle), "exit")
+    assert result.returncode == expected, result.stderr
+
+
+def test_ten_megabytes_of_stdout_arrive_byte_exact(vm_env):
+    bundle = vm_env.bundle("big", ["cat", "/data.bin"])
+    data = os.urandom(10 << 20)
+    (bundle / "rootfs" / "data.bin").write_bytes(data)
+    result = vm_env.vmrun("run", "--bundle", str(bundle), "big")
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout) == len(data)
+    assert hashlib.sha256(result.stdout).hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def test_stdin_and_stderr(vm_env):
+    bundle = vm_env.bundle("stdin", ["sh", "-c", "sha256sum; echo to-stderr >&2"])
+    data = os.urandom(3 << 20)
+    result = vm_env.vmrun("run", "--bundle", str(bundle), "stdin", input=data)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().split()[0] == hashlib.sha256(data).hexdigest()
+    assert result.stderr.decode().strip().endswith("to-stderr")
+
+
+def test_signal_to_vmrun_reaches_the_container(vm_env):
+    bundle = vm_env.bundle("sleeper", ["sh", "-c", "echo started; exec sleep 600"])
+    process = vm_env.popen("run", "--bundle", str(bundle), "sleeper", stdout=__import__("subprocess").PIPE)
+    assert process.stdout.readline() == b"started\n"
+    state = vm_env.vmrun("state", "sleeper")
+    assert state.returncode == 0 and b'"running"' in state.stdout
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 128 + signal.SIGTERM
+    process.stdout.close()
+
+
+def test_kill_from_another_process(vm_env):
+    bundle = vm_env.bundle("victim", ["sh", "-c", "echo started; exec sleep 600"])
+    process = vm_env.popen("run", "--bundle", str(bundle), "victim", stdout=__import__("subprocess").PIPE)
+    assert process.stdout.readline() == b"started\n"
+    assert vm_env.vmrun("kill", "victim", "KILL").returncode == 0
+    assert process.wait(60) == 137
+    process.stdout.close()

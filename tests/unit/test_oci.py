@@ -1,0 +1,93 @@
+import json
+
+import pytest
+
+from vmrun.agent.constants import SHARED_DIR
+from vmrun.errors import BundleError, InvalidIdError
+from vmrun.oci import default_spec, guest_spec, load_bundle, validate_id, write_default_spec
+
+
+def write_bundle(tmp_path, spec, make_rootfs=True):
+    if make_rootfs:
+        (tmp_path / "rootfs").mkdir()
+    (tmp_path / "config.json").write_text(json.dumps(spec) if not isinstance(spec, str) else spec)
+    return tmp_path
+
+
+@pytest.mark.parametrize("bad", ["", ".", "..", "a/b", "../x", "x/..", "a b", "é", "x" * 1025])
+def test_invalid_ids_are_refused(bad):
+    with pytest.raises(InvalidIdError):
+        validate_id(bad)
+
+
+@pytest.mark.parametrize("good", ["a", "abc-1.2_3+4", "0" * 64, "..a"])
+def test_valid_ids_pass(good):
+    assert validate_id(good) == good
+
+
+def test_load_bundle_resolves_relative_rootfs(tmp_path):
+    bundle = load_bundle(write_bundle(tmp_path, default_spec()))
+    assert bundle.rootfs == tmp_path / "rootfs"
+    assert bundle.terminal is True and bundle.readonly_root is True
+
+
+def test_absolute_rootfs_as_podman_gives_it(tmp_path):
+    rootfs = tmp_path / "elsewhere"
+    rootfs.mkdir()
+    spec = default_spec()
+    spec["root"]["path"] = str(rootfs)
+    bundle_dir = tmp_path / "bundle"
+    bundle_dir.mkdir()
+    assert load_bundle(write_bundle(bundle_dir, spec, make_rootfs=False)).rootfs == rootfs
+
+
+def test_unparsable_config_is_one_line_error(tmp_path):
+    with pytest.raises(BundleError) as err:
+        load_bundle(write_bundle(tmp_path, "{not json"))
+    assert "not valid JSON" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_rootfs(tmp_path):
+    with pytest.raises(BundleError, match="rootfs .* does not exist"):
+        load_bundle(write_bundle(tmp_path, default_spec(), make_rootfs=False))
+
+
+def test_missing_config(tmp_path):
+    with pytest.raises(BundleError, match="config.json not found"):
+        load_bundle(tmp_path)
+
+
+def test_empty_args_refused(tmp_path):
+    spec = default_spec()
+    spec["process"]["args"] = []
+    with pytest.raises(BundleError, match="process.args"):
+        load_bundle(write_bundle(tmp_path, spec))
+
+
+def test_guest_spec_rewrites_host_paths():
+    spec = default_spec()
+    spec["hooks"] = {"prestart": [{"path": "/usr/bin/true"}]}
+    spec["mounts"].append({"destination": "/etc/hosts", "type": "bind", "source": "/etc/hosts",
+                           "options": ["rbind", "ro"]})
+    spec["linux"]["namespaces"] = [
+        {"type": "network", "path": "/var/run/netns/cni-1"},
+        {"type": "ipc", "path": "/proc/42/ns/ipc"},
+        {"type": "pid"},
+    ]
+    spec["linux"]["cgroupsPath"] = "/kubepods/besteffort/pod1/abc"
+    guest = guest_spec(spec, "c1")
+    assert guest["root"]["path"] == f"{SHARED_DIR}/c1/rootfs"
+    assert guest["mounts"][-1]["source"] == f"{SHARED_DIR}/c1/mounts/{len(spec['mounts']) - 1}"
+    assert guest["mounts"][0] == spec["mounts"][0]  # proc is not a bind: untouched
+    assert "hooks" not in guest
+    assert guest["linux"]["namespaces"] == [{"type": "ipc"}, {"type": "pid"}]
+    assert guest["linux"]["cgroupsPath"] == "/vmrun/c1"
+    # The caller's spec is not modified.
+    assert spec["root"]["path"] == "rootfs" and "hooks" in spec
+
+
+def test_spec_refuses_to_overwrite(tmp_path):
+    config = write_default_spec(tmp_path)
+    assert json.loads(config.read_text())["process"]["args"] == ["sh"]
+    with pytest.raises(BundleError, match="exists"):
+        write_default_spec(tmp_path)

@@ -1,0 +1,94 @@
+"""Splice stream sockets: a listener's connections, each joined to a freshly dialled one.
+
+PyPI's grpcio can neither listen on nor dial AF_VSOCK, so both ends bridge: in the guest
+a vsock listener is spliced to the agent's unix socket, on the host a unix socket to the
+vsock transport's connect().
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from typing import Callable
+
+_CHUNK = 256 * 1024
+
+
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    try:
+        while True:
+            n = src.recv_into(buf)
+            if n == 0:
+                break
+            dst.sendall(view[:n])
+    except OSError:
+        pass
+    finally:
+        # Pass the EOF on (half-close) so the peer can still answer.
+        try:
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+class SocketBridge:
+    """Accept on `listener`; splice each connection with the socket `dial()` returns."""
+
+    def __init__(self, listener: socket.socket, dial: Callable[[], socket.socket], name: str):
+        self._listener = listener
+        self._dial = dial
+        self._name = name
+        self._closed = False
+        self._lock = threading.Lock()
+        self._sockets: set[socket.socket] = set()
+
+    def start(self) -> "SocketBridge":
+        threading.Thread(target=self._accept_loop, name=f"{self._name}-accept", daemon=True).start()
+        return self
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), name=f"{self._name}-conn", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            peer = self._dial()
+        except OSError:
+            conn.close()
+            return
+        with self._lock:
+            if self._closed:
+                conn.close()
+                peer.close()
+                return
+            self._sockets.update((conn, peer))
+        back = threading.Thread(target=_pump, args=(peer, conn), daemon=True)
+        back.start()
+        _pump(conn, peer)
+        back.join()
+        with self._lock:
+            self._sockets.difference_update((conn, peer))
+        conn.close()
+        peer.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            sockets = list(self._sockets)
+        try:
+            # shutdown() wakes a thread blocked in accept(); close() alone does not.
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._listener.close()
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass

@@ -1,0 +1,117 @@
+"""The host's client of the in-guest agent (gRPC over the host-side vsock bridge)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Iterator
+
+import grpc
+
+from vmrun.agent import agent_pb2 as pb
+from vmrun.agent import agent_pb2_grpc
+from vmrun.errors import AgentError
+
+# Output chunks can be large; stdin chunks are bounded by the sender.
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 16 << 20),
+    ("grpc.max_send_message_length", 16 << 20),
+]
+
+
+def _error(exc: grpc.RpcError) -> AgentError:
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    return AgentError(f"agent: {details}")
+
+
+class AgentClient:
+    """Calls into one guest's agent; every failure becomes an AgentError."""
+
+    def __init__(self, unix_socket: str, call_timeout: float = 60.0):
+        self._channel = grpc.insecure_channel(f"unix:{unix_socket}", options=_CHANNEL_OPTIONS)
+        self._stub = agent_pb2_grpc.AgentStub(self._channel)
+        self._timeout = call_timeout
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "AgentClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, name: str, request: object, timeout: float | None = -1.0) -> object:
+        try:
+            return getattr(self._stub, name)(request, timeout=self._timeout if timeout == -1.0 else timeout)
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+
+    def health(self) -> bool:
+        return bool(self._call("Health", pb.Empty(), timeout=10.0).serving)
+
+    def guest_details(self) -> pb.GuestDetails:
+        return self._call("GetGuestDetails", pb.Empty())
+
+    def create_sandbox(self, sandbox_id: str, hostname: str, shared_fs_tag: str) -> str:
+        response = self._call(
+            "CreateSandbox",
+            pb.CreateSandboxRequest(
+                sandbox_id=sandbox_id,
+                hostname=hostname,
+                shared_fs_tag=shared_fs_tag,
+                host_time_ns=time.time_ns(),
+                entropy=os.urandom(64),
+            ),
+        )
+        return response.kernel_release
+
+    def destroy_sandbox(self, sandbox_id: str) -> None:
+        self._call("DestroySandbox", pb.DestroySandboxRequest(sandbox_id=sandbox_id))
+
+    def create_container(self, container_id: str, guest_spec: dict) -> int:
+        request = pb.CreateContainerRequest(container_id=container_id, spec_json=json.dumps(guest_spec).encode())
+        return self._call("CreateContainer", request).pid
+
+    def start_container(self, container_id: str) -> None:
+        self._call("StartContainer", pb.ContainerRequest(container_id=container_id))
+
+    def remove_container(self, container_id: str, force: bool = False) -> None:
+        self._call("RemoveContainer", pb.RemoveContainerRequest(container_id=container_id, force=force))
+
+    def exec_process(self, container_id: str, exec_id: str, process: dict) -> int:
+        request = pb.ExecProcessRequest(
+            container_id=container_id, exec_id=exec_id, process_json=json.dumps(process).encode()
+        )
+        return self._call("ExecProcess", request).pid
+
+    def wait_process(self, container_id: str, exec_id: str = "") -> int:
+        """Block until the process exits; its runc-style exit status (128+N on signal N)."""
+        request = pb.ProcessRequest(container_id=container_id, exec_id=exec_id)
+        return self._call("WaitProcess", request, timeout=None).exit_status
+
+    def signal_process(self, container_id: str, signal: int, exec_id: str = "", all_processes: bool = False) -> None:
+        request = pb.SignalProcessRequest(
+            container_id=container_id, exec_id=exec_id, signal=signal, all=all_processes
+        )
+        self._call("SignalProcess", request)
+
+    def write_stdin(self, container_id: str, data: bytes, exec_id: str = "") -> None:
+        self._call("WriteStdin", pb.WriteStdinRequest(container_id=container_id, exec_id=exec_id, data=data))
+
+    def close_stdin(self, container_id: str, exec_id: str = "") -> None:
+        self._call("CloseStdin", pb.ProcessRequest(container_id=container_id, exec_id=exec_id))
+
+    def read_output(self, container_id: str, stream: int, exec_id: str = "") -> Iterator[bytes]:
+        """The process's stdout or stderr (pb.STDOUT / pb.STDERR) until its EOF."""
+        request = pb.ReadOutputRequest(container_id=container_id, exec_id=exec_id, stream=stream)
+        try:
+            for chunk in self._stub.ReadOutput(request):
+                yield chunk.data
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+
+    def resize_tty(self, container_id: str, rows: int, columns: int, exec_id: str = "") -> None:
+        request = pb.ResizeTtyRequest(container_id=container_id, exec_id=exec_id, rows=rows, columns=columns)
+        self._call("ResizeTty", request)

@@ -1,0 +1,23 @@
+"""Facts the host and the in-guest agent agree on."""
+
+# vsock ports. The agent serves gRPC on AGENT_PORT; once it listens, it connects to the
+# host's READY_PORT and says READY, so the host never dials a guest that is not listening.
+AGENT_PORT = 1024
+READY_PORT = 1025
+READY_MESSAGE = b"READY"
+
+# virtio-fs tag of the sandbox's shared directory and where the agent mounts it.
+SHARED_FS_TAG = "vmrun"
+SHARED_DIR = "/run/vmrun/shared"
+# Per-container bundle directories the agent writes for crun.
+BUNDLES_DIR = "/run/vmrun/bundles"
+# The agent's gRPC server listens here; the vsock bridge forwards to it.
+AGENT_UNIX_SOCKET = "/run/vmrun/agent.sock"
+
+# Kernel command-line parameters the agent reads from /proc/cmdline.
+CMDLINE_PREFIX = "vmrun."
+
+
+def container_rootfs(container_id: str) -> str:
+    """Where a container's rootfs appears in the guest (on the shared directory)."""
+    return f"{SHARED_DIR}/{container_id}/rootfs"

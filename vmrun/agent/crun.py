@@ -1,0 +1,116 @@
+"""crun, driven by the in-guest agent: it creates the containers inside the guest."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmrun.agent.processes import Spawner, exit_status
+
+CRUN = "/usr/bin/crun"
+CRUN_ROOT = "/run/crun"
+
+
+class CrunError(Exception):
+    """crun failed; the message is crun's own error line."""
+
+
+@dataclass(frozen=True)
+class Stdio:
+    """The three fds a container process gets (crun passes them through)."""
+
+    stdin: int
+    stdout: int
+    stderr: int
+
+
+class Crun:
+    def __init__(self, spawner: Spawner):
+        self._spawner = spawner
+
+    def _base(self, log_file: Path | None = None) -> list[str]:
+        args = [CRUN, "--root", CRUN_ROOT]
+        if log_file is not None:
+            args += ["--log", f"file:{log_file}", "--log-format", "json"]
+        return args
+
+    def _simple(self, *args: str) -> bytes:
+        result = self._spawner.run([*self._base(), *args])
+        if result.returncode != 0:
+            raise CrunError(_one_line(result.stderr) or f"crun {args[0]} failed ({result.returncode})")
+        return result.stdout
+
+    def _with_stdio(self, args: list[str], log_file: Path, stdio: Stdio) -> None:
+        """Run a crun command whose children inherit `stdio`; errors come from its log."""
+        log_file.unlink(missing_ok=True)
+        pid = self._spawner.spawn(
+            [*self._base(log_file), *args], stdin=stdio.stdin, stdout=stdio.stdout, stderr=stdio.stderr
+        )
+        code, _ = exit_status(self._spawner.reaper.wait(pid))
+        if code != 0:
+            raise CrunError(_last_log_message(log_file) or f"crun {args[0]} failed ({code})")
+
+    def create(self, container_id: str, bundle: Path, stdio: Stdio, console_socket: Path | None) -> int:
+        pid_file = bundle / "init.pid"
+        args = ["create", "--bundle", str(bundle), "--pid-file", str(pid_file)]
+        if console_socket is not None:
+            args += ["--console-socket", str(console_socket)]
+        self._with_stdio([*args, container_id], bundle / "crun.log", stdio)
+        return int(pid_file.read_text().strip())
+
+    def exec(self, container_id: str, process_file: Path, stdio: Stdio, console_socket: Path | None) -> int:
+        pid_file = process_file.with_suffix(".pid")
+        args = ["exec", "--process", str(process_file), "--detach", "--pid-file", str(pid_file)]
+        if console_socket is not None:
+            args += ["--console-socket", str(console_socket)]
+        self._with_stdio([*args, container_id], process_file.with_suffix(".log"), stdio)
+        return int(pid_file.read_text().strip())
+
+    def start(self, container_id: str) -> None:
+        self._simple("start", container_id)
+
+    def kill(self, container_id: str, signal: int, all_processes: bool = False) -> None:
+        self._simple("kill", *(["--all"] if all_processes else []), container_id, str(signal))
+
+    def delete(self, container_id: str, force: bool = False) -> None:
+        self._simple("delete", *(["--force"] if force else []), container_id)
+
+    def pause(self, container_id: str) -> None:
+        self._simple("pause", container_id)
+
+    def resume(self, container_id: str) -> None:
+        self._simple("resume", container_id)
+
+    def pids(self, container_id: str) -> list[int]:
+        return [int(p) for p in json.loads(self._simple("ps", container_id) or b"[]")]
+
+    def update(self, container_id: str, resources_file: Path) -> None:
+        self._simple("update", "--resources", str(resources_file), container_id)
+
+
+def _one_line(text: bytes) -> str:
+    lines = [line for line in text.decode(errors="replace").splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+def _last_log_message(log_file: Path) -> str:
+    try:
+        lines = log_file.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        try:
+            return str(json.loads(line).get("msg", "")).strip()
+        except (ValueError, AttributeError):
+            if line.strip():
+                return line.strip()
+    return ""
+
+
+def write_json(path: Path, document: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(document))
+    os.replace(tmp, path)

@@ -1,0 +1,83 @@
+"""The in-guest agent: `python3 -m vmrun.agent.server`, started by the guest's /init.
+
+It serves gRPC on a unix socket, bridges vsock port AGENT_PORT to it, then tells the host
+it is ready by connecting to the host's READY_PORT. It runs as PID 1, so it also reaps
+every orphan in the guest.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from concurrent import futures
+
+import grpc
+
+import vmrun
+from vmrun.agent import agent_pb2_grpc, linux
+from vmrun.agent.bridge import SocketBridge
+from vmrun.agent.constants import AGENT_PORT, AGENT_UNIX_SOCKET, READY_MESSAGE, READY_PORT
+from vmrun.agent.processes import Reaper
+from vmrun.agent.service import AgentService
+
+_HOST_CID = 2
+
+
+def _log(message: str) -> None:
+    print(f"vmrun-agent: {message}", file=sys.stderr, flush=True)
+
+
+def _vsock_listener(port: int) -> socket.socket:
+    # Binding works before the vsock transport is loaded, so a template's agent can
+    # listen before its clone gets the device hot-plugged.
+    listener = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    listener.bind((socket.VMADDR_CID_ANY, port))
+    listener.listen(64)
+    return listener
+
+
+def _dial_agent() -> socket.socket:
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.connect(AGENT_UNIX_SOCKET)
+    return conn
+
+
+def _announce_ready(port: int) -> None:
+    """Connect to the host's ready port until it answers: the device may come late."""
+    delay = 0.005
+    while True:
+        try:
+            with socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM) as conn:
+                conn.connect((_HOST_CID, port))
+                conn.sendall(READY_MESSAGE + b" " + vmrun.__version__.encode() + b"\n")
+            return
+        except OSError:
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+
+def main() -> None:
+    params = linux.kernel_cmdline()
+    agent_port = int(params.get("agent_port", AGENT_PORT))
+    ready_port = int(params.get("ready_port", READY_PORT))
+    if os.getpid() != 1:
+        linux.become_subreaper()
+    reaper = Reaper().start()
+
+    os.makedirs(os.path.dirname(AGENT_UNIX_SOCKET), exist_ok=True)
+    if os.path.exists(AGENT_UNIX_SOCKET):
+        os.unlink(AGENT_UNIX_SOCKET)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64))
+    agent_pb2_grpc.add_AgentServicer_to_server(AgentService(reaper), server)
+    server.add_insecure_port(f"unix:{AGENT_UNIX_SOCKET}")
+    server.start()
+    SocketBridge(_vsock_listener(agent_port), _dial_agent, "vsock-agent").start()
+    _announce_ready(ready_port)
+    _log(f"ready on vsock port {agent_port}")
+    server.wait_for_termination()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,445 @@
+"""The in-guest agent's gRPC service: containers and processes through crun."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import os
+import re
+import shutil
+import socket
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, TypeVar
+
+import grpc
+
+import vmrun
+from vmrun.agent import agent_pb2 as pb
+from vmrun.agent import agent_pb2_grpc
+from vmrun.agent import linux
+from vmrun.agent.constants import BUNDLES_DIR, SHARED_DIR
+from vmrun.agent.crun import Crun, CrunError, Stdio, write_json
+from vmrun.agent.processes import Reaper, Spawner, exit_status
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
+_READ_CHUNK = 256 * 1024
+_CONSOLE_TIMEOUT = 30.0
+_SHARE_MOUNT_TIMEOUT = 30.0
+_PIPE_SIZE = 1 << 20
+
+
+class NotFound(Exception):
+    pass
+
+
+class InvalidArgument(Exception):
+    pass
+
+
+@dataclass
+class GuestProcess:
+    """A container's init or exec process and the agent's ends of its stdio."""
+
+    pid: int
+    stdin: int | None
+    stdout: int | None
+    stderr: int | None
+    terminal: bool
+
+    def close(self) -> None:
+        for fd in {self.stdin, self.stdout, self.stderr} - {None}:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.stdin = self.stdout = self.stderr = None
+
+
+@dataclass
+class Container:
+    id: str
+    bundle: Path
+    init: GuestProcess
+    execs: dict[str, GuestProcess] = field(default_factory=dict)
+
+    def processes(self) -> list[GuestProcess]:
+        return [self.init, *self.execs.values()]
+
+
+T = TypeVar("T")
+
+
+def _rpc(method: Callable[..., T]) -> Callable[..., T]:
+    """Map the agent's failures onto gRPC status codes with a one-line message."""
+
+    @functools.wraps(method)
+    def wrapper(self: "AgentService", request: object, context: grpc.ServicerContext) -> T:
+        try:
+            return method(self, request, context)
+        except NotFound as exc:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except InvalidArgument as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except CrunError as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except OSError as exc:
+            context.abort(grpc.StatusCode.INTERNAL, str(exc))
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+def _check_id(kind: str, value: str) -> str:
+    if not _SAFE_ID.match(value):
+        raise InvalidArgument(f"invalid {kind} {value!r}")
+    return value
+
+
+class _ConsoleReceiver:
+    """A --console-socket: receives the pty master crun sends over SCM_RIGHTS."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.unlink(missing_ok=True)
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(path))
+        self._listener.listen(1)
+        self._listener.settimeout(_CONSOLE_TIMEOUT)
+        self.master: int | None = None
+        self._thread = threading.Thread(target=self._receive, daemon=True)
+        self._thread.start()
+
+    def _receive(self) -> None:
+        try:
+            conn, _ = self._listener.accept()
+            with conn:
+                _, fds, _, _ = socket.recv_fds(conn, 4096, 4)
+                self.master = fds[0] if fds else None
+                for extra in fds[1:]:
+                    os.close(extra)
+        except OSError:
+            pass
+
+    def take_master(self) -> int:
+        self._thread.join(_CONSOLE_TIMEOUT)
+        self.close()
+        if self.master is None:
+            raise CrunError("crun sent no terminal over the console socket")
+        return self.master
+
+    def close(self) -> None:
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._listener.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _pipe() -> tuple[int, int]:
+    r, w = os.pipe()
+    try:
+        import fcntl
+
+        fcntl.fcntl(r, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+    except OSError:
+        pass
+    return r, w
+
+
+class AgentService(agent_pb2_grpc.AgentServicer):
+    def __init__(self, reaper: Reaper):
+        self._spawner = Spawner(reaper)
+        self._reaper = reaper
+        self._crun = Crun(self._spawner)
+        self._containers: dict[str, Container] = {}
+        self._lock = threading.Lock()
+
+    # ---- helpers ----
+
+    def _container(self, container_id: str) -> Container:
+        with self._lock:
+            container = self._containers.get(container_id)
+        if container is None:
+            raise NotFound(f"container {container_id!r} does not exist")
+        return container
+
+    def _process(self, container_id: str, exec_id: str) -> GuestProcess:
+        container = self._container(container_id)
+        if not exec_id:
+            return container.init
+        process = container.execs.get(exec_id)
+        if process is None:
+            raise NotFound(f"process {exec_id!r} of container {container_id!r} does not exist")
+        return process
+
+    def _launch(self, terminal: bool, console_path: Path, launch: Callable[[Stdio, Path | None], int]) -> GuestProcess:
+        """Start a process with fresh stdio: pipes, or a pty received from crun."""
+        if terminal:
+            receiver = _ConsoleReceiver(console_path)
+            null = os.open("/dev/null", os.O_RDWR)
+            try:
+                pid = launch(Stdio(null, null, null), console_path)
+            except BaseException:
+                receiver.close()
+                raise
+            finally:
+                os.close(null)
+            master = receiver.take_master()
+            return GuestProcess(pid, master, master, None, terminal=True)
+        in_r, in_w = _pipe()
+        out_r, out_w = _pipe()
+        err_r, err_w = _pipe()
+        try:
+            pid = launch(Stdio(in_r, out_w, err_w), None)
+        except BaseException:
+            for fd in (in_w, out_r, err_r):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (in_r, out_w, err_w):
+                os.close(fd)
+        return GuestProcess(pid, in_w, out_r, err_r, terminal=False)
+
+    # ---- sandbox ----
+
+    @_rpc
+    def CreateSandbox(self, request: pb.CreateSandboxRequest, context: grpc.ServicerContext) -> pb.CreateSandboxResponse:
+        self._refresh(request.host_time_ns, request.entropy, request.hostname)
+        if request.shared_fs_tag and not linux.is_mounted(SHARED_DIR):
+            linux.mount_with_retry(request.shared_fs_tag, SHARED_DIR, "virtiofs", _SHARE_MOUNT_TIMEOUT)
+        return pb.CreateSandboxResponse(kernel_release=os.uname().release)
+
+    @_rpc
+    def DestroySandbox(self, request: pb.DestroySandboxRequest, context: grpc.ServicerContext) -> pb.Empty:
+        with self._lock:
+            ids = list(self._containers)
+        for container_id in ids:
+            self._remove(container_id, force=True)
+        if linux.is_mounted(SHARED_DIR):
+            linux.umount(SHARED_DIR)
+        return pb.Empty()
+
+    @_rpc
+    def RefreshGuest(self, request: pb.RefreshGuestRequest, context: grpc.ServicerContext) -> pb.Empty:
+        self._refresh(request.host_time_ns, request.entropy, request.hostname)
+        return pb.Empty()
+
+    def _refresh(self, host_time_ns: int, entropy: bytes, hostname: str) -> None:
+        if host_time_ns:
+            linux.set_clock(host_time_ns)
+        if entropy:
+            linux.add_entropy(entropy)
+        if hostname:
+            linux.set_hostname(hostname)
+
+    # ---- containers ----
+
+    @_rpc
+    def CreateContainer(self, request: pb.CreateContainerRequest, context: grpc.ServicerContext) -> pb.CreateContainerResponse:
+        container_id = _check_id("container id", request.container_id)
+        try:
+            spec = json.loads(request.spec_json)
+        except ValueError as exc:
+            raise InvalidArgument(f"container spec is not valid JSON: {exc}") from exc
+        with self._lock:
+            if container_id in self._containers:
+                raise InvalidArgument(f"container {container_id!r} already exists")
+        bundle = Path(BUNDLES_DIR) / container_id
+        if bundle.exists():
+            shutil.rmtree(bundle)
+        write_json(bundle / "config.json", spec)
+        terminal = bool(spec.get("process", {}).get("terminal"))
+        try:
+            init = self._launch(
+                terminal,
+                bundle / "console.sock",
+                lambda stdio, console: self._crun.create(container_id, bundle, stdio, console),
+            )
+        except BaseException:
+            shutil.rmtree(bundle, ignore_errors=True)
+            raise
+        with self._lock:
+            self._containers[container_id] = Container(container_id, bundle, init)
+        return pb.CreateContainerResponse(pid=init.pid)
+
+    @_rpc
+    def StartContainer(self, request: pb.ContainerRequest, context: grpc.ServicerContext) -> pb.Empty:
+        self._container(request.container_id)
+        self._crun.start(request.container_id)
+        return pb.Empty()
+
+    @_rpc
+    def RemoveContainer(self, request: pb.RemoveContainerRequest, context: grpc.ServicerContext) -> pb.Empty:
+        self._container(request.container_id)
+        self._remove(request.container_id, request.force)
+        return pb.Empty()
+
+    def _remove(self, container_id: str, force: bool) -> None:
+        container = self._container(container_id)
+        try:
+            self._crun.delete(container_id, force=force)
+        except CrunError:
+            if not force:
+                raise
+        with self._lock:
+            self._containers.pop(container_id, None)
+        for process in container.processes():
+            process.close()
+            self._reaper.forget(process.pid)
+        shutil.rmtree(container.bundle, ignore_errors=True)
+
+    @_rpc
+    def ExecProcess(self, request: pb.ExecProcessRequest, context: grpc.ServicerContext) -> pb.ExecProcessResponse:
+        container = self._container(request.container_id)
+        exec_id = _check_id("exec id", request.exec_id)
+        if exec_id in container.execs:
+            raise InvalidArgument(f"exec id {exec_id!r} is already in use")
+        try:
+            process = json.loads(request.process_json)
+        except ValueError as exc:
+            raise InvalidArgument(f"process is not valid JSON: {exc}") from exc
+        process_file = container.bundle / f"exec-{exec_id}.json"
+        write_json(process_file, process)
+        launched = self._launch(
+            bool(process.get("terminal")),
+            container.bundle / f"exec-{exec_id}.sock",
+            lambda stdio, console: self._crun.exec(container.id, process_file, stdio, console),
+        )
+        container.execs[exec_id] = launched
+        return pb.ExecProcessResponse(pid=launched.pid)
+
+    @_rpc
+    def WaitProcess(self, request: pb.ProcessRequest, context: grpc.ServicerContext) -> pb.WaitProcessResponse:
+        process = self._process(request.container_id, request.exec_id)
+        status = self._reaper.wait(process.pid, keep=True)
+        code, signal = exit_status(status)
+        return pb.WaitProcessResponse(exit_status=code, signal=signal)
+
+    @_rpc
+    def SignalProcess(self, request: pb.SignalProcessRequest, context: grpc.ServicerContext) -> pb.Empty:
+        if request.all:
+            self._container(request.container_id)
+            self._crun.kill(request.container_id, request.signal, all_processes=True)
+        else:
+            process = self._process(request.container_id, request.exec_id)
+            try:
+                os.kill(process.pid, request.signal)
+            except ProcessLookupError:
+                pass  # already gone: like runc, signalling an exited process is not an error
+        return pb.Empty()
+
+    # ---- stdio ----
+
+    @_rpc
+    def WriteStdin(self, request: pb.WriteStdinRequest, context: grpc.ServicerContext) -> pb.Empty:
+        process = self._process(request.container_id, request.exec_id)
+        if process.stdin is None:
+            raise InvalidArgument("stdin is closed")
+        view = memoryview(request.data)
+        while view:
+            written = os.write(process.stdin, view)
+            view = view[written:]
+        return pb.Empty()
+
+    @_rpc
+    def CloseStdin(self, request: pb.ProcessRequest, context: grpc.ServicerContext) -> pb.Empty:
+        process = self._process(request.container_id, request.exec_id)
+        if process.terminal:
+            # A pty has no half-close: send the EOF character instead.
+            if process.stdin is not None:
+                os.write(process.stdin, b"\x04")
+        elif process.stdin is not None:
+            os.close(process.stdin)
+            process.stdin = None
+        return pb.Empty()
+
+    def ReadOutput(self, request: pb.ReadOutputRequest, context: grpc.ServicerContext) -> Iterator[pb.OutputChunk]:
+        try:
+            process = self._process(request.container_id, request.exec_id)
+        except NotFound as exc:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        fd = process.stdout if request.stream == pb.STDOUT else process.stderr
+        if fd is None:
+            return
+        while True:
+            try:
+                data = os.read(fd, _READ_CHUNK)
+            except OSError as exc:
+                if exc.errno in (errno.EIO, errno.EBADF):  # pty whose other side closed
+                    return
+                raise
+            if not data:
+                return
+            yield pb.OutputChunk(data=data)
+
+    @_rpc
+    def ResizeTty(self, request: pb.ResizeTtyRequest, context: grpc.ServicerContext) -> pb.Empty:
+        import fcntl
+        import struct
+        import termios
+
+        process = self._process(request.container_id, request.exec_id)
+        if not process.terminal or process.stdout is None:
+            raise InvalidArgument("the process has no terminal")
+        fcntl.ioctl(process.stdout, termios.TIOCSWINSZ, struct.pack("HHHH", request.rows, request.columns, 0, 0))
+        return pb.Empty()
+
+    # ---- inspection and control ----
+
+    @_rpc
+    def ListProcesses(self, request: pb.ContainerRequest, context: grpc.ServicerContext) -> pb.ListProcessesResponse:
+        self._container(request.container_id)
+        infos = []
+        for pid in self._crun.pids(request.container_id):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            infos.append(pb.ProcessInfo(pid=pid, ppid=ppid, user="", command=cmdline))
+        return pb.ListProcessesResponse(processes=infos)
+
+    @_rpc
+    def PauseContainer(self, request: pb.ContainerRequest, context: grpc.ServicerContext) -> pb.Empty:
+        self._container(request.container_id)
+        self._crun.pause(request.container_id)
+        return pb.Empty()
+
+    @_rpc
+    def ResumeContainer(self, request: pb.ContainerRequest, context: grpc.ServicerContext) -> pb.Empty:
+        self._container(request.container_id)
+        self._crun.resume(request.container_id)
+        return pb.Empty()
+
+    @_rpc
+    def UpdateContainer(self, request: pb.UpdateContainerRequest, context: grpc.ServicerContext) -> pb.Empty:
+        container = self._container(request.container_id)
+        try:
+            resources = json.loads(request.resources_json)
+        except ValueError as exc:
+            raise InvalidArgument(f"resources are not valid JSON: {exc}") from exc
+        resources_file = container.bundle / "resources.json"
+        write_json(resources_file, resources)
+        self._crun.update(container.id, resources_file)
+        return pb.Empty()
+
+    # ---- the guest ----
+
+    @_rpc
+    def GetGuestDetails(self, request: pb.Empty, context: grpc.ServicerContext) -> pb.GuestDetails:
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return pb.GuestDetails(
+            kernel_release=os.uname().release,
+            agent_version=vmrun.__version__,
+            memory_bytes=pages,
+            cpus=os.cpu_count() or 1,
+        )
+
+    @_rpc
+    def Health(self, request: pb.Empty, context: grpc.ServicerContext) -> pb.HealthResponse:
+        return pb.HealthResponse(serving=True)

@@ -1,0 +1,1 @@
+"""The hypervisor layer: QEMU over QMP, virtiofsd, vsock transports."""

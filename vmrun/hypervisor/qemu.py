@@ -1,0 +1,132 @@
+"""QEMU, one process per sandbox, driven over QMP with qemu.qmp."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qemu.qmp import QMPError
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from vmrun.errors import HypervisorError
+from vmrun.hypervisor.accel import Acceleration
+from vmrun.proc import HelperProcess
+
+_QMP_ACCEPT_TIMEOUT = 10.0
+_QBOOT = Path("/usr/share/qemu/qboot.rom")
+
+# Cheap boot: skip crypto self-tests and legacy devices; panic powers the VM off (QEMU
+# runs with -no-reboot), so a dead agent never leaves a spinning guest behind.
+BASE_KERNEL_PARAMS = (
+    "console=ttyS0 quiet panic=-1 cryptomgr.notests 8250.nr_uarts=1 i8042.noaux i8042.nokbd "
+    "i8042.nopnp random.trust_cpu=on rcupdate.rcu_expedited=1 no_timer_check"
+)
+
+# qemu.qmp logs every (expected) disconnect at warning level; we report errors ourselves.
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+
+
+@dataclass
+class VMSpec:
+    """What one guest is made of."""
+
+    name: str
+    qemu: str
+    acceleration: Acceleration
+    vcpus: int
+    memory_mib: int
+    kernel: Path
+    initrd: Path
+    kernel_params: str
+    console_log: Path
+    device_args: list[str] = field(default_factory=list)
+
+
+def qemu_command(spec: VMSpec, qmp_socket: Path) -> list[str]:
+    accel = spec.acceleration.name
+    args = [
+        spec.qemu,
+        "-name", spec.name,
+        "-machine", f"q35,accel={accel},memory-backend=mem",
+        "-smp", str(spec.vcpus),
+        "-m", f"{spec.memory_mib}M",
+        # Shared memory: vhost-user backends (virtiofsd, the vsock backend) map guest RAM.
+        "-object", f"memory-backend-memfd,id=mem,size={spec.memory_mib}M,share=on",
+        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        "-kernel", str(spec.kernel),
+        "-initrd", str(spec.initrd),
+        "-append", spec.kernel_params,
+        # Without an entropy source the guest's first random read blocks for ~1 s.
+        "-device", "virtio-rng-pci",
+        "-serial", f"file:{spec.console_log}",
+        "-chardev", f"socket,id=qmp,path={qmp_socket}",
+        "-mon", "chardev=qmp,mode=control",
+    ]
+    if accel == "kvm":
+        args += ["-cpu", "host"]
+    if _QBOOT.exists():
+        args += ["-bios", str(_QBOOT)]
+    return args + spec.device_args
+
+
+class QemuVM:
+    """A running QEMU; `close()` quits it (killing it if it does not go)."""
+
+    def __init__(self, spec: VMSpec, qmp_socket: Path, log_path: Path):
+        self.spec = spec
+        self._qmp_socket = qmp_socket
+        self._process = HelperProcess("qemu", qemu_command(spec, qmp_socket), log_path=log_path)
+        self._qmp: QEMUMonitorProtocol | None = None
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def alive(self) -> bool:
+        return self._process.alive()
+
+    def start(self) -> "QemuVM":
+        # We listen and QEMU connects: no polling for QEMU's socket to appear.
+        self._qmp_socket.unlink(missing_ok=True)
+        self._qmp = QEMUMonitorProtocol(str(self._qmp_socket), server=True)
+        try:
+            self._process.start()
+            self._qmp.accept(_QMP_ACCEPT_TIMEOUT)
+        except (QMPError, OSError, TimeoutError) as exc:
+            detail = self._process.log_tail(1) or str(exc) or type(exc).__name__
+            self.close()
+            raise HypervisorError(f"QEMU failed to start: {detail}") from None
+        return self
+
+    def failure(self) -> str:
+        """Why QEMU is gone, from its log."""
+        tail = self._process.log_tail(2).replace("\n", "; ")
+        return f"QEMU exited with status {self._process.returncode()}" + (f": {tail}" if tail else "")
+
+    def qmp(self, command: str, **arguments: object) -> object:
+        if self._qmp is None:
+            raise HypervisorError("QEMU is not running")
+        try:
+            return self._qmp.cmd(command, **arguments)
+        except (QMPError, OSError) as exc:
+            raise HypervisorError(f"QMP {command} failed: {exc}") from None
+
+    def status(self) -> str:
+        return str(self.qmp("query-status")["status"])
+
+    def close(self, grace: float = 3.0) -> None:
+        if self._qmp is not None and self._process.alive():
+            try:
+                self._qmp.cmd("quit")
+                self._process.wait(grace)
+            except (QMPError, OSError):
+                pass
+        if self._qmp is not None:
+            try:
+                self._qmp.close()
+            except (QMPError, OSError):
+                pass
+            self._qmp = None
+        self._process.stop(grace)
+        self._qmp_socket.unlink(missing_ok=True)

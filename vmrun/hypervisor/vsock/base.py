@@ -1,0 +1,53 @@
+"""The vsock transport interface: one guest's vsock device and the host's way to reach it.
+
+Two implementations stand behind it: the kernel's vhost-vsock (where /dev/vhost-vsock
+exists) and our own userspace vhost-user backend speaking hybrid vsock on the host side.
+The rest of vmrun only sees this interface.
+"""
+
+from __future__ import annotations
+
+import socket
+from abc import ABC, abstractmethod
+
+
+class VsockTransport(ABC):
+    """A vsock device for one guest.
+
+    Life cycle: `start()` before QEMU is launched (a backend must be listening before QEMU
+    connects to it), `qemu_args()` on QEMU's command line, then `connect()` / `listen()`
+    while the guest runs, and `close()` after QEMU has exited. Also a context manager.
+    """
+
+    guest_cid: int
+
+    @abstractmethod
+    def start(self) -> None:
+        """Start whatever host-side helper the device needs."""
+
+    @abstractmethod
+    def qemu_args(self) -> list[str]:
+        """QEMU command-line arguments that add the vsock device."""
+
+    @abstractmethod
+    def connect(self, port: int, timeout: float = 5.0) -> socket.socket:
+        """A connected stream socket to `port` in the guest (host-initiated)."""
+
+    @abstractmethod
+    def listen(self, port: int) -> socket.socket:
+        """A listening socket that accepts the guest's connections to host `port`.
+
+        Call it before the guest connects: a guest connection to a port nobody listens on
+        is reset.
+        """
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop helpers and remove every socket file this transport made."""
+
+    def __enter__(self) -> "VsockTransport":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,166 @@
+"""Hybrid vsock: the guest's vsock reached through unix sockets, via our vhost-user backend.
+
+Used where /dev/vhost-vsock is unavailable. The backend process serves QEMU's
+`vhost-user-vsock-pci` device; on the host, a connection to the guest is a unix socket to
+`uds_path` that first says "CONNECT <port>\\n" and gets "OK <host port>\\n" back, and the
+guest's connections to host port P arrive on the unix socket `<uds_path>_P`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import vmrun
+from vmrun.errors import CommandError, VsockError
+from vmrun.hypervisor.vsock.base import VsockTransport
+from vmrun.proc import HelperProcess
+
+START_TIMEOUT = 5.0
+_OK_LINE_MAX = 64
+
+
+class HybridVsock(VsockTransport):
+    def __init__(self, run_dir: Path, guest_cid: int, chardev_id: str = "vsock0") -> None:
+        self.run_dir = Path(run_dir)
+        self.guest_cid = guest_cid
+        self.chardev_id = chardev_id
+        # What QEMU needs (also for a QMP chardev-add/device_add hotplug):
+        self.socket_path = self.run_dir / "vhost-user-vsock.sock"
+        # The host's side of the guest's vsock:
+        self.uds_path = self.run_dir / "vsock.sock"
+        self.log_path = self.run_dir / "vsock-backend.log"
+        self._helper: HelperProcess | None = None
+        self._listeners: dict[int, socket.socket] = {}
+
+    def port_path(self, port: int) -> Path:
+        """Where the guest's connections to host `port` arrive."""
+        return Path(f"{self.uds_path}_{port}")
+
+    # --- VsockTransport --------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._helper is not None and self._helper.alive():
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for path in (self.socket_path, self.uds_path):
+            path.unlink(missing_ok=True)
+        helper = HelperProcess(
+            name="vsock backend",
+            argv=[sys.executable, "-m", "vmrun.hypervisor.vsock.vhost_user",
+                  "--socket", self.socket_path, "--uds", self.uds_path,
+                  "--cid", str(self.guest_cid)],
+            log_path=self.log_path,
+            env=_child_env(),
+        )
+        try:
+            helper.start()
+        except CommandError as exc:
+            raise VsockError(str(exc)) from exc
+        self._helper = helper
+        # The backend makes its socket path appear only once it is listening.
+        deadline = time.monotonic() + START_TIMEOUT
+        while not self.socket_path.exists():
+            if not helper.alive():
+                self._fail_start(f"vsock backend exited with status {helper.returncode()}")
+            if time.monotonic() > deadline:
+                self._fail_start(f"vsock backend did not listen on {self.socket_path} "
+                                 f"within {START_TIMEOUT:g}s")
+            time.sleep(0.01)
+
+    def _fail_start(self, why: str) -> None:
+        assert self._helper is not None
+        helper, self._helper = self._helper, None
+        helper.stop()
+        tail = helper.log_tail()
+        raise VsockError(why + (f": {tail.splitlines()[-1]}" if tail else ""))
+
+    @property
+    def backend(self) -> HelperProcess | None:
+        """The backend process while it runs (to watch it next to QEMU)."""
+        return self._helper
+
+    def qemu_args(self) -> list[str]:
+        return [
+            "-chardev", f"socket,id={self.chardev_id},path={self.socket_path}",
+            "-device", f"vhost-user-vsock-pci,chardev={self.chardev_id}",
+        ]
+
+    def connect(self, port: int, timeout: float = 5.0) -> socket.socket:
+        deadline = time.monotonic() + timeout
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            try:
+                sock.connect(str(self.uds_path))
+            except OSError as exc:
+                raise VsockError(
+                    f"vsock: cannot reach the backend at {self.uds_path}: "
+                    f"{exc.strerror or exc}") from exc
+            sock.sendall(f"CONNECT {port}\n".encode())
+            line = b""
+            while not line.endswith(b"\n"):
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                # One byte at a time: whatever follows the line is the guest's data.
+                byte = sock.recv(1)
+                if not byte:
+                    raise VsockError(
+                        f"vsock: guest refused the connection to port {port} "
+                        f"(nothing listening, or the guest is not up)")
+                line += byte
+                if len(line) > _OK_LINE_MAX:
+                    raise VsockError(f"vsock: bad handshake reply {line[:_OK_LINE_MAX]!r}")
+            if not line.startswith(b"OK "):
+                raise VsockError(f"vsock: bad handshake reply {line.strip()!r}")
+            sock.settimeout(None)
+            return sock
+        except TimeoutError as exc:
+            sock.close()
+            raise VsockError(
+                f"vsock: connecting to guest port {port} timed out after {timeout:g}s") from exc
+        except VsockError:
+            sock.close()
+            raise
+        except OSError as exc:
+            sock.close()
+            raise VsockError(
+                f"vsock: connecting to guest port {port} failed: {exc.strerror or exc}"
+            ) from exc
+
+    def listen(self, port: int) -> socket.socket:
+        if port in self._listeners:
+            raise VsockError(f"vsock: already listening on host port {port}")
+        path = self.port_path(port)
+        path.unlink(missing_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(path))
+            sock.listen(128)
+        except OSError as exc:
+            sock.close()
+            raise VsockError(f"vsock: cannot listen on {path}: {exc.strerror or exc}") from exc
+        self._listeners[port] = sock
+        return sock
+
+    def close(self) -> None:
+        if self._helper is not None:
+            self._helper.stop()
+            self._helper = None
+        for port, sock in self._listeners.items():
+            sock.close()
+            self.port_path(port).unlink(missing_ok=True)
+        self._listeners.clear()
+        for path in (self.socket_path, self.uds_path):
+            path.unlink(missing_ok=True)
+
+
+def _child_env() -> dict[str, str]:
+    """Our environment, with this very vmrun first on the backend's import path."""
+    env = dict(os.environ)
+    root = str(Path(vmrun.__file__).resolve().parent.parent)
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
+    env["PYTHONPATH"] = os.pathsep.join([root, *paths])
+    return env

@@ -1,0 +1,62 @@
+"""Kernel vsock: QEMU's vhost-vsock-pci device served by the host kernel's vhost_vsock.
+
+The host talks AF_VSOCK directly: connect to (guest_cid, port), and the guest reaches a
+host listener bound to (VMADDR_CID_ANY, port) as CID 2. Nothing to start, and nothing to
+clean up but our listening sockets.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from vmrun.errors import VsockError
+from vmrun.hypervisor.vsock.base import VsockTransport
+
+
+class KernelVsock(VsockTransport):
+    def __init__(self, guest_cid: int, device_id: str = "vsock0") -> None:
+        self.guest_cid = guest_cid
+        self.device_id = device_id  # for a QMP device_add / device_del
+        self._listeners: list[socket.socket] = []
+
+    def start(self) -> None:
+        pass  # the kernel is the backend; QEMU opens /dev/vhost-vsock itself
+
+    def qemu_args(self) -> list[str]:
+        return ["-device", f"vhost-vsock-pci,id={self.device_id},guest-cid={self.guest_cid}"]
+
+    def connect(self, port: int, timeout: float = 5.0) -> socket.socket:
+        where = f"vsock: connecting to {self.guest_cid}:{port}"
+        sock: socket.socket | None = None
+        try:
+            sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            sock.connect((self.guest_cid, port))
+            sock.settimeout(None)
+            return sock
+        except TimeoutError as exc:
+            if sock is not None:
+                sock.close()
+            raise VsockError(f"{where} timed out after {timeout:g}s") from exc
+        except OSError as exc:
+            if sock is not None:
+                sock.close()
+            raise VsockError(f"{where} failed: {exc.strerror or exc}") from exc
+
+    def listen(self, port: int) -> socket.socket:
+        sock: socket.socket | None = None
+        try:
+            sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+            sock.bind((socket.VMADDR_CID_ANY, port))
+            sock.listen(128)
+        except OSError as exc:
+            if sock is not None:
+                sock.close()
+            raise VsockError(f"vsock: cannot listen on port {port}: {exc.strerror or exc}") from exc
+        self._listeners.append(sock)
+        return sock
+
+    def close(self) -> None:
+        for sock in self._listeners:
+            sock.close()
+        self._listeners.clear()

@@ -1,0 +1,53 @@
+"""runc-style logging: JSON lines ({"level","msg","time"}) or logfmt text, to --log or stderr.
+
+containerd's shim shows its user the last "level":"error" line of the --log file, so every
+error vmrun reports goes there as one line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import datetime, timezone
+
+_LEVELS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning",
+           logging.ERROR: "error", logging.CRITICAL: "fatal"}
+
+
+def _time(record: logging.LogRecord) -> str:
+    return datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+class JSONFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({"level": _LEVELS.get(record.levelno, "info"), "msg": record.getMessage(),
+                           "time": _time(record)})
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage().replace('"', '\\"')
+        return f'time="{_time(record)}" level={_LEVELS.get(record.levelno, "info")} msg="{message}"'
+
+
+def setup_logging(log_path: str | None, log_format: str, debug: bool) -> bool:
+    """Configure the `vmrun` logger; True when it writes to a file rather than stderr."""
+    logger = logging.getLogger("vmrun")
+    logger.handlers.clear()
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    if log_path:
+        try:
+            handler: logging.Handler = logging.FileHandler(log_path)
+        except OSError as exc:
+            print(f"vmrun: cannot open log file {log_path}: {exc.strerror}", file=sys.stderr)
+            handler = logging.StreamHandler(sys.stderr)
+            log_path = None
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        # Without --log, stderr only shows problems unless --debug asks for more.
+        handler.setLevel(logging.DEBUG if debug else logging.WARNING)
+    handler.setFormatter(JSONFormatter() if log_format == "json" else TextFormatter())
+    logger.addHandler(handler)
+    return bool(log_path)

@@ -1,0 +1,180 @@
+"""OCI bundles: loading and checking config.json, the default spec, and the guest's copy."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmrun.agent.constants import SHARED_DIR, container_rootfs
+from vmrun.errors import BundleError, InvalidIdError
+
+OCI_VERSION = "1.0.2"
+
+# runc's rule: word characters, '+', '-' and '.', and never "." or "..".
+_ID_PATTERN = re.compile(r"^[\w+.-]+$", re.ASCII)
+_MAX_ID_LENGTH = 1024
+
+
+def validate_id(container_id: str) -> str:
+    if (
+        not container_id
+        or container_id in (".", "..")
+        or len(container_id) > _MAX_ID_LENGTH
+        or not _ID_PATTERN.match(container_id)
+    ):
+        raise InvalidIdError(f"invalid container id {container_id!r}: use letters, digits, '_', '+', '-' and '.'")
+    return container_id
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    spec: dict
+    rootfs: Path
+
+    @property
+    def readonly_root(self) -> bool:
+        return bool(self.spec["root"].get("readonly"))
+
+    @property
+    def terminal(self) -> bool:
+        return bool(self.spec["process"].get("terminal"))
+
+
+def _require(condition: bool, bundle: Path, message: str) -> None:
+    if not condition:
+        raise BundleError(f"bundle {bundle}: {message}")
+
+
+def load_bundle(bundle_dir: str | Path) -> Bundle:
+    path = Path(bundle_dir).absolute()
+    config = path / "config.json"
+    try:
+        text = config.read_text()
+    except FileNotFoundError:
+        raise BundleError(f"bundle {path}: config.json not found") from None
+    except OSError as exc:
+        raise BundleError(f"bundle {path}: cannot read config.json: {exc.strerror}") from None
+    try:
+        spec = json.loads(text)
+    except ValueError as exc:
+        raise BundleError(f"bundle {path}: config.json is not valid JSON: {exc}") from None
+    _require(isinstance(spec, dict), path, "config.json must hold a JSON object")
+    _require(isinstance(spec.get("ociVersion"), str), path, "config.json has no ociVersion")
+    process = spec.get("process")
+    _require(isinstance(process, dict), path, "config.json has no process")
+    args = process.get("args")
+    _require(
+        isinstance(args, list) and bool(args) and all(isinstance(a, str) for a in args),
+        path,
+        "process.args must be a non-empty list of strings",
+    )
+    root = spec.get("root")
+    _require(isinstance(root, dict) and isinstance(root.get("path"), str) and bool(root["path"]), path,
+             "config.json has no root.path")
+    rootfs = Path(root["path"])
+    if not rootfs.is_absolute():
+        rootfs = path / rootfs
+    _require(rootfs.is_dir(), path, f"rootfs {rootfs} does not exist or is not a directory")
+    mounts = spec.get("mounts", [])
+    _require(isinstance(mounts, list) and all(isinstance(m, dict) and isinstance(m.get("destination"), str)
+                                              for m in mounts), path, "mounts must be a list of objects with a destination")
+    return Bundle(path, spec, rootfs)
+
+
+def is_bind_mount(mount: dict) -> bool:
+    options = mount.get("options") or []
+    return mount.get("type") == "bind" or "bind" in options or "rbind" in options
+
+
+def guest_mount_source(container_id: str, index: int) -> str:
+    """Where the host source of bind mount number `index` appears in the guest."""
+    return f"{SHARED_DIR}/{container_id}/mounts/{index}"
+
+
+def guest_spec(spec: dict, container_id: str) -> dict:
+    """The spec crun gets inside the guest.
+
+    The rootfs and bind-mount sources move to their places on the shared directory; host
+    namespace paths and other host-only fields are dropped. A network namespace with a
+    path is the pod's (CNI's) network, which in the guest is the guest's own.
+    """
+    guest = copy.deepcopy(spec)
+    guest["root"]["path"] = container_rootfs(container_id)
+    for index, mount in enumerate(guest.get("mounts", [])):
+        if is_bind_mount(mount):
+            mount["source"] = guest_mount_source(container_id, index)
+    guest.pop("hooks", None)  # host hooks cannot run in the guest
+    linux = guest.get("linux")
+    if isinstance(linux, dict):
+        namespaces = []
+        for namespace in linux.get("namespaces", []):
+            if namespace.get("path"):
+                if namespace.get("type") == "network":
+                    continue
+                namespace = {"type": namespace["type"]}
+            namespaces.append(namespace)
+        if "namespaces" in linux:
+            linux["namespaces"] = namespaces
+        # Host cgroup paths mean nothing in the guest; crun makes its own.
+        linux["cgroupsPath"] = f"/vmrun/{container_id}"
+    return guest
+
+
+def default_spec() -> dict:
+    """What `vmrun spec` writes, as `runc spec` does: sh with a terminal, a read-only root."""
+    return {
+        "ociVersion": OCI_VERSION,
+        "process": {
+            "terminal": True,
+            "user": {"uid": 0, "gid": 0},
+            "args": ["sh"],
+            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TERM=xterm"],
+            "cwd": "/",
+            "capabilities": {
+                kind: ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
+                for kind in ("bounding", "effective", "permitted", "ambient")
+            },
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+            "noNewPrivileges": True,
+        },
+        "root": {"path": "rootfs", "readonly": True},
+        "hostname": "vmrun",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+             "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+             "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+             "options": ["nosuid", "noexec", "nodev", "ro"]},
+            {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+             "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
+        ],
+        "linux": {
+            "resources": {"devices": [{"allow": False, "access": "rwm"}]},
+            "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount", "cgroup")],
+            "maskedPaths": [
+                "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+                "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware", "/proc/scsi",
+            ],
+            "readonlyPaths": [
+                "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
+            ],
+        },
+    }
+
+
+def write_default_spec(bundle_dir: Path) -> Path:
+    config = bundle_dir / "config.json"
+    if config.exists():
+        raise BundleError(f"{config} exists: remove it first")
+    config.write_text(json.dumps(default_spec(), indent=2) + "\n")
+    return config

@@ -1,0 +1,179 @@
+"""The one subprocess helper of vmrun.
+
+`run` executes a short command and raises CommandError (one line, with the tail of stderr)
+when it fails. `HelperProcess` owns a long-running helper (QEMU, virtiofsd, the vsock
+backend): it is a context manager whose exit stops the process, so cleanup is structural.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Mapping, Sequence
+
+from vmrun.errors import CommandError
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec: if vmrun dies, the kernel kills the helper.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def _last_line(text: str | bytes | None) -> str:
+    if not text:
+        return ""
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def run(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    input: bytes | None = None,
+    check: bool = True,
+    timeout: float | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run a short command, capturing its output; raise CommandError when it fails."""
+    args = [os.fspath(a) for a in argv]
+    try:
+        result = subprocess.run(
+            args,
+            input=input,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            timeout=timeout,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            check=False,
+        )
+    except FileNotFoundError as exc:
+        raise CommandError(f"{args[0]}: command not found") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise CommandError(f"{args[0]} did not finish within {timeout:g}s") from exc
+    if check and result.returncode != 0:
+        detail = _last_line(result.stderr) or _last_line(result.stdout)
+        raise CommandError(
+            f"{' '.join(args[:3])} failed with exit status {result.returncode}"
+            + (f": {detail}" if detail else "")
+        )
+    return result
+
+
+@dataclass
+class HelperProcess:
+    """A long-running helper process, stopped when the object is closed.
+
+    Its stdout and stderr go to `log_path` (or are discarded), so a failure can be
+    explained from the log afterwards.
+    """
+
+    name: str
+    argv: Sequence[str | os.PathLike[str]]
+    log_path: Path | None = None
+    env: Mapping[str, str] | None = None
+    pass_fds: Sequence[int] = ()
+    die_with_parent: bool = True
+    stop_signal: int = signal.SIGTERM
+    _popen: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+    _log: IO[bytes] | None = field(default=None, init=False, repr=False)
+
+    def start(self) -> "HelperProcess":
+        args = [os.fspath(a) for a in self.argv]
+        self._log = open(self.log_path, "ab") if self.log_path else None
+        sink = self._log if self._log is not None else subprocess.DEVNULL
+        try:
+            self._popen = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=sink,
+                stderr=sink,
+                env=dict(self.env) if self.env is not None else None,
+                pass_fds=tuple(self.pass_fds),
+                preexec_fn=_die_with_parent if self.die_with_parent else None,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            self._close_log()
+            raise CommandError(f"cannot start {self.name} ({args[0]}): {exc.strerror}") from exc
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self._popen is not None, f"{self.name} was not started"
+        return self._popen.pid
+
+    def alive(self) -> bool:
+        return self._popen is not None and self._popen.poll() is None
+
+    def returncode(self) -> int | None:
+        return None if self._popen is None else self._popen.poll()
+
+    def log_tail(self, lines: int = 5) -> str:
+        if not self.log_path or not self.log_path.exists():
+            return ""
+        text = self.log_path.read_bytes()[-4096:].decode(errors="replace")
+        return "\n".join(text.strip().splitlines()[-lines:])
+
+    def wait_for_path(self, path: Path, timeout: float) -> None:
+        """Wait until the helper has created `path` (its socket, typically)."""
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            if not self.alive():
+                detail = self.log_tail(1)
+                raise CommandError(f"{self.name} exited early" + (f": {detail}" if detail else ""))
+            if time.monotonic() > deadline:
+                raise CommandError(f"{self.name} did not create {path} within {timeout:g}s")
+            time.sleep(0.005)
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait for the process to exit on its own; None if it is still running."""
+        if self._popen is None:
+            return None
+        try:
+            return self._popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, grace: float = 3.0) -> None:
+        """Ask the process to stop, kill it after `grace` seconds, and reap it."""
+        if self._popen is None:
+            return
+        if self._popen.poll() is None:
+            try:
+                self._popen.send_signal(self.stop_signal)
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + grace
+            while self._popen.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if self._popen.poll() is None:
+                self._popen.kill()
+                self._popen.wait()
+        self._close_log()
+
+    close = stop
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> "HelperProcess":
+        if self._popen is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

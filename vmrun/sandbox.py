@@ -1,0 +1,226 @@
+"""A sandbox: one guest (QEMU + virtiofsd + vsock + the agent) holding a pod's containers.
+
+Everything a sandbox starts or mounts is registered on an ExitStack as it happens, so
+`close()` undoes exactly what was done, in reverse, whatever step failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vmrun.agent import linux
+from vmrun.agent.bridge import SocketBridge
+from vmrun.agent.client import AgentClient
+from vmrun.agent.constants import AGENT_PORT, READY_MESSAGE, READY_PORT, SHARED_FS_TAG
+from vmrun.config import Config
+from vmrun.errors import BundleError, HypervisorError, ImageError
+from vmrun.hypervisor.accel import detect_acceleration
+from vmrun.hypervisor.qemu import BASE_KERNEL_PARAMS, QemuVM, VMSpec
+from vmrun.hypervisor.virtiofsd import Virtiofsd, find_virtiofsd
+from vmrun.hypervisor.vsock import make_transport
+from vmrun.oci import Bundle, is_bind_mount
+
+log = logging.getLogger("vmrun.sandbox")
+
+
+@dataclass(frozen=True)
+class BootFiles:
+    kernel: Path
+    initrd: Path
+
+
+def boot_files(config: Config) -> BootFiles:
+    """The guest kernel and initrd: configured explicitly, or the built image."""
+    if config.kernel or config.initrd:
+        files = BootFiles(Path(config.kernel), Path(config.initrd))
+    else:
+        from guest.build import find_image
+
+        image = find_image(config.image_dir)
+        if image is None:
+            raise ImageError(f"no guest image in {config.image_dir}: run `vmrun image build` first")
+        files = BootFiles(image.kernel, image.initrd)
+    for path in (files.kernel, files.initrd):
+        if not path.is_file():
+            raise ImageError(f"guest image file {path} is missing: run `vmrun image build`")
+    return files
+
+
+def vm_dir_for(config: Config, sandbox_id: str) -> Path:
+    # Hashed and short: unix socket paths must fit in 108 bytes.
+    return config.vm_dir / hashlib.sha256(sandbox_id.encode()).hexdigest()[:16]
+
+
+def _mounts_under(path: Path) -> list[str]:
+    prefix = str(path).rstrip("/") + "/"
+    with open("/proc/self/mounts") as mounts:
+        points = [line.split()[1].replace("\\040", " ") for line in mounts]
+    return [p for p in points if p.startswith(prefix) or p == str(path)]
+
+
+def remove_tree_safely(path: Path) -> None:
+    """rmtree, but never through a mount: what is mounted there belongs to the user."""
+    for point in sorted(_mounts_under(path), key=len, reverse=True):
+        linux.umount(point, detach=True)
+    if _mounts_under(path):
+        raise HypervisorError(f"cannot remove {path}: something is still mounted under it")
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass
+class Sandbox:
+    """One guest. Use as a context manager, or call `start()` and `close()`."""
+
+    sandbox_id: str
+    config: Config
+    hostname: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.dir = vm_dir_for(self.config, self.sandbox_id)
+        self.shared_dir = self.dir / "shared"
+        self.console_log = self.dir / "console.log"
+        self.agent_socket = self.dir / "agent.sock"
+        self._stack = contextlib.ExitStack()
+        self._t0 = time.monotonic()
+        self.vm: QemuVM | None = None
+        self.agent: AgentClient | None = None
+
+    def _mark(self, phase: str) -> None:
+        self.timings[phase] = time.monotonic() - self._t0
+
+    def start(self) -> "Sandbox":
+        try:
+            self._boot()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _boot(self) -> None:
+        files = boot_files(self.config)
+        if self.dir.exists():
+            raise HypervisorError(f"sandbox directory {self.dir} already exists")
+        self.dir.mkdir(parents=True, mode=0o700)
+        self._stack.callback(remove_tree_safely, self.dir)
+        self.shared_dir.mkdir()
+
+        virtiofsd = Virtiofsd(find_virtiofsd(self.config.virtiofsd), self.dir / "virtiofsd.sock",
+                              self.shared_dir, self.dir / "virtiofsd.log")
+        self._stack.enter_context(virtiofsd)
+        cid = 3 + int(self.dir.name[:7], 16)  # unique enough per host for kernel vsock
+        transport = make_transport(self.dir, cid)
+        self._stack.enter_context(transport)
+        ready_listener = transport.listen(READY_PORT)
+        self._stack.callback(ready_listener.close)
+        self._mark("helpers_started")
+
+        acceleration = detect_acceleration(self.config.acceleration, self.config.run_dir)
+        params = f"{BASE_KERNEL_PARAMS} vmrun.agent_port={AGENT_PORT} vmrun.ready_port={READY_PORT}"
+        spec = VMSpec(
+            name=f"vmrun-{self.sandbox_id[:32]}",
+            qemu=self.config.qemu,
+            acceleration=acceleration,
+            vcpus=self.config.vcpus,
+            memory_mib=self.config.memory_mib,
+            kernel=files.kernel,
+            initrd=files.initrd,
+            kernel_params=f"{params} {self.config.kernel_params}".strip(),
+            console_log=self.console_log,
+            device_args=[
+                "-chardev", f"socket,id=virtiofs0,path={virtiofsd.socket_path}",
+                "-device", f"vhost-user-fs-pci,chardev=virtiofs0,tag={SHARED_FS_TAG}",
+                *transport.qemu_args(),
+            ],
+        )
+        log.debug("booting %s with %s (%s)", self.sandbox_id, acceleration.name, acceleration.reason)
+        self.vm = QemuVM(spec, self.dir / "qmp.sock", self.dir / "qemu.log").start()
+        self._stack.callback(self.vm.close)
+        self._mark("qemu_started")
+
+        self._wait_ready(ready_listener)
+        self._mark("agent_ready")
+
+        host_side = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        host_side.bind(str(self.agent_socket))
+        host_side.listen(16)
+        bridge = SocketBridge(host_side, lambda: transport.connect(AGENT_PORT), "agent-bridge").start()
+        self._stack.callback(bridge.close)
+        self.agent = AgentClient(str(self.agent_socket))
+        self._stack.callback(self.agent.close)
+        self.kernel_release = self.agent.create_sandbox(self.sandbox_id, self.hostname, SHARED_FS_TAG)
+        self._mark("sandbox_created")
+
+    def _console_tail(self) -> str:
+        try:
+            lines = self.console_log.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return lines[-1].strip() if lines else ""
+
+    def _wait_ready(self, listener: socket.socket) -> None:
+        assert self.vm is not None
+        deadline = time.monotonic() + self.config.boot_timeout
+        listener.settimeout(0.05)
+        while True:
+            try:
+                conn, _ = listener.accept()
+                break
+            except TimeoutError:
+                pass
+            if not self.vm.alive():
+                console = self._console_tail()
+                raise HypervisorError(self.vm.failure() + (f" (guest console: {console})" if console else ""))
+            if time.monotonic() > deadline:
+                console = self._console_tail()
+                raise HypervisorError(
+                    f"the guest agent was not ready within {self.config.boot_timeout:g}s"
+                    + (f" (guest console: {console})" if console else "")
+                )
+        with conn:
+            conn.settimeout(5.0)
+            greeting = conn.recv(256)
+        if not greeting.startswith(READY_MESSAGE):
+            raise HypervisorError(f"unexpected greeting from the guest agent: {greeting[:40]!r}")
+
+    # ---- containers' files ----
+
+    def share_container(self, container_id: str, bundle: Bundle) -> None:
+        """Bind the container's rootfs and bind-mount sources into the shared directory."""
+        base = self.shared_dir / container_id
+        self._stack.callback(remove_tree_safely, base)
+        rootfs = base / "rootfs"
+        rootfs.mkdir(parents=True)
+        linux.bind_mount(str(bundle.rootfs), str(rootfs))
+        for index, mount in enumerate(bundle.spec.get("mounts", [])):
+            if not is_bind_mount(mount):
+                continue
+            source = Path(mount.get("source", ""))
+            if not source.is_absolute():
+                source = bundle.path / source
+            if not source.exists():
+                raise BundleError(f"bundle {bundle.path}: mount source {source} does not exist")
+            target = base / "mounts" / str(index)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if source.is_dir():
+                target.mkdir()
+            else:
+                target.touch()
+            linux.bind_mount(str(source), str(target))
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> "Sandbox":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,81 @@
+"""Relays a guest process's stdio to host file descriptors."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+
+from vmrun.agent import agent_pb2 as pb
+from vmrun.agent.client import AgentClient
+from vmrun.errors import AgentError
+
+_STDIN_CHUNK = 256 * 1024
+
+
+def _write_all(fd: int, data: bytes) -> bool:
+    """Write everything; False once the reader is gone (then the rest is drained)."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except BrokenPipeError:
+            return False
+        except InterruptedError:
+            continue
+    return True
+
+
+class StdioRelay:
+    """Pumps stdout/stderr from the guest to host fds, and host stdin into the guest."""
+
+    def __init__(self, agent: AgentClient, container_id: str, exec_id: str = "", *,
+                 stdin: int | None, stdout: int, stderr: int, terminal: bool):
+        self._agent = agent
+        self._container_id = container_id
+        self._exec_id = exec_id
+        self._stdin = stdin
+        self._outputs = [(pb.STDOUT, stdout)] + ([] if terminal else [(pb.STDERR, stderr)])
+        self._output_threads: list[threading.Thread] = []
+        self.error: AgentError | None = None
+
+    def start(self) -> "StdioRelay":
+        for stream, fd in self._outputs:
+            thread = threading.Thread(target=self._pump_output, args=(stream, fd), daemon=True)
+            thread.start()
+            self._output_threads.append(thread)
+        if self._stdin is not None:
+            # A daemon: a terminal's stdin may never reach EOF, and must not hold us up.
+            threading.Thread(target=self._pump_stdin, daemon=True).start()
+        return self
+
+    def _pump_output(self, stream: int, fd: int) -> None:
+        writable = True
+        try:
+            for data in self._agent.read_output(self._container_id, stream, self._exec_id):
+                if writable:
+                    writable = _write_all(fd, data)
+        except AgentError as exc:
+            self.error = exc
+
+    def _pump_stdin(self) -> None:
+        assert self._stdin is not None
+        try:
+            while True:
+                try:
+                    data = os.read(self._stdin, _STDIN_CHUNK)
+                except OSError as exc:
+                    if exc.errno == errno.EINTR:
+                        continue
+                    data = b""
+                if not data:
+                    self._agent.close_stdin(self._container_id, self._exec_id)
+                    return
+                self._agent.write_stdin(self._container_id, data, self._exec_id)
+        except AgentError:
+            pass  # the process is gone or closed its stdin: nothing more to deliver
+
+    def wait_output(self, timeout: float | None = None) -> None:
+        """Wait until every output stream has reached EOF."""
+        for thread in self._output_threads:
+            thread.join(timeout)
