@@ -13,6 +13,9 @@ from vmrun.errors import HypervisorError
 from vmrun.hypervisor.accel import Acceleration
 from vmrun.proc import HelperProcess
 
+# What qemu.qmp raises when QEMU misbehaves or goes away (EOFError on a closed socket).
+_QMP_FAILURES = (QMPError, OSError, EOFError)
+
 _QMP_ACCEPT_TIMEOUT = 10.0
 _QBOOT = Path("/usr/share/qemu/qboot.rom")
 
@@ -93,7 +96,7 @@ class QemuVM:
         try:
             self._process.start()
             self._qmp.accept(_QMP_ACCEPT_TIMEOUT)
-        except (QMPError, OSError, TimeoutError) as exc:
+        except (*_QMP_FAILURES, TimeoutError) as exc:
             detail = self._process.log_tail(1) or str(exc) or type(exc).__name__
             self.close()
             raise HypervisorError(f"QEMU failed to start: {detail}") from None
@@ -109,7 +112,7 @@ class QemuVM:
             raise HypervisorError("QEMU is not running")
         try:
             return self._qmp.cmd(command, **arguments)
-        except (QMPError, OSError) as exc:
+        except _QMP_FAILURES as exc:
             raise HypervisorError(f"QMP {command} failed: {exc}") from None
 
     def status(self) -> str:
@@ -120,12 +123,12 @@ class QemuVM:
             try:
                 self._qmp.cmd("quit")
                 self._process.wait(grace)
-            except (QMPError, OSError):
+            except _QMP_FAILURES:
                 pass
         if self._qmp is not None:
             try:
                 self._qmp.close()
-            except (QMPError, OSError):
+            except _QMP_FAILURES:
                 pass
             self._qmp = None
         self._process.stop(grace)

@@ -30,32 +30,21 @@ from typing import Callable
 
 from . import protocol as proto
 from .connections import DEFAULT_BUF_ALLOC, Connection, ConnectionTable, State, rst_for
-from .memory import GuestMemory, GuestMemoryError
+from .device import REPLYING_REQUESTS, RX, TX, VhostUserDevice
+from .memory import GuestMemoryError
 from .packet import (
     HEADER_SIZE, HOST_CID, SHUTDOWN_RCV, SHUTDOWN_SEND, VSOCK_TYPE_STREAM, Op, PacketError,
     VsockHeader,
 )
-from .protocol import Request
 from .virtqueue import DescChain, RingError, Virtqueue, scatter, split_at, truncate
 
 log = logging.getLogger(__name__)
-
-RX, TX = 0, 1  # QEMU keeps the event queue (2) for itself
-
-FEATURES = (1 << proto.VIRTIO_F_VERSION_1) | (1 << proto.VHOST_USER_F_PROTOCOL_FEATURES)
-PROTOCOL_FEATURES = 1 << proto.VHOST_USER_PROTOCOL_F_CONFIG
 
 HOST_READ_CHUNK = 64 * 1024  # one host read per connection per round
 TX_BUDGET = 512  # packets per round, so one busy guest sender cannot starve the loop
 CONNECT_LINE_MAX = 64
 MAX_ORPHAN_CTRL = 1024  # queued resets for unknown connections, while rx has no buffers
 QEMU_MESSAGE_TIMEOUT = 5.0
-
-# Requests QEMU waits for an answer to (REPLY_ACK aside, which we do not offer).
-_REPLYING_REQUESTS = frozenset({
-    Request.GET_FEATURES, Request.GET_PROTOCOL_FEATURES, Request.GET_VRING_BASE,
-    Request.GET_CONFIG, Request.GET_QUEUE_NUM, Request.GET_MAX_MEM_SLOTS,
-})
 
 
 def _listen_unix(path: Path, backlog: int) -> socket.socket:
@@ -64,7 +53,7 @@ def _listen_unix(path: Path, backlog: int) -> socket.socket:
     Binding under a temporary name and renaming makes the path's existence mean
     "listening", which is what the transport waits for.
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f"{path.name}.tmp")  # short: unix socket paths max out at 107 bytes
     for p in (tmp, path):
         try:
             p.unlink()
@@ -103,12 +92,9 @@ class VsockBackend:
         self.uds_path = Path(uds_path)
         self.guest_cid = guest_cid
         self.buf_alloc = buf_alloc
-        self.config_space = struct.pack("<Q", guest_cid)
         self.sel = selectors.DefaultSelector()
-        self.queues = [Virtqueue(RX), Virtqueue(TX)]
-        self.memory = GuestMemory()
-        self.features = 0
-        self.protocol_features = 0
+        self.device = VhostUserDevice(struct.pack("<Q", guest_cid), self._watch_kick,
+                                      self._drop_connections)
         self.conns = ConnectionTable()
         self.closing: set[Connection] = set()  # guest side gone, flushing to the host
         self.masks: dict[Connection, int] = {}  # registered selector interest per host socket
@@ -170,7 +156,7 @@ class VsockBackend:
             self.close()
 
     def close(self) -> None:
-        self._reset_device()
+        self.device.reset()
         if self.qemu is not None:
             self._drop_qemu()
         for sock in (self.host_listener, self.qemu_listener):
@@ -235,10 +221,12 @@ class VsockBackend:
             self._qemu_gone()
             return
         try:
-            self._handle_message(msg)
+            reply = self.device.handle(msg)
+            if reply is not None:
+                self._reply(msg, reply)
         except (proto.ProtocolError, RingError, GuestMemoryError) as exc:
             log.error("vhost-user %s: %s", proto.request_name(msg.request), exc)
-            if msg.request in _REPLYING_REQUESTS:
+            if msg.request in REPLYING_REQUESTS:
                 # An empty reply fails the request in QEMU instead of leaving it waiting.
                 self._reply(msg, b"")
         except OSError as exc:
@@ -251,7 +239,7 @@ class VsockBackend:
 
     def _qemu_gone(self) -> None:
         self._drop_qemu()
-        self._reset_device()
+        self.device.reset()
         # One front-end per backend: when it leaves, the guest is gone.
         self._stopping = True
 
@@ -265,106 +253,19 @@ class VsockBackend:
         assert self.qemu is not None
         proto.send_message(self.qemu, proto.encode_reply(msg.request, payload))
 
-    def _queue(self, index: int) -> Virtqueue:
-        if not 0 <= index < len(self.queues):
-            raise proto.ProtocolError(f"no queue {index} (the backend has rx=0 and tx=1)")
-        return self.queues[index]
-
-    def _handle_message(self, msg: proto.Message) -> None:
-        req = msg.request
-        log.debug("vhost-user %s size=%d fds=%d", proto.request_name(req), len(msg.payload),
-                  len(msg.fds))
-        if req == Request.GET_FEATURES:
-            self._reply(msg, proto.u64_payload(FEATURES))
-        elif req == Request.SET_FEATURES:
-            self.features = msg.u64() & FEATURES
-        elif req == Request.GET_PROTOCOL_FEATURES:
-            self._reply(msg, proto.u64_payload(PROTOCOL_FEATURES))
-        elif req == Request.SET_PROTOCOL_FEATURES:
-            self.protocol_features = msg.u64() & PROTOCOL_FEATURES
-        elif req == Request.SET_OWNER:
-            pass
-        elif req in (Request.RESET_OWNER, Request.RESET_DEVICE):
-            self._reset_device()
-        elif req == Request.SET_MEM_TABLE:
-            descs = proto.parse_mem_table(msg.payload)
-            fds, msg.fds = msg.fds, []
-            memory = GuestMemory.from_table(descs, fds)
-            old, self.memory = self.memory, memory
-            for q in self.queues:
-                q.set_memory(memory)
-            old.close()
-            log.info("guest memory: %s", ", ".join(
-                f"gpa {r.guest_phys_addr:#x}+{r.size:#x}" for r in memory.regions))
-        elif req == Request.SET_VRING_NUM:
-            index, num = msg.vring_state()
-            self._queue(index).set_num(num)
-        elif req == Request.SET_VRING_ADDR:
-            addr = proto.parse_vring_addr(msg.payload)
-            self._queue(addr.index).set_addr(
-                addr.desc_user_addr, addr.used_user_addr, addr.avail_user_addr)
-        elif req == Request.SET_VRING_BASE:
-            index, num = msg.vring_state()
-            self._queue(index).set_base(num)
-        elif req == Request.GET_VRING_BASE:
-            index, _ = msg.vring_state()
-            base = 0
-            if 0 <= index < len(self.queues):
-                q = self.queues[index]
-                self._set_kick(q, None, start=False)
-                base = q.stop()
-            self._reply(msg, proto.vring_state_payload(index, base))
-        elif req in (Request.SET_VRING_KICK, Request.SET_VRING_CALL, Request.SET_VRING_ERR):
-            value = msg.u64()
-            index = value & proto.VRING_INDEX_MASK
-            fd = None if value & proto.VRING_NOFD_MASK else msg.take_fd()
-            if req == Request.SET_VRING_ERR:
-                if fd is not None:
-                    os.close(fd)  # we never report ring errors that way
-                return
-            try:
-                q = self._queue(index)
-            except proto.ProtocolError:
-                if fd is not None:
-                    os.close(fd)
-                raise
-            if req == Request.SET_VRING_KICK:
-                if fd is None:
-                    log.warning("queue %d: no kick fd (polling is not supported)", index)
-                self._set_kick(q, fd, start=True)
-            else:
-                q.set_call_fd(fd)  # QEMU resends it often: the newest one wins
-        elif req == Request.SET_VRING_ENABLE:
-            index, num = msg.vring_state()
-            self._queue(index).enabled = bool(num)
-        elif req == Request.GET_CONFIG:
-            access = proto.parse_config(msg.payload)
-            self._reply(msg, proto.read_config(self.config_space, access))
-        elif req == Request.SET_CONFIG:
-            log.warning("ignoring a write to the read-only vsock config space")
-        elif req == Request.GET_QUEUE_NUM:
-            self._reply(msg, proto.u64_payload(len(self.queues)))
-        elif req == Request.GET_MAX_MEM_SLOTS:
-            self._reply(msg, proto.u64_payload(proto.MAX_FDS))
+    def _watch_kick(self, q: Virtqueue, fd: int | None) -> None:
+        if fd is None:
+            if q.kick_fd is not None:
+                self._unregister(q.kick_fd)
         else:
-            # Everything else belongs to features we did not offer.
-            log.warning("ignoring unsupported vhost-user request %s", proto.request_name(req))
-        # NEED_REPLY is only honoured with REPLY_ACK, which we never offer.
-
-    def _set_kick(self, q: Virtqueue, fd: int | None, start: bool) -> None:
-        if q.kick_fd is not None:
-            self._unregister(q.kick_fd)
-        if start:
-            q.set_kick_fd(fd)
-            if fd is not None:
-                self.sel.register(fd, selectors.EVENT_READ, functools.partial(self._on_kick, q))
+            self.sel.register(fd, selectors.EVENT_READ, functools.partial(self._on_kick, q))
 
     def _on_kick(self, q: Virtqueue, mask: int) -> None:
         q.drain_kick()
         self._more_work = True  # the round's service step looks at the ring
 
-    def _reset_device(self) -> None:
-        """Forget the guest: connections, rings, memory (device reset, QEMU gone, exit)."""
+    def _drop_connections(self) -> None:
+        """The device was reset (or QEMU left): every connection goes, host sockets close."""
         for conn in list(self.conns) + list(self.closing):
             self._close_host(conn)
         self.conns = ConnectionTable()
@@ -373,20 +274,13 @@ class VsockBackend:
         for sock in list(self.pending_hosts):
             self._drop_pending_host(sock)
         self.ctrl.clear()
-        for q in self.queues:
-            if q.kick_fd is not None:
-                self._unregister(q.kick_fd)
-            q.reset()
-        self.memory.close()
-        self.memory = GuestMemory()
-        self.features = self.protocol_features = 0
 
     # --- the service round -------------------------------------------------------------------
 
     def _service(self) -> None:
         self._process_queues()
         self._refresh_interest()
-        for q in self.queues:
+        for q in self.device.queues:
             q.notify()
 
     def _process_queues(self) -> None:
@@ -398,7 +292,7 @@ class VsockBackend:
     # --- guest -> host ---------------------------------------------------------------------
 
     def _process_tx(self) -> None:
-        q = self.queues[TX]
+        q = self.device.queues[TX]
         budget = TX_BUDGET
         try:
             while budget > 0:
@@ -684,7 +578,7 @@ class VsockBackend:
             conn.host_eof = True
 
     def _process_rx(self) -> None:
-        q = self.queues[RX]
+        q = self.device.queues[RX]
         try:
             while self.ctrl:
                 chain = q.pop()

@@ -59,15 +59,9 @@ class DescChain:
     head: int
     readable: list[memoryview] = field(default_factory=list)
     writable: list[memoryview] = field(default_factory=list)
+    readable_len: int = 0
+    writable_len: int = 0
     error: str | None = None  # set when the chain was malformed; return it unused
-
-    @property
-    def readable_len(self) -> int:
-        return sum(len(v) for v in self.readable)
-
-    @property
-    def writable_len(self) -> int:
-        return sum(len(v) for v in self.writable)
 
 
 class Virtqueue:
@@ -234,11 +228,13 @@ class Virtqueue:
                 return chain
             if flags & VRING_DESC_F_WRITE:
                 chain.writable.append(view)
+                chain.writable_len += length
             elif chain.writable:
                 chain.error = "readable descriptor after a writable one"
                 return chain
             else:
                 chain.readable.append(view)
+                chain.readable_len += length
             if not flags & VRING_DESC_F_NEXT:
                 return chain
             if nxt >= self.num:
