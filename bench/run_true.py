@@ -42,17 +42,30 @@ def main() -> int:
         print(f"{'command':<28}{'wall s':>8}{'rc':>5}")
         for name, secs, rc in rows:
             print(f"{name:<28}{secs:>8.3f}{rc:>5}")
-        phases = {}
+        phases: dict[str, float] = {}
         for line in log.read_text().splitlines():
             msg = json.loads(line)["msg"]
-            if msg.startswith("timings "):
-                phases = {k: float(v) for k, v in (kv.split("=") for kv in msg.split()[1:])}
-        if phases:
-            print("\nvmrun phases (seconds since start of `run`, and the step's own time):")
-            previous = 0.0
-            for name, at in phases.items():
-                print(f"  {name:<22}{at:>8.3f}{at - previous:>+9.3f}")
-                previous = at
+            if msg.startswith(("timings ", "guest timings ")):
+                phases.update({k: float(v) for k, v in (kv.split("=") for kv in msg.split() if "=" in kv)})
+        if "torn_down" in phases:
+            p = phases
+            guest_boot = p.get("guest_uptime", 0.0)
+            steps = [
+                ("vmrun start-up and exit (Python)", seconds - p["torn_down"]),
+                ("virtiofsd + vsock backend", p["helpers_started"]),
+                ("QEMU start (to QMP)", p["qemu_started"] - p["helpers_started"]),
+                ("firmware, before the kernel clock", p["agent_ready"] - p["qemu_started"] - guest_boot),
+                ("guest kernel + /init", p.get("guest_agent_started", 0.0)),
+                ("agent start (Python, grpc)", guest_boot - p.get("guest_agent_started", 0.0)),
+                ("sandbox setup (virtio-fs mount)", p["sandbox_created"] - p["agent_ready"]),
+                ("container create (crun)", p["container_created"] - p["sandbox_created"]),
+                ("container start", p["container_started"] - p["container_created"]),
+                ("/bin/true runs, output drained", p["container_exited"] - p["container_started"]),
+                ("teardown", p["torn_down"] - p["container_exited"]),
+            ]
+            print("\nwhere vmrun's time goes:")
+            for name, secs in steps:
+                print(f"  {name:<36}{secs:>8.3f}")
         if result.returncode != 0:
             print(result.stderr.decode(), file=sys.stderr)
         return result.returncode

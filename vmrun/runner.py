@@ -111,8 +111,10 @@ def run_container(config: Config, store: StateStore, bundle_dir: str, container_
             store.save(state)
             agent.remove_container(container_id, force=True)
             boot = dict(sandbox.timings)
+            guest = {f"guest_{k}": v for k, v in sandbox.guest_timings.items()}
         timings["torn_down"] = time.monotonic() - t0
         log.debug("timings %s", " ".join(f"{k}={v:.3f}" for k, v in {**boot, **timings}.items()))
+        log.debug("guest timings %s", " ".join(f"{k}={v:.3f}" for k, v in guest.items()))
         return code
     finally:
         store.remove(container_id)

@@ -83,6 +83,7 @@ class Sandbox:
     config: Config
     hostname: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    guest_timings: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.dir = vm_dir_for(self.config, self.sandbox_id)
@@ -190,6 +191,13 @@ class Sandbox:
             greeting = conn.recv(256)
         if not greeting.startswith(READY_MESSAGE):
             raise HypervisorError(f"unexpected greeting from the guest agent: {greeting[:40]!r}")
+        # "READY <version> uptime=S agent_started=S": the guest's own view of its boot.
+        for word in greeting.decode(errors="replace").split()[2:]:
+            key, _, value = word.partition("=")
+            try:
+                self.guest_timings[key] = float(value)
+            except ValueError:
+                continue
 
     # ---- containers' files ----
 

@@ -44,6 +44,12 @@ def _dial_agent() -> socket.socket:
     return conn
 
 
+def _boot_report() -> str:
+    """Guest uptime now and when /init handed over to the agent: where boot time went."""
+    uptime = open("/proc/uptime").read().split()[0]
+    return f"uptime={uptime} agent_started={os.environ.get('VMRUN_INIT_DONE', '0')}"
+
+
 def _announce_ready(port: int) -> None:
     """Connect to the host's ready port until it answers: the device may come late."""
     delay = 0.005
@@ -51,7 +57,8 @@ def _announce_ready(port: int) -> None:
         try:
             with socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM) as conn:
                 conn.connect((_HOST_CID, port))
-                conn.sendall(READY_MESSAGE + b" " + vmrun.__version__.encode() + b"\n")
+                message = f"{vmrun.__version__} {_boot_report()}"
+                conn.sendall(READY_MESSAGE + b" " + message.encode() + b"\n")
             return
         except OSError:
             time.sleep(delay)
