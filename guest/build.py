@@ -335,7 +335,7 @@ def _build(plan: Plan, cache_dir: Path, work: Path, log: Log, start: float) -> P
 
     step("python: interpreter, trimmed stdlib, wheels, agent")
     python_tree.install_python(staging, root)
-    for name, whl in wheel_paths.items():
+    for whl in wheel_paths.values():
         python_tree.install_wheel(whl, root)
     python_tree.install_agent(plan.agent, root)
 

@@ -43,6 +43,8 @@ def _store(args: argparse.Namespace) -> StateStore:
 def cmd_run(args: argparse.Namespace) -> int:
     from vmrun.runner import run_container
 
+    if args.detach or args.console_socket:
+        raise VmrunError("vmrun run: --detach and --console-socket are not supported yet; use create and start")
     if args.pid_file:
         # The container's stand-in on the host is this process (it relays and exits with it).
         Path(args.pid_file).write_text(str(os.getpid()))

@@ -116,7 +116,14 @@ class QemuVM:
             raise HypervisorError(f"QMP {command} failed: {exc}") from None
 
     def status(self) -> str:
+        """QEMU's run state: "running", "paused", ..."""
         return str(self.qmp("query-status")["status"])
+
+    def pause(self) -> None:
+        self.qmp("stop")
+
+    def resume(self) -> None:
+        self.qmp("cont")
 
     def close(self, grace: float = 3.0) -> None:
         if self._qmp is not None and self._process.alive():
