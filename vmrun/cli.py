@@ -9,13 +9,18 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import vmrun
 from vmrun.config import load_config
-from vmrun.errors import ContainerNotFoundError, VmrunError
+from vmrun.errors import VmrunError
 from vmrun.log import setup_logging
-from vmrun.oci import validate_id, write_default_spec
+from vmrun.oci import write_default_spec
+from vmrun.proc import run
 from vmrun.state import DEFAULT_ROOT, StateStore
+
+if TYPE_CHECKING:
+    from vmrun.containers import Containers
 
 log = logging.getLogger("vmrun")
 
@@ -44,7 +49,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from vmrun.runner import run_container
 
     if args.detach or args.console_socket:
-        raise VmrunError("vmrun run: --detach and --console-socket are not supported yet; use create and start")
+        raise VmrunError("run: --detach and --console-socket are not supported yet: use create and start")
     if args.pid_file:
         # The container's stand-in on the host is this process (it relays and exits with it).
         Path(args.pid_file).write_text(str(os.getpid()))
@@ -76,36 +81,112 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _signal_container(args: argparse.Namespace, container_id: str, signum: int, all_processes: bool) -> None:
-    from vmrun.agent.client import AgentClient
+def _containers(args: argparse.Namespace) -> "Containers":
+    from vmrun.containers import Containers
 
-    state = _store(args).load(container_id)
-    if state.live_status() == "stopped":
-        raise VmrunError(f"container {container_id!r} is not running")
-    with AgentClient(str(Path(state.vm_dir) / "agent.sock"), call_timeout=10.0) as agent:
-        agent.signal_process(container_id, signum, all_processes=all_processes)
+    return Containers(load_config(), _store(args))
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    _containers(args).create(args.id, args.bundle, args.pid_file or "", args.console_socket or "")
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    _containers(args).start(args.id)
+    return 0
 
 
 def cmd_kill(args: argparse.Namespace) -> int:
-    _signal_container(args, args.id, parse_signal(args.signal), args.all)
+    _containers(args).kill(args.id, parse_signal(args.signal), args.all)
     return 0
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    store = _store(args)
-    validate_id(args.id)
-    try:
-        state = store.load(args.id)
-    except ContainerNotFoundError:
-        if args.force:
-            return 0  # as runc: forcing the delete of what is not there succeeds
-        raise
-    if state.live_status() != "stopped":
-        if not args.force:
-            raise VmrunError(f"cannot delete container {args.id!r} that is not stopped: {state.live_status()}")
-        _signal_container(args, args.id, signal.SIGKILL, True)
-        return 0  # the process holding the sandbox tears it down and removes the state
-    store.remove(args.id)
+    _containers(args).delete(args.id, args.force)
+    return 0
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    from vmrun.containers import exec_process_from_args
+
+    containers = _containers(args)
+    if args.process:
+        try:
+            process = json.loads(Path(args.process).read_text())
+        except (OSError, ValueError) as exc:
+            raise VmrunError(f"exec: cannot read process file {args.process}: {exc}") from None
+    else:
+        spec = json.loads((Path(_store(args).load(args.id).bundle) / "config.json").read_text())
+        process = exec_process_from_args(spec, args.command, cwd=args.cwd, env=args.env, user=args.user,
+                                         tty=args.tty)
+    return containers.exec(args.id, process, detach=args.detach, pid_file=args.pid_file or "",
+                           console_socket=args.console_socket or "")
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    pids = _containers(args).pids(args.id)
+    if args.format == "json":
+        print(json.dumps(pids))
+    elif pids:
+        sys.stdout.write(run(["ps", "-f", "-p", ",".join(map(str, pids))]).stdout.decode())
+    return 0
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    _containers(args).pause(args.id)
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    _containers(args).resume(args.id)
+    return 0
+
+
+def cmd_update(args: argparse.Namespace) -> int:
+    if args.resources:
+        source = sys.stdin.read() if args.resources == "-" else Path(args.resources).read_text()
+        try:
+            resources = json.loads(source)
+        except ValueError as exc:
+            raise VmrunError(f"update: resources are not valid JSON: {exc}") from None
+    else:
+        resources = resources_from_flags(args)
+    _containers(args).update(args.id, resources)
+    return 0
+
+
+def resources_from_flags(args: argparse.Namespace) -> dict:
+    resources: dict = {}
+    if args.memory is not None:
+        resources.setdefault("memory", {})["limit"] = args.memory
+    if args.memory_swap is not None:
+        resources.setdefault("memory", {})["swap"] = args.memory_swap
+    for flag, key in (("cpu_shares", "shares"), ("cpu_quota", "quota"), ("cpu_period", "period")):
+        if getattr(args, flag) is not None:
+            resources.setdefault("cpu", {})[key] = getattr(args, flag)
+    if args.cpuset_cpus:
+        resources.setdefault("cpu", {})["cpus"] = args.cpuset_cpus
+    if args.pids_limit is not None:
+        resources["pids"] = {"limit": args.pids_limit}
+    return resources
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    from vmrun.oci import OCI_VERSION
+
+    print(json.dumps({
+        "ociVersionMin": "1.0.0",
+        "ociVersionMax": OCI_VERSION,
+        "hooks": [],
+        "mountOptions": ["bind", "rbind", "ro", "rw", "nosuid", "nodev", "noexec"],
+        "linux": {
+            "namespaces": ["cgroup", "ipc", "mount", "network", "pid", "user", "uts"],
+            "cgroup": {"v1": False, "v2": True},
+            "seccomp": {"enabled": True},
+        },
+        "annotations": {"io.vmrun.isolation": "vm"},
+    }, indent=2))
     return 0
 
 
@@ -142,6 +223,60 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--keep", action="store_true")
     run.add_argument("id")
     run.set_defaults(handler=cmd_run)
+
+    create = commands.add_parser("create", help="create a container (its guest, its process, not started)")
+    create.add_argument("--bundle", "-b", default=".")
+    create.add_argument("--pid-file")
+    create.add_argument("--console-socket")
+    create.add_argument("--no-pivot", action="store_true")
+    create.add_argument("--no-new-keyring", action="store_true")
+    create.add_argument("--preserve-fds", type=int, default=0)
+    create.add_argument("id")
+    create.set_defaults(handler=cmd_create)
+
+    start = commands.add_parser("start", help="start a created container")
+    start.add_argument("id")
+    start.set_defaults(handler=cmd_start)
+
+    exec_ = commands.add_parser("exec", help="run a process in a running container")
+    exec_.add_argument("--process", "-p")
+    exec_.add_argument("--detach", "-d", action="store_true")
+    exec_.add_argument("--pid-file")
+    exec_.add_argument("--tty", "-t", action="store_true")
+    exec_.add_argument("--console-socket")
+    exec_.add_argument("--cwd", default="")
+    exec_.add_argument("--env", "-e", action="append", default=[])
+    exec_.add_argument("--user", "-u", default="")
+    exec_.add_argument("--preserve-fds", type=int, default=0)
+    exec_.add_argument("id")
+    exec_.add_argument("command", nargs=argparse.REMAINDER)
+    exec_.set_defaults(handler=cmd_exec)
+
+    ps = commands.add_parser("ps", help="the processes standing for a container's processes")
+    ps.add_argument("--format", "-f", choices=("table", "json"), default="table")
+    ps.add_argument("id")
+    ps.set_defaults(handler=cmd_ps)
+
+    for name, handler, text in (("pause", cmd_pause, "freeze a container's processes"),
+                                ("resume", cmd_resume, "thaw a paused container")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("id")
+        sub.set_defaults(handler=handler)
+
+    update = commands.add_parser("update", help="change a container's resource limits")
+    update.add_argument("--resources", "-r", help="OCI LinuxResources JSON file, or - for stdin")
+    update.add_argument("--memory", type=int)
+    update.add_argument("--memory-swap", type=int)
+    update.add_argument("--cpu-shares", type=int)
+    update.add_argument("--cpu-quota", type=int)
+    update.add_argument("--cpu-period", type=int)
+    update.add_argument("--cpuset-cpus", default="")
+    update.add_argument("--pids-limit", type=int)
+    update.add_argument("id")
+    update.set_defaults(handler=cmd_update)
+
+    features = commands.add_parser("features", help="what this runtime supports, as JSON")
+    features.set_defaults(handler=cmd_features)
 
     spec = commands.add_parser("spec", help="write a default config.json")
     spec.add_argument("--bundle", "-b", default=".")

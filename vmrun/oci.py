@@ -95,12 +95,17 @@ def guest_mount_source(container_id: str, index: int) -> str:
     return f"{SHARED_DIR}/{container_id}/mounts/{index}"
 
 
-def guest_spec(spec: dict, container_id: str) -> dict:
+_NAMESPACE_PATH = re.compile(r"^/proc/(\d+)/ns/(\w+)$")
+
+
+def guest_spec(spec: dict, container_id: str, guest_pids: dict[int, int] | None = None) -> dict:
     """The spec crun gets inside the guest.
 
     The rootfs and bind-mount sources move to their places on the shared directory; host
     namespace paths and other host-only fields are dropped. A network namespace with a
-    path is the pod's (CNI's) network, which in the guest is the guest's own.
+    path is the pod's (CNI's) network, which in the guest is the guest's own. Paths to
+    the namespaces of a pod's sandbox process (`/proc/<host pid>/ns/...`, the pid being
+    the sandbox's shim) are translated through `guest_pids` to that process in the guest.
     """
     guest = copy.deepcopy(spec)
     guest["root"]["path"] = container_rootfs(container_id)
@@ -112,10 +117,16 @@ def guest_spec(spec: dict, container_id: str) -> dict:
     if isinstance(linux, dict):
         namespaces = []
         for namespace in linux.get("namespaces", []):
-            if namespace.get("path"):
+            path = namespace.get("path")
+            if path:
                 if namespace.get("type") == "network":
                     continue
-                namespace = {"type": namespace["type"]}
+                match = _NAMESPACE_PATH.match(path)
+                guest_pid = (guest_pids or {}).get(int(match.group(1))) if match else None
+                if guest_pid:
+                    namespace = {"type": namespace["type"], "path": f"/proc/{guest_pid}/ns/{match.group(2)}"}
+                else:
+                    namespace = {"type": namespace["type"]}
             namespaces.append(namespace)
         if "namespaces" in linux:
             linux["namespaces"] = namespaces

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import select
 import signal
 import subprocess
 import time
@@ -85,6 +86,8 @@ class HelperProcess:
     env: Mapping[str, str] | None = None
     pass_fds: Sequence[int] = ()
     die_with_parent: bool = True
+    # A shim relays the caller's own stdin/stdout/stderr: it inherits them.
+    inherit_stdio: bool = False
     stop_signal: int = signal.SIGTERM
     _popen: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _log: IO[bytes] | None = field(default=None, init=False, repr=False)
@@ -96,9 +99,9 @@ class HelperProcess:
         try:
             self._popen = subprocess.Popen(
                 args,
-                stdin=subprocess.DEVNULL,
-                stdout=sink,
-                stderr=sink,
+                stdin=None if self.inherit_stdio else subprocess.DEVNULL,
+                stdout=None if self.inherit_stdio else sink,
+                stderr=None if self.inherit_stdio else sink,
                 env=dict(self.env) if self.env is not None else None,
                 pass_fds=tuple(self.pass_fds),
                 preexec_fn=_die_with_parent if self.die_with_parent else None,
@@ -177,3 +180,44 @@ class HelperProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class ReadyPipe:
+    """How a detached helper (sandbox daemon, shim) tells its starter it is ready.
+
+    The starter passes `write_fd` to the child (pass_fds) and calls `wait()`; the child
+    calls `report(fd)` once ready, or `report(fd, error)` with a one-line reason.
+    """
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe()
+
+    def wait(self, process: HelperProcess, timeout: float) -> None:
+        os.close(self.write_fd)
+        deadline = time.monotonic() + timeout
+        message = b""
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise CommandError(f"{process.name} was not ready within {timeout:g}s")
+                readable, _, _ = select.select([self.read_fd], [], [], remaining)
+                if not readable:
+                    continue
+                chunk = os.read(self.read_fd, 4096)
+                if not chunk:
+                    break
+                message += chunk
+        finally:
+            os.close(self.read_fd)
+        text = message.decode(errors="replace").strip()
+        if text == "OK":
+            return
+        raise CommandError(text.removeprefix("ERR ") if text else f"{process.name} exited before it was ready")
+
+    @staticmethod
+    def report(fd: int, error: str | None = None) -> None:
+        try:
+            os.write(fd, b"OK" if error is None else f"ERR {error}".encode())
+        finally:
+            os.close(fd)

@@ -4,28 +4,20 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 import termios
-import threading
 import time
 import tty
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator
 
 from vmrun.config import Config
-from vmrun.errors import AgentError
 from vmrun.oci import guest_spec, load_bundle, validate_id
 from vmrun.sandbox import Sandbox
 from vmrun.state import ContainerState, StateStore
-from vmrun.stdio import StdioRelay
+from vmrun.stdio import relay_until_exit
 
 log = logging.getLogger("vmrun.run")
-
-# Signals a caller sends to `vmrun run` are meant for the container.
-FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
-                     signal.SIGUSR1, signal.SIGUSR2)
-
 
 @contextmanager
 def _raw_terminal(fd: int) -> Iterator[None]:
@@ -41,44 +33,16 @@ def _raw_terminal(fd: int) -> Iterator[None]:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
-@contextmanager
-def _forward_signals(deliver) -> Iterator[None]:
-    previous = {sig: signal.signal(sig, lambda signum, _frame: deliver(signum)) for sig in FORWARDED_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _wait_in_thread(wait) -> int:
-    """Run a blocking wait in a thread so the main thread stays free for signal handlers."""
-    result: dict[str, object] = {}
-    done = threading.Event()
-
-    def target() -> None:
-        try:
-            result["code"] = wait()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-            result["error"] = exc
-        done.set()
-
-    threading.Thread(target=target, daemon=True).start()
-    while not done.wait(0.2):
-        pass
-    if "error" in result:
-        raise result["error"]  # type: ignore[misc]
-    return int(result["code"])  # type: ignore[arg-type]
-
-
 def run_container(config: Config, store: StateStore, bundle_dir: str, container_id: str) -> int:
     """Boot a guest, run the bundle's process in it, relay stdio; its exit status."""
     validate_id(container_id)
     bundle = load_bundle(bundle_dir)
     timings: dict[str, float] = {}
     t0 = time.monotonic()
+    # This process holds the guest (as a sandbox daemon would) and stands for the container.
     state = ContainerState(container_id, str(bundle.path), str(bundle.rootfs), "creating", pid=os.getpid(),
-                           annotations=bundle.spec.get("annotations") or {})
+                           annotations=bundle.spec.get("annotations") or {}, sandbox_id=container_id,
+                           daemon_pid=os.getpid())
     store.create(state)
     try:
         with Sandbox(container_id, config, hostname=bundle.spec.get("hostname", "")) as sandbox:
@@ -88,24 +52,16 @@ def run_container(config: Config, store: StateStore, bundle_dir: str, container_
             sandbox.share_container(container_id, bundle)
             agent.create_container(container_id, guest_spec(bundle.spec, container_id))
             timings["container_created"] = time.monotonic() - t0
-            relay = StdioRelay(agent, container_id, stdin=sys.stdin.fileno(), stdout=sys.stdout.fileno(),
-                               stderr=sys.stderr.fileno(), terminal=bundle.terminal)
-            with _raw_terminal(sys.stdin.fileno()) if bundle.terminal else _nothing():
-                relay.start()
-                agent.start_container(container_id)
-                state.status = "running"
-                store.save(state)
-                timings["container_started"] = time.monotonic() - t0
+            with _raw_terminal(sys.stdin.fileno()) if bundle.terminal else nullcontext():
 
-                def deliver(signum: int) -> None:
-                    try:
-                        agent.signal_process(container_id, signum)
-                    except AgentError as exc:
-                        log.warning("could not forward signal %d: %s", signum, exc)
+                def start() -> None:
+                    agent.start_container(container_id)
+                    state.status = "running"
+                    store.save(state)
+                    timings["container_started"] = time.monotonic() - t0
 
-                with _forward_signals(deliver):
-                    code = _wait_in_thread(lambda: agent.wait_process(container_id))
-                relay.wait_output()
+                code = relay_until_exit(agent, container_id, stdin=sys.stdin.fileno(), stdout=sys.stdout.fileno(),
+                                        stderr=sys.stderr.fileno(), terminal=bundle.terminal, attached=start)
             timings["container_exited"] = time.monotonic() - t0
             state.status = "stopped"
             store.save(state)
@@ -119,7 +75,3 @@ def run_container(config: Config, store: StateStore, bundle_dir: str, container_
     finally:
         store.remove(container_id)
 
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield

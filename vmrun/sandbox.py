@@ -74,6 +74,38 @@ def remove_tree_safely(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def share_container_files(shared_dir: Path, container_id: str, bundle: Bundle) -> None:
+    """Bind the container's rootfs and bind-mount sources into the sandbox's shared dir."""
+    base = shared_dir / container_id
+    try:
+        rootfs = base / "rootfs"
+        rootfs.mkdir(parents=True)
+        linux.bind_mount(str(bundle.rootfs), str(rootfs))
+        for index, mount in enumerate(bundle.spec.get("mounts", [])):
+            if not is_bind_mount(mount):
+                continue
+            source = Path(mount.get("source", ""))
+            if not source.is_absolute():
+                source = bundle.path / source
+            if not source.exists():
+                raise BundleError(f"bundle {bundle.path}: mount source {source} does not exist")
+            target = base / "mounts" / str(index)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if source.is_dir():
+                target.mkdir()
+            else:
+                target.touch()
+            linux.bind_mount(str(source), str(target))
+    except BaseException:
+        unshare_container_files(shared_dir, container_id)
+        raise
+
+
+def unshare_container_files(shared_dir: Path, container_id: str) -> None:
+    if (shared_dir / container_id).exists():
+        remove_tree_safely(shared_dir / container_id)
+
+
 @dataclass
 class Sandbox:
     """One guest. Use as a context manager, or call `start()` and `close()`."""
@@ -198,30 +230,10 @@ class Sandbox:
             except ValueError:
                 continue
 
-    # ---- containers' files ----
-
     def share_container(self, container_id: str, bundle: Bundle) -> None:
-        """Bind the container's rootfs and bind-mount sources into the shared directory."""
-        base = self.shared_dir / container_id
-        self._stack.callback(remove_tree_safely, base)
-        rootfs = base / "rootfs"
-        rootfs.mkdir(parents=True)
-        linux.bind_mount(str(bundle.rootfs), str(rootfs))
-        for index, mount in enumerate(bundle.spec.get("mounts", [])):
-            if not is_bind_mount(mount):
-                continue
-            source = Path(mount.get("source", ""))
-            if not source.is_absolute():
-                source = bundle.path / source
-            if not source.exists():
-                raise BundleError(f"bundle {bundle.path}: mount source {source} does not exist")
-            target = base / "mounts" / str(index)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if source.is_dir():
-                target.mkdir()
-            else:
-                target.touch()
-            linux.bind_mount(str(source), str(target))
+        """Share the container's files with the guest until the sandbox closes."""
+        self._stack.callback(unshare_container_files, self.shared_dir, container_id)
+        share_container_files(self.shared_dir, container_id, bundle)
 
     def close(self) -> None:
         self._stack.close()

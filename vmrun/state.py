@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 from vmrun.errors import ContainerExistsError, ContainerNotFoundError
 from vmrun.oci import OCI_VERSION, validate_id
@@ -31,6 +34,18 @@ class ContainerState:
     annotations: dict = field(default_factory=dict)
     owner: str = ""
     vm_dir: str = ""  # the sandbox's sockets and logs
+    sandbox_id: str = ""  # the container whose guest this one runs in (itself if it owns one)
+    daemon_pid: int = 0  # the sandbox daemon holding the guest, for the owner
+    guest_pid: int = 0  # the init process's pid inside the guest
+    execs: dict[str, int] = field(default_factory=dict)  # exec id -> its shim's pid
+
+    @property
+    def owns_guest(self) -> bool:
+        return self.sandbox_id == self.id
+
+    @property
+    def agent_socket(self) -> str:
+        return f"{self.vm_dir}/agent.sock"
 
     def runc_json(self) -> dict:
         """The document `runc state` prints."""
@@ -48,12 +63,13 @@ class ContainerState:
 
     def live_status(self) -> str:
         """The recorded status, or `stopped` once the process standing for it is gone."""
-        if self.status in ("running", "paused", "created") and not _alive(self.pid):
+        if self.status in ("running", "paused", "created") and not alive(self.pid):
             return "stopped"
         return self.status
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie does not)."""
     if pid <= 0:
         return False
     try:
@@ -72,6 +88,19 @@ def _alive(pid: int) -> bool:
 class StateStore:
     def __init__(self, root: Path):
         self.root = root
+
+    @contextmanager
+    def locked(self, container_id: str) -> Iterator[None]:
+        """Serialise changes to one container (flock on its state directory)."""
+        try:
+            fd = os.open(self._dir(container_id), os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            raise ContainerNotFoundError(f"container {container_id!r} does not exist") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def _dir(self, container_id: str) -> Path:
         return self.root / validate_id(container_id)

@@ -44,8 +44,9 @@ def _processes_mentioning(text: str) -> list[str]:
 
 
 def _mounts_under(path: str) -> list[str]:
+    prefix = path.rstrip("/") + "/"
     with open("/proc/self/mounts") as mounts:
-        return [line.split()[1] for line in mounts if line.split()[1].startswith(path)]
+        return [line.split()[1] for line in mounts if line.split()[1].startswith(prefix)]
 
 
 @dataclass
@@ -66,13 +67,22 @@ class Env:
     def bundle(self, name: str, args: list[str], **kwargs) -> Path:
         return make_busybox_bundle(self.base / "bundles" / name, args, **kwargs)
 
-    def vmrun(self, *args: str, input: bytes | None = None, timeout: float = 180, **kwargs):
-        return subprocess.run([sys.executable, "-m", "vmrun.cli", "--root", str(self.root), *args],
-                              input=input, capture_output=True, timeout=timeout, env=self.env, **kwargs)
+    def cli(self) -> list[str]:
+        return [sys.executable, "-m", "vmrun.cli", "--root", str(self.root)]
+
+    def vmrun(self, *args: str, input: bytes | None = None, timeout: float = 180, detached: bool = False,
+              **kwargs):
+        """Run the CLI. `detached`: it leaves a shim holding its stdio, so capture nothing."""
+        if "stdin" not in kwargs and input is None:
+            kwargs["stdin"] = subprocess.DEVNULL
+        if detached:
+            kwargs.update(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        else:
+            kwargs["capture_output"] = True
+        return subprocess.run([*self.cli(), *args], input=input, timeout=timeout, env=self.env, **kwargs)
 
     def popen(self, *args: str, **kwargs) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "vmrun.cli", "--root", str(self.root), *args],
-                                env=self.env, **kwargs)
+        return subprocess.Popen([*self.cli(), *args], env=self.env, **kwargs)
 
 
 @pytest.fixture

@@ -91,3 +91,21 @@ def test_spec_refuses_to_overwrite(tmp_path):
     assert json.loads(config.read_text())["process"]["args"] == ["sh"]
     with pytest.raises(BundleError, match="exists"):
         write_default_spec(tmp_path)
+
+
+def test_guest_spec_joins_the_pod_sandbox_in_the_guest():
+    spec = default_spec()
+    spec["linux"]["namespaces"] = [
+        {"type": "pid", "path": "/proc/4242/ns/pid"},
+        {"type": "ipc", "path": "/proc/4242/ns/ipc"},
+        {"type": "network", "path": "/proc/4242/ns/net"},
+        {"type": "uts", "path": "/proc/999/ns/uts"},  # not the sandbox: a new namespace
+        {"type": "mount"},
+    ]
+    guest = guest_spec(spec, "c2", guest_pids={4242: 17})
+    assert guest["linux"]["namespaces"] == [
+        {"type": "pid", "path": "/proc/17/ns/pid"},
+        {"type": "ipc", "path": "/proc/17/ns/ipc"},
+        {"type": "uts"},
+        {"type": "mount"},
+    ]

@@ -112,6 +112,19 @@ class AgentClient:
         except grpc.RpcError as exc:
             raise _error(exc) from None
 
+    def pause_container(self, container_id: str) -> None:
+        self._call("PauseContainer", pb.ContainerRequest(container_id=container_id))
+
+    def resume_container(self, container_id: str) -> None:
+        self._call("ResumeContainer", pb.ContainerRequest(container_id=container_id))
+
+    def update_container(self, container_id: str, resources: dict) -> None:
+        request = pb.UpdateContainerRequest(container_id=container_id, resources_json=json.dumps(resources).encode())
+        self._call("UpdateContainer", request)
+
+    def list_processes(self, container_id: str) -> list[pb.ProcessInfo]:
+        return list(self._call("ListProcesses", pb.ContainerRequest(container_id=container_id)).processes)
+
     def resize_tty(self, container_id: str, rows: int, columns: int, exec_id: str = "") -> None:
         request = pb.ResizeTtyRequest(container_id=container_id, exec_id=exec_id, rows=rows, columns=columns)
         self._call("ResizeTty", request)

@@ -365,16 +365,30 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         fd = process.stdout if request.stream == pb.STDOUT else process.stderr
         if fd is None:
             return
+        reached_eof = threading.Event()
+        if request.stream == pb.STDOUT:
+            # The reader of stdout is the host process standing for this one (a shim, or
+            # `vmrun run`). If it vanishes before EOF, nobody can wait for or signal this
+            # process any more: it goes too, as a runc container dies with its parent shim.
+            context.add_callback(lambda: reached_eof.is_set() or self._kill_orphaned(process))
         while True:
             try:
                 data = os.read(fd, _READ_CHUNK)
             except OSError as exc:
                 if exc.errno in (errno.EIO, errno.EBADF):  # pty whose other side closed
-                    return
+                    break
                 raise
             if not data:
-                return
+                break
             yield pb.OutputChunk(data=data)
+        reached_eof.set()
+
+    def _kill_orphaned(self, process: GuestProcess) -> None:
+        if self._reaper.wait(process.pid, timeout=0, keep=True) is None:
+            try:
+                os.kill(process.pid, 9)
+            except ProcessLookupError:
+                pass
 
     @_rpc
     def ResizeTty(self, request: pb.ResizeTtyRequest, context: grpc.ServicerContext) -> pb.Empty:

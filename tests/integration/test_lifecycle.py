@@ -1,0 +1,144 @@
+"""runc's life cycle across CLI calls: create, start, exec, ps, pause/resume, kill, delete."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def wait_for(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+def status(vm_env, container_id):
+    result = vm_env.vmrun("state", container_id)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_create_start_exec_kill_delete(vm_env):
+    bundle = vm_env.bundle("life", ["sh", "-c", "echo init-out; echo init-err >&2; exec sleep 600"])
+    out, err = vm_env.base / "out", vm_env.base / "err"
+    pid_file = vm_env.base / "init.pid"
+    with open(out, "wb") as stdout, open(err, "wb") as stderr:
+        result = subprocess.run(
+            [*vm_env.cli(), "create", "--bundle", str(bundle), "--pid-file", str(pid_file), "life"],
+            stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=vm_env.env, timeout=180)
+    assert result.returncode == 0, err.read_text()
+    shim = int(pid_file.read_text())
+    doc = status(vm_env, "life")
+    assert doc["status"] == "created" and doc["pid"] == shim and doc["bundle"] == str(bundle)
+
+    assert vm_env.vmrun("start", "life").returncode == 0
+    wait_for(lambda: b"init-out" in out.read_bytes() and b"init-err" in err.read_bytes())
+    assert status(vm_env, "life")["status"] == "running"
+
+    # A foreground exec relays and returns its status; a detached one gets a shim of its own.
+    fg = vm_env.vmrun("exec", "life", "sh", "-c", "echo exec-out; exit 3")
+    assert fg.returncode == 3 and fg.stdout == b"exec-out\n"
+    exec_pid_file = vm_env.base / "exec.pid"
+    bg = vm_env.vmrun("exec", "--detach", "--pid-file", str(exec_pid_file), "life", "sleep", "600", detached=True)
+    assert bg.returncode == 0
+    exec_shim = int(exec_pid_file.read_text())
+    ps = vm_env.vmrun("ps", "--format", "json", "life")
+    assert sorted(json.loads(ps.stdout)) == sorted([shim, exec_shim])
+
+    assert vm_env.vmrun("pause", "life").returncode == 0
+    assert status(vm_env, "life")["status"] == "paused"
+    assert vm_env.vmrun("resume", "life").returncode == 0
+    assert status(vm_env, "life")["status"] == "running"
+
+    # Signalling the exec's shim reaches the exec's process in the guest.
+    os.kill(exec_shim, signal.SIGKILL)
+    wait_for(lambda: json.loads(vm_env.vmrun("ps", "--format", "json", "life").stdout) == [shim])
+
+    refused = vm_env.vmrun("delete", "life")
+    assert refused.returncode != 0 and b"running" in refused.stderr
+
+    assert vm_env.vmrun("kill", "life", "9").returncode == 0
+    wait_for(lambda: status(vm_env, "life")["status"] == "stopped")
+    assert vm_env.vmrun("delete", "life").returncode == 0
+    assert vm_env.vmrun("state", "life").returncode != 0
+
+
+# Stands in for containerd's shim: a subreaper that runs create, feeds the container's
+# stdin, and reaps the pid-file process as its child, taking its status as the container's.
+CALLER = """
+import ctypes, os, subprocess, sys
+cli, bundle, pid_file = sys.argv[1:-2], sys.argv[-2], sys.argv[-1]
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+stdin_r, stdin_w = os.pipe()
+subprocess.run([*cli, "create", "--bundle", bundle, "--pid-file", pid_file, "status"], stdin=stdin_r, check=True)
+os.close(stdin_r)
+shim = int(open(pid_file).read())
+subprocess.run([*cli, "start", "status"], stdin=subprocess.DEVNULL, check=True)
+os.write(stdin_w, b"go\\n")
+os.close(stdin_w)
+_, wait_status = os.waitpid(shim, 0)
+print(os.waitstatus_to_exitcode(wait_status))
+"""
+
+
+@pytest.mark.parametrize("script, expected", [("read x; exit 7", 7), ("read x; kill -9 $$; sleep 600", 137)])
+def test_init_exit_status_is_the_shim_status(vm_env, script, expected):
+    bundle = vm_env.bundle("status", ["sh", "-c", script])
+    if expected == 137:
+        # Only a signal sent from outside its pid namespace kills a container's init.
+        spec = json.loads((bundle / "config.json").read_text())
+        spec["linux"]["namespaces"] = [ns for ns in spec["linux"]["namespaces"] if ns["type"] != "pid"]
+        (bundle / "config.json").write_text(json.dumps(spec))
+    caller = subprocess.run([sys.executable, "-c", CALLER, *vm_env.cli(), str(bundle), str(vm_env.base / "pid")],
+                            capture_output=True, env=vm_env.env, timeout=300)
+    assert caller.returncode == 0, caller.stderr
+    assert int(caller.stdout) == expected
+    assert vm_env.vmrun("delete", "status").returncode == 0
+
+
+def test_delete_force_of_a_running_container(vm_env):
+    bundle = vm_env.bundle("forced", ["sleep", "600"])
+    assert vm_env.vmrun("create", "--bundle", str(bundle), "forced", detached=True).returncode == 0
+    assert vm_env.vmrun("start", "forced").returncode == 0
+    assert vm_env.vmrun("delete", "--force", "forced").returncode == 0
+    assert vm_env.vmrun("state", "forced").returncode != 0
+
+
+def test_pod_containers_share_one_guest(vm_env):
+    sandbox = vm_env.bundle("pod-sandbox", ["sleep", "600"])
+    spec = json.loads((sandbox / "config.json").read_text())
+    spec["annotations"] = {"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": "pod"}
+    (sandbox / "config.json").write_text(json.dumps(spec))
+    assert vm_env.vmrun("create", "--bundle", str(sandbox), "pod", detached=True).returncode == 0
+    assert vm_env.vmrun("start", "pod").returncode == 0
+    pod_shim = status(vm_env, "pod")["pid"]
+
+    member = vm_env.bundle("pod-member", ["sleep", "600"])
+    spec = json.loads((member / "config.json").read_text())
+    spec["annotations"] = {"io.kubernetes.cri.container-type": "container", "io.kubernetes.cri.sandbox-id": "pod"}
+    # As containerd's CRI plugin does: join the sandbox's namespaces by /proc/<pid>/ns paths.
+    spec["linux"]["namespaces"] = [{"type": "pid", "path": f"/proc/{pod_shim}/ns/pid"},
+                                   {"type": "ipc", "path": f"/proc/{pod_shim}/ns/ipc"},
+                                   {"type": "uts", "path": f"/proc/{pod_shim}/ns/uts"},
+                                   {"type": "mount"}]
+    (member / "config.json").write_text(json.dumps(spec))
+    assert vm_env.vmrun("create", "--bundle", str(member), "member", detached=True).returncode == 0
+    assert vm_env.vmrun("start", "member").returncode == 0
+    vm_dirs = list((vm_env.base / "run" / "vm").iterdir())
+    assert len(vm_dirs) == 1, "the pod's containers must share one guest"
+    # Same pid namespace: the member sees the sandbox's sleep as well as its own.
+    seen = vm_env.vmrun("exec", "member", "sh", "-c", "ls /proc | grep -c '^[0-9]'")
+    assert seen.returncode == 0 and int(seen.stdout) >= 3, seen
+
+    for container in ("member", "pod"):
+        assert vm_env.vmrun("delete", "--force", container).returncode == 0

@@ -1,0 +1,231 @@
+"""runc's container life cycle across CLI calls: create, start, exec, kill, delete, ...
+
+A container's guest is held by a sandbox daemon (started by the create of the container
+that owns the guest: a pod's sandbox, or a container with no pod); each container's init
+and each exec is stood for on the host by a shim whose pid the caller gets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmrun.agent.client import AgentClient
+from vmrun.config import Config
+from vmrun.errors import AgentError, ContainerNotFoundError, VmrunError
+from vmrun.oci import guest_spec, load_bundle, validate_id
+from vmrun.pod import placement
+from vmrun.sandbox import share_container_files, unshare_container_files, vm_dir_for
+from vmrun.sandbox_daemon import spawn_sandbox_daemon, stop_sandbox_daemon
+from vmrun.shim import spawn_shim
+from vmrun.state import ContainerState, StateStore, alive
+from vmrun.stdio import relay_until_exit
+
+_SHIM_EXIT_GRACE = 5.0
+
+
+class StateConflictError(VmrunError):
+    """The container is not in a state that allows the operation."""
+
+
+def _write_pid_file(path: str, pid: int) -> None:
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}")
+    tmp.write_text(str(pid))
+    os.replace(tmp, target)
+
+
+def _wait_gone(pids: list[int], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for pid in pids:
+        if alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@dataclass
+class Containers:
+    config: Config
+    store: StateStore
+
+    def _agent(self, state: ContainerState) -> AgentClient:
+        return AgentClient(state.agent_socket, call_timeout=30.0)
+
+    def _remove_in_guest(self, state: ContainerState) -> None:
+        try:
+            with self._agent(state) as agent:
+                agent.remove_container(state.id, force=True)
+        except AgentError:
+            pass  # the guest is gone, or never had it: nothing left in it to remove
+
+    def _running_state(self, container_id: str, action: str) -> ContainerState:
+        state = self.store.load(container_id)
+        status = state.live_status()
+        if status not in ("running", "paused", "created"):
+            raise StateConflictError(f"cannot {action} container {container_id!r}: it is {status}")
+        return state
+
+    # ---- create / start ----
+
+    def create(self, container_id: str, bundle_dir: str, pid_file: str = "", console_socket: str = "") -> None:
+        validate_id(container_id)
+        bundle = load_bundle(bundle_dir)
+        if bundle.terminal and not console_socket:
+            raise VmrunError("process.terminal is set: --console-socket is required")
+        annotations = bundle.spec.get("annotations") or {}
+        place = placement(container_id, annotations)
+        state = ContainerState(container_id, str(bundle.path), str(bundle.rootfs), "creating",
+                               annotations=annotations, sandbox_id=place.sandbox_id)
+        guest_pids: dict[int, int] = {}
+        if not place.owns_guest:
+            try:
+                pod = self.store.load(place.sandbox_id)
+            except ContainerNotFoundError:
+                raise VmrunError(f"the sandbox {place.sandbox_id!r} of container {container_id!r} does not exist") from None
+            if not alive(pod.daemon_pid):
+                raise StateConflictError(f"the guest of sandbox {place.sandbox_id!r} is gone")
+            state.vm_dir = pod.vm_dir
+            guest_pids[pod.pid] = pod.guest_pid
+        self.store.create(state)
+        with contextlib.ExitStack() as undo, self.store.locked(container_id):
+            undo.callback(self.store.remove, container_id)
+            if place.owns_guest:
+                state.vm_dir = str(vm_dir_for(self.config, container_id))
+                state.daemon_pid = spawn_sandbox_daemon(container_id, bundle.spec.get("hostname", ""),
+                                                        self.config.boot_timeout)
+                undo.callback(stop_sandbox_daemon, state.daemon_pid, Path(state.vm_dir))
+            shared = Path(state.vm_dir) / "shared"
+            share_container_files(shared, container_id, bundle)
+            undo.callback(unshare_container_files, shared, container_id)
+            with self._agent(state) as agent:
+                state.guest_pid = agent.create_container(container_id, guest_spec(bundle.spec, container_id, guest_pids))
+                undo.callback(self._remove_in_guest, state)
+                state.pid = spawn_shim(state.agent_socket, container_id, console_socket=console_socket)
+                if pid_file:
+                    _write_pid_file(pid_file, state.pid)
+                state.status = "created"
+                self.store.save(state)
+                undo.pop_all()
+
+    def start(self, container_id: str) -> None:
+        with self.store.locked(container_id):
+            state = self.store.load(container_id)
+            status = state.live_status()
+            if status != "created":
+                raise StateConflictError(f"cannot start container {container_id!r}: it is {status}, not created")
+            with self._agent(state) as agent:
+                agent.start_container(container_id)
+            state.status = "running"
+            self.store.save(state)
+
+    # ---- signals, delete ----
+
+    def kill(self, container_id: str, signum: int, all_processes: bool = False) -> None:
+        state = self.store.load(container_id)
+        if state.live_status() == "stopped":
+            if all_processes:
+                return  # as runc: nothing left to signal is not an error with --all
+            raise StateConflictError(f"container {container_id!r} is not running")
+        with self._agent(state) as agent:
+            agent.signal_process(container_id, signum, all_processes=all_processes)
+
+    def delete(self, container_id: str, force: bool = False) -> None:
+        validate_id(container_id)
+        try:
+            state = self.store.load(container_id)
+        except ContainerNotFoundError:
+            if force:
+                return  # as runc: forcing the delete of what is not there succeeds
+            raise
+        with self.store.locked(container_id):
+            status = state.live_status()
+            if status in ("running", "paused") and not force:
+                raise StateConflictError(f"cannot delete container {container_id!r} that is {status}: use --force")
+            if alive(state.daemon_pid) or not state.owns_guest:
+                self._remove_in_guest(state)
+            _wait_gone([state.pid, *state.execs.values()], _SHIM_EXIT_GRACE)
+            unshare_container_files(Path(state.vm_dir) / "shared", container_id)
+            if state.owns_guest:
+                stop_sandbox_daemon(state.daemon_pid, Path(state.vm_dir))
+            self.store.remove(container_id)
+
+    # ---- exec ----
+
+    def exec(self, container_id: str, process: dict, *, detach: bool, pid_file: str = "",
+             console_socket: str = "") -> int:
+        """Run `process` in the container; with detach, return at once (0), else its status."""
+        state = self._running_state(container_id, "exec in")
+        terminal = bool(process.get("terminal"))
+        if terminal and detach and not console_socket:
+            raise VmrunError("--tty with --detach needs --console-socket")
+        exec_id = "exec-" + secrets.token_hex(8)
+        with self._agent(state) as agent:
+            agent.exec_process(container_id, exec_id, process)
+            if not detach:
+                return relay_until_exit(agent, container_id, exec_id, stdin=sys.stdin.fileno(),
+                                        stdout=sys.stdout.fileno(), stderr=sys.stderr.fileno(), terminal=terminal)
+        pid = spawn_shim(state.agent_socket, container_id, exec_id, console_socket=console_socket)
+        if pid_file:
+            _write_pid_file(pid_file, pid)
+        with self.store.locked(container_id):
+            state = self.store.load(container_id)
+            state.execs = {k: v for k, v in state.execs.items() if alive(v)}
+            state.execs[exec_id] = pid
+            self.store.save(state)
+        return 0
+
+    # ---- inspection and control ----
+
+    def pids(self, container_id: str) -> list[int]:
+        """The host processes standing for the container's processes (init, then execs)."""
+        state = self.store.load(container_id)
+        return [pid for pid in (state.pid, *state.execs.values()) if alive(pid)]
+
+    def pause(self, container_id: str) -> None:
+        self._set_paused(container_id, True)
+
+    def resume(self, container_id: str) -> None:
+        self._set_paused(container_id, False)
+
+    def _set_paused(self, container_id: str, paused: bool) -> None:
+        with self.store.locked(container_id):
+            state = self._running_state(container_id, "pause" if paused else "resume")
+            with self._agent(state) as agent:
+                (agent.pause_container if paused else agent.resume_container)(container_id)
+            state.status = "paused" if paused else "running"
+            self.store.save(state)
+
+    def update(self, container_id: str, resources: dict) -> None:
+        state = self._running_state(container_id, "update")
+        with self._agent(state) as agent:
+            agent.update_container(container_id, resources)
+
+
+def exec_process_from_args(spec: dict, args: list[str], *, cwd: str = "", env: list[str] = (),
+                           user: str = "", tty: bool = False) -> dict:
+    """An exec's process built as runc does without --process: the container's, overridden."""
+    if not args:
+        raise VmrunError("exec: no command given (pass arguments or --process)")
+    process = json.loads(json.dumps(spec.get("process", {})))
+    process["args"] = list(args)
+    process["terminal"] = tty
+    if cwd:
+        process["cwd"] = cwd
+    if env:
+        process["env"] = [*process.get("env", []), *env]
+    if user:
+        uid, _, gid = user.partition(":")
+        try:
+            process["user"] = {"uid": int(uid), "gid": int(gid or 0)}
+        except ValueError:
+            raise VmrunError(f"exec: --user takes uid[:gid], not {user!r}") from None
+    return process

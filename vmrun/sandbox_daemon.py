@@ -1,0 +1,92 @@
+"""The process that keeps a pod's guest alive between CLI calls.
+
+`vmrun create` of a pod's first container starts it (`python -m vmrun.sandbox_daemon`);
+it boots the guest, says READY on a pipe, and holds the Sandbox (QEMU, virtiofsd, the
+vsock backend, the agent bridge) until SIGTERM — sent by the `delete` of the container
+that owns the guest — or until QEMU dies. Its helpers die with it (PDEATHSIG), and the
+Sandbox's close() undoes everything it made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from vmrun.config import load_config
+from vmrun.errors import VmrunError
+from vmrun.proc import HelperProcess, ReadyPipe
+from vmrun.sandbox import Sandbox, remove_tree_safely
+from vmrun.state import alive
+
+_STOP_GRACE = 10.0
+
+
+def spawn_sandbox_daemon(sandbox_id: str, hostname: str, boot_timeout: float) -> int:
+    """Start the daemon for `sandbox_id` and wait until its guest is ready; its pid."""
+    ready = ReadyPipe()
+    daemon = HelperProcess(
+        "sandbox daemon",
+        [sys.executable, "-m", "vmrun.sandbox_daemon", "--id", sandbox_id, "--hostname", hostname,
+         "--ready-fd", str(ready.write_fd)],
+        pass_fds=(ready.write_fd,),
+        die_with_parent=False,  # it outlives this CLI call
+    ).start()
+    try:
+        ready.wait(daemon, boot_timeout + 15)
+    except VmrunError as exc:
+        daemon.stop(_STOP_GRACE)
+        raise type(exc)(str(exc)) from None
+    return daemon.pid
+
+
+def stop_sandbox_daemon(pid: int, vm_dir: Path) -> None:
+    """Ask the daemon to tear its guest down, and wait for it (killing it if need be)."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + _STOP_GRACE
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    # After a kill its helpers die with it, but its mounts and files stay: remove them.
+    if vm_dir.exists():
+        remove_tree_safely(vm_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vmrun-sandbox-daemon")
+    parser.add_argument("--id", required=True)
+    parser.add_argument("--hostname", default="")
+    parser.add_argument("--ready-fd", type=int, required=True)
+    args = parser.parse_args(argv)
+
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        sandbox = Sandbox(args.id, load_config(), hostname=args.hostname).start()
+    except VmrunError as exc:
+        ReadyPipe.report(args.ready_fd, str(exc))
+        return 1
+    except Exception as exc:  # noqa: BLE001 - the starter must hear why, then we fail loudly
+        ReadyPipe.report(args.ready_fd, f"sandbox daemon failed: {exc!r}")
+        raise
+    try:
+        ReadyPipe.report(args.ready_fd)
+        while not stop.wait(0.5):
+            if sandbox.vm is None or not sandbox.vm.alive():
+                break
+    finally:
+        sandbox.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

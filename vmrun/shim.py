@@ -1,0 +1,114 @@
+"""The shim: the host process that stands for one guest process (a container's init or an exec).
+
+Callers (containerd's shim, conmon) take the pid in --pid-file as the container's: they
+reap it as their child, signal it, and read its exit status. So the shim relays the
+caller's stdio (or a host pty whose master went to --console-socket) to the guest
+process, forwards every signal it gets, turns terminal resizes into ResizeTty, and exits
+with the guest process's status. If the shim is killed, the agent sees its output stream
+vanish and kills the guest process too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import os
+import signal
+import socket
+import struct
+import sys
+import termios
+import tty
+
+from vmrun.agent.client import AgentClient
+from vmrun.errors import AgentError, VmrunError
+from vmrun.proc import HelperProcess, ReadyPipe
+from vmrun.stdio import relay_until_exit
+
+_READY_TIMEOUT = 30.0
+# What a caller sees when the guest (or the agent) vanished under a process.
+LOST_STATUS = 128 + signal.SIGKILL
+
+
+def spawn_shim(agent_socket: str, container_id: str, exec_id: str = "", *, console_socket: str = "") -> int:
+    """Start a shim for the guest process, inheriting our stdio; its pid once it relays."""
+    ready = ReadyPipe()
+    argv = [sys.executable, "-m", "vmrun.shim", "--agent-socket", agent_socket, "--container", container_id,
+            "--ready-fd", str(ready.write_fd)]
+    if exec_id:
+        argv += ["--exec-id", exec_id]
+    if console_socket:
+        argv += ["--console-socket", console_socket]
+    shim = HelperProcess("shim", argv, pass_fds=(ready.write_fd,), die_with_parent=False, inherit_stdio=True)
+    shim.start()
+    try:
+        ready.wait(shim, _READY_TIMEOUT)
+    except VmrunError:
+        shim.stop()
+        raise
+    return shim.pid
+
+
+def _send_console(console_socket: str) -> int:
+    """Make a host pty, hand its master to the caller; the slave becomes our terminal."""
+    master, slave = os.openpty()
+    name = os.ttyname(slave)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.connect(console_socket)
+        socket.send_fds(conn, [name.encode()], [master])
+    os.close(master)
+    # Raw: the guest's pty does the line discipline; ours only carries bytes.
+    tty.setraw(slave)
+    # Our controlling terminal (we lead a new session), so a resize sends us SIGWINCH.
+    fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+    return slave
+
+
+def _window_size(fd: int) -> tuple[int, int]:
+    rows, columns, _, _ = struct.unpack("HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8))
+    return rows, columns
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="vmrun-shim")
+    parser.add_argument("--agent-socket", required=True)
+    parser.add_argument("--container", required=True)
+    parser.add_argument("--exec-id", default="")
+    parser.add_argument("--console-socket", default="")
+    parser.add_argument("--ready-fd", type=int, required=True)
+    args = parser.parse_args(argv)
+
+    agent = AgentClient(args.agent_socket)
+    terminal = bool(args.console_socket)
+    try:
+        if terminal:
+            tty_fd = _send_console(args.console_socket)
+            stdin, stdout, stderr = tty_fd, tty_fd, tty_fd
+
+            def resize(*_: object) -> None:
+                rows, columns = _window_size(tty_fd)
+                if rows and columns:
+                    try:
+                        agent.resize_tty(args.container, rows, columns, args.exec_id)
+                    except AgentError:
+                        pass
+
+            signal.signal(signal.SIGWINCH, resize)
+            resize()
+        else:
+            stdin, stdout, stderr = 0, 1, 2
+    except (OSError, AgentError) as exc:
+        ReadyPipe.report(args.ready_fd, f"shim: cannot set up the terminal: {exc}")
+        os._exit(1)
+
+    try:
+        code = relay_until_exit(agent, args.container, args.exec_id, stdin=stdin, stdout=stdout, stderr=stderr,
+                                terminal=terminal, attached=lambda: ReadyPipe.report(args.ready_fd))
+    except AgentError:
+        code = LOST_STATUS
+    # Exit at once: grpc's threads must not hold up the status the caller waits for.
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()
