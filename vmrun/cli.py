@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -50,10 +49,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.detach or args.console_socket:
         raise VmrunError("run: --detach and --console-socket are not supported yet: use create and start")
-    if args.pid_file:
-        # The container's stand-in on the host is this process (it relays and exits with it).
-        Path(args.pid_file).write_text(str(os.getpid()))
-    return run_container(load_config(), _store(args), args.bundle, args.id)
+    return run_container(args.config, _store(args), args.bundle, args.id, pid_file=args.pid_file or "")
 
 
 def cmd_spec(args: argparse.Namespace) -> int:
@@ -84,7 +80,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def _containers(args: argparse.Namespace) -> "Containers":
     from vmrun.containers import Containers
 
-    return Containers(load_config(), _store(args))
+    return Containers(args.config, _store(args))
 
 
 def cmd_create(args: argparse.Namespace) -> int:
@@ -193,8 +189,7 @@ def cmd_features(args: argparse.Namespace) -> int:
 def cmd_image_build(args: argparse.Namespace) -> int:
     from guest.build import build_image
 
-    config = load_config()
-    image, cache_hit, seconds = build_image(config.image_dir, force=args.force,
+    image, cache_hit, seconds = build_image(args.config.image_dir, force=args.force,
                                             log=lambda line: print(line, file=sys.stderr))
     verdict = "up to date (cache hit)" if cache_hit else "built"
     print(f"guest image {image.key} {verdict} in {seconds:.1f}s: {image.size_bytes / 2**20:.1f} MiB "
@@ -202,8 +197,14 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # One line, like every other error of ours (argparse prints the whole usage).
+        self.exit(2, f"vmrun: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vmrun", description="Run OCI containers inside lightweight QEMU guests.")
+    parser = _Parser(prog="vmrun", description="Run OCI containers inside lightweight QEMU guests.")
     parser.add_argument("--version", "-v", action="version", version=f"vmrun version {vmrun.__version__}")
     parser.add_argument("--root", default=str(DEFAULT_ROOT), help="directory for container state")
     parser.add_argument("--log", default="", help="log file (runc-style lines)")
@@ -311,17 +312,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _os_error_line(exc: OSError) -> str:
+    """An OSError nobody anticipated, as one line: what failed, on which file."""
+    where = f": {exc.filename}" if exc.filename else ""
+    return f"{exc.strerror or exc}{where}"
+
+
+def _refuse_unsupported(args: argparse.Namespace) -> None:
+    if getattr(args, "preserve_fds", 0):
+        raise VmrunError("--preserve-fds is not supported yet")
+    if getattr(args, "rootless", False):
+        raise VmrunError("spec --rootless is not supported: vmrun runs as root")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logs_to_file = setup_logging(args.log, args.log_format, args.debug)
     try:
+        _refuse_unsupported(args)
+        args.config = load_config()
+        if not args.debug:
+            logging.getLogger("vmrun").setLevel(args.config.log_level.upper())
         code = args.handler(args)
-    except VmrunError as exc:
+    except (VmrunError, OSError) as exc:
         # One line for the caller on stderr, and one in the --log file containerd reads.
+        message = str(exc) if isinstance(exc, VmrunError) else _os_error_line(exc)
         if logs_to_file:
-            log.error(str(exc))
-        print(f"vmrun: {exc}", file=sys.stderr)
-        code = exc.exit_code
+            log.error(message)
+        print(f"vmrun: {message}", file=sys.stderr)
+        code = exc.exit_code if isinstance(exc, VmrunError) else 1
     except KeyboardInterrupt:
         code = 128 + signal.SIGINT
     sys.stdout.flush()

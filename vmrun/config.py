@@ -16,6 +16,7 @@ from vmrun.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/vmrun/vmrun.toml")
 ACCELERATIONS = ("auto", "kvm", "tcg")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,8 @@ def config_from_dict(data: dict, source: str = "config") -> Config:
     config = Config(**values)
     if config.acceleration not in ACCELERATIONS:
         raise ConfigError(f"{source}: acceleration must be one of {', '.join(ACCELERATIONS)}")
+    if config.log_level not in LOG_LEVELS:
+        raise ConfigError(f"{source}: log_level must be one of {', '.join(LOG_LEVELS)}")
     if config.vcpus < 1 or config.memory_mib < 64:
         raise ConfigError(f"{source}: vcpus must be >= 1 and memory_mib >= 64")
     return config

@@ -25,7 +25,7 @@ from vmrun.pod import placement
 from vmrun.sandbox import share_container_files, unshare_container_files, vm_dir_for
 from vmrun.sandbox_daemon import spawn_sandbox_daemon, stop_sandbox_daemon
 from vmrun.shim import spawn_shim
-from vmrun.state import ContainerState, StateStore, alive
+from vmrun.state import ContainerState, StateStore, alive, write_pid_file
 from vmrun.stdio import relay_until_exit
 
 _SHIM_EXIT_GRACE = 5.0
@@ -33,13 +33,6 @@ _SHIM_EXIT_GRACE = 5.0
 
 class StateConflictError(VmrunError):
     """The container is not in a state that allows the operation."""
-
-
-def _write_pid_file(path: str, pid: int) -> None:
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}")
-    tmp.write_text(str(pid))
-    os.replace(tmp, target)
 
 
 def _wait_gone(pids: list[int], timeout: float) -> None:
@@ -83,7 +76,8 @@ class Containers:
             raise VmrunError("process.terminal is set: --console-socket is required")
         annotations = bundle.spec.get("annotations") or {}
         place = placement(container_id, annotations)
-        state = ContainerState(container_id, str(bundle.path), str(bundle.rootfs), "creating",
+        # Until the shim stands for it, this process does: if it dies, the state reads stopped.
+        state = ContainerState(container_id, str(bundle.path), str(bundle.rootfs), "creating", pid=os.getpid(),
                                annotations=annotations, sandbox_id=place.sandbox_id)
         guest_pids: dict[int, int] = {}
         if not place.owns_guest:
@@ -111,7 +105,7 @@ class Containers:
                 undo.callback(self._remove_in_guest, state)
                 state.pid = spawn_shim(state.agent_socket, container_id, console_socket=console_socket)
                 if pid_file:
-                    _write_pid_file(pid_file, state.pid)
+                    write_pid_file(pid_file, state.pid)
                 state.status = "created"
                 self.store.save(state)
                 undo.pop_all()
@@ -175,7 +169,7 @@ class Containers:
                                         stdout=sys.stdout.fileno(), stderr=sys.stderr.fileno(), terminal=terminal)
         pid = spawn_shim(state.agent_socket, container_id, exec_id, console_socket=console_socket)
         if pid_file:
-            _write_pid_file(pid_file, pid)
+            write_pid_file(pid_file, pid)
         with self.store.locked(container_id):
             state = self.store.load(container_id)
             state.execs = {k: v for k, v in state.execs.items() if alive(v)}

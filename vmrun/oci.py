@@ -36,10 +36,6 @@ class Bundle:
     rootfs: Path
 
     @property
-    def readonly_root(self) -> bool:
-        return bool(self.spec["root"].get("readonly"))
-
-    @property
     def terminal(self) -> bool:
         return bool(self.spec["process"].get("terminal"))
 

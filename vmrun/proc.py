@@ -135,7 +135,8 @@ class HelperProcess:
         while not path.exists():
             if not self.alive():
                 detail = self.log_tail(1)
-                raise CommandError(f"{self.name} exited early" + (f": {detail}" if detail else ""))
+                raise CommandError(f"{self.name} exited with status {self.returncode()}"
+                                   + (f": {detail}" if detail else ""))
             if time.monotonic() > deadline:
                 raise CommandError(f"{self.name} did not create {path} within {timeout:g}s")
             time.sleep(0.005)

@@ -14,7 +14,7 @@ from typing import Iterator
 from vmrun.config import Config
 from vmrun.oci import guest_spec, load_bundle, validate_id
 from vmrun.sandbox import Sandbox
-from vmrun.state import ContainerState, StateStore
+from vmrun.state import ContainerState, StateStore, write_pid_file
 from vmrun.stdio import relay_until_exit
 
 log = logging.getLogger("vmrun.run")
@@ -33,7 +33,7 @@ def _raw_terminal(fd: int) -> Iterator[None]:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
-def run_container(config: Config, store: StateStore, bundle_dir: str, container_id: str) -> int:
+def run_container(config: Config, store: StateStore, bundle_dir: str, container_id: str, pid_file: str = "") -> int:
     """Boot a guest, run the bundle's process in it, relay stdio; its exit status."""
     validate_id(container_id)
     bundle = load_bundle(bundle_dir)
@@ -45,10 +45,13 @@ def run_container(config: Config, store: StateStore, bundle_dir: str, container_
                            daemon_pid=os.getpid())
     store.create(state)
     try:
+        if pid_file:
+            write_pid_file(pid_file, os.getpid())
         with Sandbox(container_id, config, hostname=bundle.spec.get("hostname", "")) as sandbox:
             assert sandbox.agent is not None
             agent = sandbox.agent
             state.vm_dir = str(sandbox.dir)
+            store.save(state)
             sandbox.share_container(container_id, bundle)
             agent.create_container(container_id, guest_spec(bundle.spec, container_id))
             timings["container_created"] = time.monotonic() - t0

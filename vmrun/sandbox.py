@@ -18,7 +18,7 @@ from pathlib import Path
 from vmrun.agent import linux
 from vmrun.agent.bridge import SocketBridge
 from vmrun.agent.client import AgentClient
-from vmrun.agent.constants import AGENT_PORT, READY_MESSAGE, READY_PORT, SHARED_FS_TAG
+from vmrun.agent.constants import AGENT_PORT, READY_MESSAGE, READY_PORT_BASE, SHARED_FS_TAG
 from vmrun.config import Config
 from vmrun.errors import BundleError, HypervisorError, ImageError
 from vmrun.hypervisor.accel import detect_acceleration
@@ -60,9 +60,7 @@ def vm_dir_for(config: Config, sandbox_id: str) -> Path:
 
 def _mounts_under(path: Path) -> list[str]:
     prefix = str(path).rstrip("/") + "/"
-    with open("/proc/self/mounts") as mounts:
-        points = [line.split()[1].replace("\\040", " ") for line in mounts]
-    return [p for p in points if p.startswith(prefix) or p == str(path)]
+    return [p for p in linux.mount_points() if p.startswith(prefix) or p == str(path)]
 
 
 def remove_tree_safely(path: Path) -> None:
@@ -95,7 +93,9 @@ def share_container_files(shared_dir: Path, container_id: str, bundle: Bundle) -
                 target.mkdir()
             else:
                 target.touch()
-            linux.bind_mount(str(source), str(target))
+            # Read-only on the host side too: the guest must not be able to write a volume
+            # its spec mounts read-only, whatever happens inside it.
+            linux.bind_mount(str(source), str(target), readonly="ro" in (mount.get("options") or []))
     except BaseException:
         unshare_container_files(shared_dir, container_id)
         raise
@@ -148,15 +148,17 @@ class Sandbox:
         virtiofsd = Virtiofsd(find_virtiofsd(self.config.virtiofsd), self.dir / "virtiofsd.sock",
                               self.shared_dir, self.dir / "virtiofsd.log")
         self._stack.enter_context(virtiofsd)
-        cid = 3 + int(self.dir.name[:7], 16)  # unique enough per host for kernel vsock
+        cid = 3 + int(self.dir.name[:7], 16)  # < 2**28, unique enough per host for kernel vsock
         transport = make_transport(self.dir, cid)
         self._stack.enter_context(transport)
-        ready_listener = transport.listen(READY_PORT)
+        # Its own ready port: with kernel vsock, host ports are shared by every guest.
+        ready_port = READY_PORT_BASE + cid
+        ready_listener = transport.listen(ready_port)
         self._stack.callback(ready_listener.close)
         self._mark("helpers_started")
 
         acceleration = detect_acceleration(self.config.acceleration, self.config.run_dir)
-        params = f"{BASE_KERNEL_PARAMS} vmrun.agent_port={AGENT_PORT} vmrun.ready_port={READY_PORT}"
+        params = f"{BASE_KERNEL_PARAMS} vmrun.agent_port={AGENT_PORT} vmrun.ready_port={ready_port}"
         spec = VMSpec(
             name=f"vmrun-{self.sandbox_id[:32]}",
             qemu=self.config.qemu,

@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
+from vmrun.agent.files import write_atomic, write_json_atomic
 from vmrun.errors import ContainerExistsError, ContainerNotFoundError
 from vmrun.oci import OCI_VERSION, validate_id
 
@@ -52,18 +53,22 @@ class ContainerState:
         return {
             "ociVersion": OCI_VERSION,
             "id": self.id,
-            "pid": self.pid,
+            "pid": self.pid if self.live_status() != "stopped" else 0,  # as runc
             "status": self.live_status(),
             "bundle": self.bundle,
             "rootfs": self.rootfs,
             "created": self.created,
-            "annotations": self.annotations,
+            **({"annotations": self.annotations} if self.annotations else {}),
             "owner": self.owner,
         }
 
     def live_status(self) -> str:
-        """The recorded status, or `stopped` once the process standing for it is gone."""
-        if self.status in ("running", "paused", "created") and not alive(self.pid):
+        """The recorded status, or `stopped` once the process standing for it is gone.
+
+        While "creating", that process is the one creating it: if it died half-way, the
+        container reads as stopped, so `delete` can clean up what it left.
+        """
+        if self.status != "stopped" and not alive(self.pid):
             return "stopped"
         return self.status
 
@@ -83,6 +88,10 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def write_pid_file(path: str, pid: int) -> None:
+    write_atomic(path, str(pid))
 
 
 class StateStore:
@@ -114,10 +123,7 @@ class StateStore:
         self.save(state)
 
     def save(self, state: ContainerState) -> None:
-        path = self._dir(state.id) / "state.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(dataclasses.asdict(state)))
-        os.replace(tmp, path)
+        write_json_atomic(self._dir(state.id) / "state.json", dataclasses.asdict(state))
 
     def load(self, container_id: str) -> ContainerState:
         path = self._dir(container_id) / "state.json"
@@ -125,9 +131,6 @@ class StateStore:
             return ContainerState(**json.loads(path.read_text()))
         except FileNotFoundError:
             raise ContainerNotFoundError(f"container {container_id!r} does not exist") from None
-
-    def exists(self, container_id: str) -> bool:
-        return (self._dir(container_id) / "state.json").exists()
 
     def remove(self, container_id: str) -> None:
         shutil.rmtree(self._dir(container_id), ignore_errors=True)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
+import select
 import signal
 import threading
 from contextlib import contextmanager
@@ -34,10 +34,12 @@ def _write_all(fd: int, data: bytes) -> bool:
     while view:
         try:
             view = view[os.write(fd, view):]
-        except BrokenPipeError:
-            return False
+        except BlockingIOError:
+            select.select([], [fd], [])  # a non-blocking fd we were handed: wait, don't drop
         except InterruptedError:
             continue
+        except OSError:
+            return False
     return True
 
 
@@ -79,9 +81,12 @@ class StdioRelay:
             while True:
                 try:
                     data = os.read(self._stdin, _STDIN_CHUNK)
-                except OSError as exc:
-                    if exc.errno == errno.EINTR:
-                        continue
+                except BlockingIOError:
+                    select.select([self._stdin], [], [])
+                    continue
+                except InterruptedError:
+                    continue
+                except OSError:
                     data = b""
                 if not data:
                     self._agent.close_stdin(self._container_id, self._exec_id)
@@ -90,10 +95,12 @@ class StdioRelay:
         except AgentError:
             pass  # the process is gone or closed its stdin: nothing more to deliver
 
-    def wait_output(self, timeout: float | None = None) -> None:
-        """Wait until every output stream has reached EOF."""
+    def wait_output(self) -> None:
+        """Wait until every output stream has reached EOF; AgentError if one broke off."""
         for thread in self._output_threads:
-            thread.join(timeout)
+            thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 @contextmanager

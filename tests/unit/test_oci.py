@@ -28,7 +28,7 @@ def test_valid_ids_pass(good):
 def test_load_bundle_resolves_relative_rootfs(tmp_path):
     bundle = load_bundle(write_bundle(tmp_path, default_spec()))
     assert bundle.rootfs == tmp_path / "rootfs"
-    assert bundle.terminal is True and bundle.readonly_root is True
+    assert bundle.terminal is True
 
 
 def test_absolute_rootfs_as_podman_gives_it(tmp_path):

@@ -59,7 +59,8 @@ class SocketBridge:
     def _serve(self, conn: socket.socket) -> None:
         try:
             peer = self._dial()
-        except OSError:
+        except Exception:  # noqa: BLE001 - any dial failure (OSError, a transport's own error)
+            # Closing tells the client at once, instead of leaving its call hanging.
             conn.close()
             return
         with self._lock:

@@ -98,7 +98,9 @@ class AgentClient:
         self._call("SignalProcess", request)
 
     def write_stdin(self, container_id: str, data: bytes, exec_id: str = "") -> None:
-        self._call("WriteStdin", pb.WriteStdinRequest(container_id=container_id, exec_id=exec_id, data=data))
+        # No deadline: a process may take its time to read its stdin.
+        request = pb.WriteStdinRequest(container_id=container_id, exec_id=exec_id, data=data)
+        self._call("WriteStdin", request, timeout=None)
 
     def close_stdin(self, container_id: str, exec_id: str = "") -> None:
         self._call("CloseStdin", pb.ProcessRequest(container_id=container_id, exec_id=exec_id))

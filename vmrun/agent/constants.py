@@ -1,9 +1,11 @@
 """Facts the host and the in-guest agent agree on."""
 
 # vsock ports. The agent serves gRPC on AGENT_PORT; once it listens, it connects to the
-# host's READY_PORT and says READY, so the host never dials a guest that is not listening.
+# host's ready port (vmrun.ready_port= on the kernel command line, READY_PORT_BASE + the
+# guest's CID) and says READY, so the host never dials a guest that is not listening.
 AGENT_PORT = 1024
-READY_PORT = 1025
+READY_PORT = 1025  # the agent's default when the command line names none
+READY_PORT_BASE = 1 << 30
 READY_MESSAGE = b"READY"
 
 # virtio-fs tag of the sandbox's shared directory and where the agent mounts it.

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmrun.agent.processes import Spawner, exit_status
+from vmrun.agent.processes import Child, Spawner, exit_status
 
 CRUN = "/usr/bin/crun"
 CRUN_ROOT = "/run/crun"
@@ -39,34 +39,40 @@ class Crun:
     def _simple(self, *args: str) -> bytes:
         result = self._spawner.run([*self._base(), *args])
         if result.returncode != 0:
-            raise CrunError(_one_line(result.stderr) or f"crun {args[0]} failed ({result.returncode})")
+            raise CrunError(_last_line(result.stderr) or f"crun {args[0]} failed ({result.returncode})")
         return result.stdout
 
     def _with_stdio(self, args: list[str], log_file: Path, stdio: Stdio) -> None:
         """Run a crun command whose children inherit `stdio`; errors come from its log."""
         log_file.unlink(missing_ok=True)
-        pid = self._spawner.spawn(
+        child = self._spawner.spawn(
             [*self._base(log_file), *args], stdin=stdio.stdin, stdout=stdio.stdout, stderr=stdio.stderr
         )
-        code, _ = exit_status(self._spawner.reaper.wait(pid))
+        status = self._spawner.reaper.wait(child)
+        assert status is not None
+        code, _ = exit_status(status)
         if code != 0:
             raise CrunError(_last_log_message(log_file) or f"crun {args[0]} failed ({code})")
 
-    def create(self, container_id: str, bundle: Path, stdio: Stdio, console_socket: Path | None) -> int:
+    def _watch_pid_file(self, pid_file: Path) -> Child:
+        # Registered as soon as it is known: the process may already have exited.
+        return self._spawner.reaper.watch(int(pid_file.read_text().strip()))
+
+    def create(self, container_id: str, bundle: Path, stdio: Stdio, console_socket: Path | None) -> Child:
         pid_file = bundle / "init.pid"
         args = ["create", "--bundle", str(bundle), "--pid-file", str(pid_file)]
         if console_socket is not None:
             args += ["--console-socket", str(console_socket)]
         self._with_stdio([*args, container_id], bundle / "crun.log", stdio)
-        return int(pid_file.read_text().strip())
+        return self._watch_pid_file(pid_file)
 
-    def exec(self, container_id: str, process_file: Path, stdio: Stdio, console_socket: Path | None) -> int:
+    def exec(self, container_id: str, process_file: Path, stdio: Stdio, console_socket: Path | None) -> Child:
         pid_file = process_file.with_suffix(".pid")
         args = ["exec", "--process", str(process_file), "--detach", "--pid-file", str(pid_file)]
         if console_socket is not None:
             args += ["--console-socket", str(console_socket)]
         self._with_stdio([*args, container_id], process_file.with_suffix(".log"), stdio)
-        return int(pid_file.read_text().strip())
+        return self._watch_pid_file(pid_file)
 
     def start(self, container_id: str) -> None:
         self._simple("start", container_id)
@@ -90,23 +96,24 @@ class Crun:
         self._simple("update", "--resources", str(resources_file), container_id)
 
 
-def _one_line(text: bytes) -> str:
-    lines = [line for line in text.decode(errors="replace").splitlines() if line.strip()]
-    return lines[-1].strip() if lines else ""
+def _last_line(text: str | bytes) -> str:
+    """The last non-blank line, stripped: where a tool puts its error."""
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
 
 
 def _last_log_message(log_file: Path) -> str:
+    """The message of the last entry of crun's JSON log (or that line, if not JSON)."""
     try:
-        lines = log_file.read_text(errors="replace").splitlines()
+        line = _last_line(log_file.read_text(errors="replace"))
     except OSError:
         return ""
-    for line in reversed(lines):
-        try:
-            return str(json.loads(line).get("msg", "")).strip()
-        except (ValueError, AttributeError):
-            if line.strip():
-                return line.strip()
-    return ""
+    try:
+        return str(json.loads(line).get("msg", "")).strip()
+    except (ValueError, AttributeError):
+        return line
 
 
 def write_json(path: Path, document: object) -> None:

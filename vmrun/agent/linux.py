@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import time
+
+from vmrun.agent.constants import CMDLINE_PREFIX
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _PR_SET_CHILD_SUBREAPER = 36
@@ -37,9 +40,17 @@ def umount(target: str, detach: bool = False) -> None:
         raise OSError(err, f"umount {target}: {os.strerror(err)}")
 
 
-def is_mounted(target: str) -> bool:
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+def mount_points() -> list[str]:
+    """Every mount point, decoded (the kernel writes space, tab, newline, \\ as \\ooo)."""
     with open("/proc/self/mounts") as mounts:
-        return any(line.split()[1] == target for line in mounts)
+        return [_OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), line.split(" ")[1]) for line in mounts]
+
+
+def is_mounted(target: str) -> bool:
+    return target in mount_points()
 
 
 def mount_with_retry(source: str, target: str, fstype: str, timeout: float) -> None:
@@ -82,7 +93,7 @@ def kernel_cmdline() -> dict[str, str]:
         return {}
     params = {}
     for word in words:
-        if word.startswith("vmrun."):
-            key, _, value = word[len("vmrun."):].partition("=")
+        if word.startswith(CMDLINE_PREFIX):
+            key, _, value = word[len(CMDLINE_PREFIX):].partition("=")
             params[key] = value
     return params

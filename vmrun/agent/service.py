@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
 import os
 import re
+import select
 import shutil
 import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from signal import SIGKILL
+from typing import Callable, Generator, Iterator, NoReturn, TypeVar
 
 import grpc
 
@@ -22,13 +25,15 @@ from vmrun.agent import agent_pb2_grpc
 from vmrun.agent import linux
 from vmrun.agent.constants import BUNDLES_DIR, SHARED_DIR
 from vmrun.agent.crun import Crun, CrunError, Stdio, write_json
-from vmrun.agent.processes import Reaper, Spawner, exit_status
+from vmrun.agent.processes import Child, Reaper, Spawner, exit_status
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
 _READ_CHUNK = 256 * 1024
 _CONSOLE_TIMEOUT = 30.0
 _SHARE_MOUNT_TIMEOUT = 30.0
 _PIPE_SIZE = 1 << 20
+# Blocking RPCs wake this often to notice a caller that went away (or a closed stream).
+_WAKE_SLICE = 1.0
 
 
 class NotFound(Exception):
@@ -39,22 +44,75 @@ class InvalidArgument(Exception):
     pass
 
 
-@dataclass
-class GuestProcess:
-    """A container's init or exec process and the agent's ends of its stdio."""
+class SharedFd:
+    """One of the agent's stdio fds, used by concurrent RPCs.
 
-    pid: int
-    stdin: int | None
-    stdout: int | None
-    stderr: int | None
-    terminal: bool
+    Closing only marks it closed; the fd itself is closed when its last user lets go, so
+    its number cannot be reused (handing another process's output to a reader) while a
+    ReadOutput or WriteStdin still holds it. Readers poll `closed` and let go.
+    """
+
+    def __init__(self, fd: int, name: str):
+        self.fd = fd
+        self.name = name
+        self._users = 1  # the owner's hold, dropped by close()
+        self._closed = False
+        self._lock = threading.Lock()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def acquire(self) -> bool:
+        """Hold the fd open; False once it is closed."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._users += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users:
+                return
+        os.close(self.fd)
 
     def close(self) -> None:
-        for fd in {self.stdin, self.stdout, self.stderr} - {None}:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self.release()
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[int]:
+        if not self.acquire():
+            raise InvalidArgument(f"{self.name} is closed")
+        try:
+            yield self.fd
+        finally:
+            self.release()
+
+
+@dataclass
+class GuestProcess:
+    """A container's init or exec process and the agent's ends of its stdio (with a
+    terminal, stdin and stdout are the same pty master)."""
+
+    child: Child
+    stdin: SharedFd | None
+    stdout: SharedFd | None
+    stderr: SharedFd | None
+    terminal: bool
+
+    @property
+    def pid(self) -> int:
+        return self.child.pid
+
+    def close(self) -> None:
+        for stream in {self.stdin, self.stdout, self.stderr} - {None}:
+            stream.close()
         self.stdin = self.stdout = self.stderr = None
 
 
@@ -72,6 +130,23 @@ class Container:
 T = TypeVar("T")
 
 
+_STATUS_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (CrunError, grpc.StatusCode.FAILED_PRECONDITION),
+    (OSError, grpc.StatusCode.INTERNAL),
+)
+_MAPPED = tuple(kind for kind, _ in _STATUS_CODES)
+
+
+def _abort(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
+    """Fail the call with the status code for `exc` and its one-line message."""
+    for kind, code in _STATUS_CODES:
+        if isinstance(exc, kind):
+            context.abort(code, str(exc))
+    raise exc
+
+
 def _rpc(method: Callable[..., T]) -> Callable[..., T]:
     """Map the agent's failures onto gRPC status codes with a one-line message."""
 
@@ -79,15 +154,21 @@ def _rpc(method: Callable[..., T]) -> Callable[..., T]:
     def wrapper(self: "AgentService", request: object, context: grpc.ServicerContext) -> T:
         try:
             return method(self, request, context)
-        except NotFound as exc:
-            context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-        except InvalidArgument as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except CrunError as exc:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        except OSError as exc:
-            context.abort(grpc.StatusCode.INTERNAL, str(exc))
-        raise AssertionError("unreachable")
+        except _MAPPED as exc:
+            _abort(context, exc)
+
+    return wrapper
+
+
+def _rpc_stream(method: Callable[..., Iterator[T]]) -> Callable[..., Iterator[T]]:
+    """_rpc for a response stream: failures while iterating are mapped too."""
+
+    @functools.wraps(method)
+    def wrapper(self: "AgentService", request: object, context: grpc.ServicerContext) -> Iterator[T]:
+        try:
+            yield from method(self, request, context)
+        except _MAPPED as exc:
+            _abort(context, exc)
 
     return wrapper
 
@@ -150,6 +231,28 @@ def _pipe() -> tuple[int, int]:
     return r, w
 
 
+def _read_chunks(stream: SharedFd, context: grpc.ServicerContext) -> Generator[pb.OutputChunk, None, bool]:
+    """Chunks read from a held `stream`: True once it ends (EOF, or the agent closed it),
+    False if the caller went away first."""
+    poller = select.poll()
+    poller.register(stream.fd, select.POLLIN)
+    while not stream.closed:
+        if not context.is_active():
+            return False
+        if not poller.poll(int(_WAKE_SLICE * 1000)):
+            continue
+        try:
+            data = os.read(stream.fd, _READ_CHUNK)
+        except OSError as exc:
+            if exc.errno == errno.EIO:  # a pty whose other side closed
+                return True
+            raise
+        if not data:
+            return True
+        yield pb.OutputChunk(data=data)
+    return True
+
+
 class AgentService(agent_pb2_grpc.AgentServicer):
     def __init__(self, reaper: Reaper):
         self._spawner = Spawner(reaper)
@@ -176,25 +279,39 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             raise NotFound(f"process {exec_id!r} of container {container_id!r} does not exist")
         return process
 
-    def _launch(self, terminal: bool, console_path: Path, launch: Callable[[Stdio, Path | None], int]) -> GuestProcess:
-        """Start a process with fresh stdio: pipes, or a pty received from crun."""
+    def _launch(
+        self,
+        terminal: bool,
+        console_path: Path,
+        launch: Callable[[Stdio, Path | None], Child],
+        abandon: Callable[[Child], None],
+    ) -> GuestProcess:
+        """Start a process with fresh stdio: pipes, or a pty received from crun.
+
+        `abandon` undoes a launch that succeeded when its terminal never arrived."""
         if terminal:
             receiver = _ConsoleReceiver(console_path)
             null = os.open("/dev/null", os.O_RDWR)
             try:
-                pid = launch(Stdio(null, null, null), console_path)
+                child = launch(Stdio(null, null, null), console_path)
             except BaseException:
                 receiver.close()
                 raise
             finally:
                 os.close(null)
-            master = receiver.take_master()
-            return GuestProcess(pid, master, master, None, terminal=True)
+            try:
+                master = receiver.take_master()
+            except BaseException:
+                with contextlib.suppress(CrunError, OSError):
+                    abandon(child)
+                raise
+            pty = SharedFd(master, "the terminal")
+            return GuestProcess(child, pty, pty, None, terminal=True)
         in_r, in_w = _pipe()
         out_r, out_w = _pipe()
         err_r, err_w = _pipe()
         try:
-            pid = launch(Stdio(in_r, out_w, err_w), None)
+            child = launch(Stdio(in_r, out_w, err_w), None)
         except BaseException:
             for fd in (in_w, out_r, err_r):
                 os.close(fd)
@@ -202,7 +319,9 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         finally:
             for fd in (in_r, out_w, err_w):
                 os.close(fd)
-        return GuestProcess(pid, in_w, out_r, err_r, terminal=False)
+        return GuestProcess(
+            child, SharedFd(in_w, "stdin"), SharedFd(out_r, "stdout"), SharedFd(err_r, "stderr"), terminal=False
+        )
 
     # ---- sandbox ----
 
@@ -258,6 +377,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                 terminal,
                 bundle / "console.sock",
                 lambda stdio, console: self._crun.create(container_id, bundle, stdio, console),
+                # crun created the container: without its terminal it is of no use.
+                lambda _child: self._crun.delete(container_id, force=True),
             )
         except BaseException:
             shutil.rmtree(bundle, ignore_errors=True)
@@ -289,7 +410,6 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             self._containers.pop(container_id, None)
         for process in container.processes():
             process.close()
-            self._reaper.forget(process.pid)
         shutil.rmtree(container.bundle, ignore_errors=True)
 
     @_rpc
@@ -308,6 +428,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             bool(process.get("terminal")),
             container.bundle / f"exec-{exec_id}.sock",
             lambda stdio, console: self._crun.exec(container.id, process_file, stdio, console),
+            lambda child: self._reaper.kill(child, SIGKILL),
         )
         container.execs[exec_id] = launched
         return pb.ExecProcessResponse(pid=launched.pid)
@@ -315,7 +436,10 @@ class AgentService(agent_pb2_grpc.AgentServicer):
     @_rpc
     def WaitProcess(self, request: pb.ProcessRequest, context: grpc.ServicerContext) -> pb.WaitProcessResponse:
         process = self._process(request.container_id, request.exec_id)
-        status = self._reaper.wait(process.pid, keep=True)
+        # In slices: a wait whose caller went away must give its worker thread back.
+        while (status := self._reaper.wait(process.child, _WAKE_SLICE)) is None:
+            if not context.is_active():
+                context.abort(grpc.StatusCode.CANCELLED, "the caller went away")
         code, signal = exit_status(status)
         return pb.WaitProcessResponse(exit_status=code, signal=signal)
 
@@ -326,10 +450,9 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             self._crun.kill(request.container_id, request.signal, all_processes=True)
         else:
             process = self._process(request.container_id, request.exec_id)
-            try:
-                os.kill(process.pid, request.signal)
-            except ProcessLookupError:
-                pass  # already gone: like runc, signalling an exited process is not an error
+            # Once exited, its pid may be another process's; like runc, signalling an
+            # exited process is not an error.
+            self._reaper.kill(process.child, request.signal)
         return pb.Empty()
 
     # ---- stdio ----
@@ -337,58 +460,52 @@ class AgentService(agent_pb2_grpc.AgentServicer):
     @_rpc
     def WriteStdin(self, request: pb.WriteStdinRequest, context: grpc.ServicerContext) -> pb.Empty:
         process = self._process(request.container_id, request.exec_id)
-        if process.stdin is None:
+        stdin = process.stdin  # read once: CloseStdin may clear it meanwhile
+        if stdin is None:
             raise InvalidArgument("stdin is closed")
-        view = memoryview(request.data)
-        while view:
-            written = os.write(process.stdin, view)
-            view = view[written:]
+        with stdin.use() as fd:
+            view = memoryview(request.data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
         return pb.Empty()
 
     @_rpc
     def CloseStdin(self, request: pb.ProcessRequest, context: grpc.ServicerContext) -> pb.Empty:
         process = self._process(request.container_id, request.exec_id)
+        stdin = process.stdin
+        if stdin is None:
+            return pb.Empty()
         if process.terminal:
             # A pty has no half-close: send the EOF character instead.
-            if process.stdin is not None:
-                os.write(process.stdin, b"\x04")
-        elif process.stdin is not None:
-            os.close(process.stdin)
+            with stdin.use() as fd:
+                os.write(fd, b"\x04")
+        else:
             process.stdin = None
+            stdin.close()
         return pb.Empty()
 
+    @_rpc_stream
     def ReadOutput(self, request: pb.ReadOutputRequest, context: grpc.ServicerContext) -> Iterator[pb.OutputChunk]:
-        try:
-            process = self._process(request.container_id, request.exec_id)
-        except NotFound as exc:
-            context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-        fd = process.stdout if request.stream == pb.STDOUT else process.stderr
-        if fd is None:
+        process = self._process(request.container_id, request.exec_id)
+        stream = process.stdout if request.stream == pb.STDOUT else process.stderr
+        if stream is None or not stream.acquire():
             return
-        reached_eof = threading.Event()
-        if request.stream == pb.STDOUT:
-            # The reader of stdout is the host process standing for this one (a shim, or
-            # `vmrun run`). If it vanishes before EOF, nobody can wait for or signal this
-            # process any more: it goes too, as a runc container dies with its parent shim.
-            context.add_callback(lambda: reached_eof.is_set() or self._kill_orphaned(process))
-        while True:
-            try:
-                data = os.read(fd, _READ_CHUNK)
-            except OSError as exc:
-                if exc.errno in (errno.EIO, errno.EBADF):  # pty whose other side closed
-                    break
-                raise
-            if not data:
-                break
-            yield pb.OutputChunk(data=data)
-        reached_eof.set()
+        try:
+            reached_eof = threading.Event()
+            if request.stream == pb.STDOUT:
+                # The reader of stdout is the host process standing for this one (a shim,
+                # or `vmrun run`). If it vanishes before EOF, nobody can wait for or signal
+                # this process any more: it goes too, as a runc container dies with its
+                # parent shim.
+                context.add_callback(lambda: reached_eof.is_set() or self._kill_orphaned(process))
+            if (yield from _read_chunks(stream, context)):
+                reached_eof.set()
+        finally:
+            stream.release()
 
     def _kill_orphaned(self, process: GuestProcess) -> None:
-        if self._reaper.wait(process.pid, timeout=0, keep=True) is None:
-            try:
-                os.kill(process.pid, 9)
-            except ProcessLookupError:
-                pass
+        self._reaper.kill(process.child, SIGKILL)
 
     @_rpc
     def ResizeTty(self, request: pb.ResizeTtyRequest, context: grpc.ServicerContext) -> pb.Empty:
@@ -397,9 +514,11 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         import termios
 
         process = self._process(request.container_id, request.exec_id)
-        if not process.terminal or process.stdout is None:
+        pty = process.stdout
+        if not process.terminal or pty is None:
             raise InvalidArgument("the process has no terminal")
-        fcntl.ioctl(process.stdout, termios.TIOCSWINSZ, struct.pack("HHHH", request.rows, request.columns, 0, 0))
+        with pty.use() as fd:
+            fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", request.rows, request.columns, 0, 0))
         return pb.Empty()
 
     # ---- inspection and control ----

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from vmrun.errors import ConfigError
+from vmrun.agent.files import write_json_atomic
+from vmrun.errors import CommandError, ConfigError
+from vmrun.proc import run
 
 _PROBE_TIMEOUT = 2.0
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
@@ -33,16 +34,9 @@ def _kvm_verdict() -> Acceleration:
     if (modules / "kvm_pvm").exists() and not any((modules / m).exists() for m in ("kvm_intel", "kvm_amd")):
         return Acceleration("tcg", "/dev/kvm is PVM (kvm_pvm), which cannot run an ordinary guest kernel")
     try:
-        probe = subprocess.run(
-            [sys.executable, "-m", "vmrun.hypervisor.kvm_probe"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            timeout=_PROBE_TIMEOUT,
-        )
-    except subprocess.TimeoutExpired:
-        return Acceleration("tcg", f"a test guest on /dev/kvm did not halt within {_PROBE_TIMEOUT:g}s")
-    if probe.returncode != 0:
-        return Acceleration("tcg", "a test guest on /dev/kvm failed: " + probe.stderr.decode(errors="replace").strip())
+        run([sys.executable, "-m", "vmrun.hypervisor.kvm_probe"], timeout=_PROBE_TIMEOUT)
+    except CommandError as exc:
+        return Acceleration("tcg", f"a test guest on /dev/kvm did not run: {exc}")
     return Acceleration("kvm", "/dev/kvm runs guests")
 
 
@@ -65,9 +59,7 @@ def detect_acceleration(setting: str, cache_dir: Path) -> Acceleration:
     verdict = _kvm_verdict()
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"boot_id": boot_id, **asdict(verdict)}))
-        os.replace(tmp, cache)
+        write_json_atomic(cache, {"boot_id": boot_id, **asdict(verdict)})
     except OSError:
         pass  # an unwritable cache only costs the probe next time
     return verdict

@@ -128,6 +128,7 @@ class QemuVM:
     def close(self, grace: float = 3.0) -> None:
         if self._qmp is not None and self._process.alive():
             try:
+                self._qmp.settimeout(grace)  # a wedged QEMU must not hang the teardown
                 self._qmp.cmd("quit")
                 self._process.wait(grace)
             except _QMP_FAILURES:

@@ -8,13 +8,11 @@ guest's connections to host port P arrive on the unix socket `<uds_path>_P`.
 
 from __future__ import annotations
 
-import os
 import socket
 import sys
 import time
 from pathlib import Path
 
-import vmrun
 from vmrun.errors import CommandError, VsockError
 from vmrun.hypervisor.vsock.base import VsockTransport
 from vmrun.proc import HelperProcess
@@ -54,7 +52,6 @@ class HybridVsock(VsockTransport):
                   "--socket", self.socket_path, "--uds", self.uds_path,
                   "--cid", str(self.guest_cid)],
             log_path=self.log_path,
-            env=_child_env(),
         )
         try:
             helper.start()
@@ -62,26 +59,12 @@ class HybridVsock(VsockTransport):
             raise VsockError(str(exc)) from exc
         self._helper = helper
         # The backend makes its socket path appear only once it is listening.
-        deadline = time.monotonic() + START_TIMEOUT
-        while not self.socket_path.exists():
-            if not helper.alive():
-                self._fail_start(f"vsock backend exited with status {helper.returncode()}")
-            if time.monotonic() > deadline:
-                self._fail_start(f"vsock backend did not listen on {self.socket_path} "
-                                 f"within {START_TIMEOUT:g}s")
-            time.sleep(0.01)
-
-    def _fail_start(self, why: str) -> None:
-        assert self._helper is not None
-        helper, self._helper = self._helper, None
-        helper.stop()
-        tail = helper.log_tail()
-        raise VsockError(why + (f": {tail.splitlines()[-1]}" if tail else ""))
-
-    @property
-    def backend(self) -> HelperProcess | None:
-        """The backend process while it runs (to watch it next to QEMU)."""
-        return self._helper
+        try:
+            helper.wait_for_path(self.socket_path, START_TIMEOUT)
+        except CommandError as exc:
+            self._helper = None
+            helper.stop()
+            raise VsockError(str(exc)) from None
 
     def qemu_args(self) -> list[str]:
         return [
@@ -156,11 +139,3 @@ class HybridVsock(VsockTransport):
         for path in (self.socket_path, self.uds_path):
             path.unlink(missing_ok=True)
 
-
-def _child_env() -> dict[str, str]:
-    """Our environment, with this very vmrun first on the backend's import path."""
-    env = dict(os.environ)
-    root = str(Path(vmrun.__file__).resolve().parent.parent)
-    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
-    env["PYTHONPATH"] = os.pathsep.join([root, *paths])
-    return env
