@@ -26,6 +26,7 @@ from vmrun.sandbox import share_container_files, unshare_container_files, vm_dir
 from vmrun.sandbox_daemon import spawn_sandbox_daemon, stop_sandbox_daemon
 from vmrun.shim import spawn_shim
 from vmrun.state import ContainerState, StateStore, alive, write_pid_file
+from vmrun.signals import interrupted_by_signals
 from vmrun.stdio import relay_until_exit
 
 _SHIM_EXIT_GRACE = 5.0
@@ -90,7 +91,7 @@ class Containers:
             state.vm_dir = pod.vm_dir
             guest_pids[pod.pid] = pod.guest_pid
         self.store.create(state)
-        with contextlib.ExitStack() as undo, self.store.locked(container_id):
+        with contextlib.ExitStack() as undo, self.store.locked(container_id), interrupted_by_signals():
             undo.callback(self.store.remove, container_id)
             if place.owns_guest:
                 state.vm_dir = str(vm_dir_for(self.config, container_id))

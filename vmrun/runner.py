@@ -12,9 +12,10 @@ from contextlib import contextmanager, nullcontext
 from typing import Iterator
 
 from vmrun.config import Config
-from vmrun.oci import guest_spec, load_bundle, validate_id
+from vmrun.oci import Bundle, guest_spec, load_bundle, validate_id
 from vmrun.sandbox import Sandbox
 from vmrun.state import ContainerState, StateStore, write_pid_file
+from vmrun.signals import interrupted_by_signals
 from vmrun.stdio import relay_until_exit
 
 log = logging.getLogger("vmrun.run")
@@ -37,8 +38,6 @@ def run_container(config: Config, store: StateStore, bundle_dir: str, container_
     """Boot a guest, run the bundle's process in it, relay stdio; its exit status."""
     validate_id(container_id)
     bundle = load_bundle(bundle_dir)
-    timings: dict[str, float] = {}
-    t0 = time.monotonic()
     # This process holds the guest (as a sandbox daemon would) and stands for the container.
     state = ContainerState(container_id, str(bundle.path), str(bundle.rootfs), "creating", pid=os.getpid(),
                            annotations=bundle.spec.get("annotations") or {}, sandbox_id=container_id,
@@ -47,34 +46,42 @@ def run_container(config: Config, store: StateStore, bundle_dir: str, container_
     try:
         if pid_file:
             write_pid_file(pid_file, os.getpid())
-        with Sandbox(container_id, config, hostname=bundle.spec.get("hostname", "")) as sandbox:
-            assert sandbox.agent is not None
-            agent = sandbox.agent
-            state.vm_dir = str(sandbox.dir)
-            store.save(state)
-            sandbox.share_container(container_id, bundle)
-            agent.create_container(container_id, guest_spec(bundle.spec, container_id))
-            timings["container_created"] = time.monotonic() - t0
-            with _raw_terminal(sys.stdin.fileno()) if bundle.terminal else nullcontext():
-
-                def start() -> None:
-                    agent.start_container(container_id)
-                    state.status = "running"
-                    store.save(state)
-                    timings["container_started"] = time.monotonic() - t0
-
-                code = relay_until_exit(agent, container_id, stdin=sys.stdin.fileno(), stdout=sys.stdout.fileno(),
-                                        stderr=sys.stderr.fileno(), terminal=bundle.terminal, attached=start)
-            timings["container_exited"] = time.monotonic() - t0
-            state.status = "stopped"
-            store.save(state)
-            agent.remove_container(container_id, force=True)
-            boot = dict(sandbox.timings)
-            guest = {f"guest_{k}": v for k, v in sandbox.guest_timings.items()}
-        timings["torn_down"] = time.monotonic() - t0
-        log.debug("timings %s", " ".join(f"{k}={v:.3f}" for k, v in {**boot, **timings}.items()))
-        log.debug("guest timings %s", " ".join(f"{k}={v:.3f}" for k, v in guest.items()))
-        return code
+        # Until the process runs, a stop signal unwinds (and so cleans up) instead of killing us.
+        with interrupted_by_signals():
+            return _run_in_guest(config, store, bundle, state)
     finally:
         store.remove(container_id)
 
+
+def _run_in_guest(config: Config, store: StateStore, bundle: Bundle, state: ContainerState) -> int:
+    container_id = state.id
+    t0 = time.monotonic()
+    timings: dict[str, float] = {}
+    with Sandbox(container_id, config, hostname=bundle.spec.get("hostname", "")) as sandbox:
+        assert sandbox.agent is not None
+        agent = sandbox.agent
+        state.vm_dir = str(sandbox.dir)
+        store.save(state)
+        sandbox.share_container(container_id, bundle)
+        agent.create_container(container_id, guest_spec(bundle.spec, container_id))
+        timings["container_created"] = time.monotonic() - t0
+        with _raw_terminal(sys.stdin.fileno()) if bundle.terminal else nullcontext():
+
+            def start() -> None:
+                agent.start_container(container_id)
+                state.status = "running"
+                store.save(state)
+                timings["container_started"] = time.monotonic() - t0
+
+            code = relay_until_exit(agent, container_id, stdin=sys.stdin.fileno(), stdout=sys.stdout.fileno(),
+                                    stderr=sys.stderr.fileno(), terminal=bundle.terminal, attached=start)
+        timings["container_exited"] = time.monotonic() - t0
+        state.status = "stopped"
+        store.save(state)
+        agent.remove_container(container_id, force=True)
+        boot = dict(sandbox.timings)
+        guest = {f"guest_{k}": v for k, v in sandbox.guest_timings.items()}
+    timings["torn_down"] = time.monotonic() - t0
+    log.debug("timings %s", " ".join(f"{k}={v:.3f}" for k, v in {**boot, **timings}.items()))
+    log.debug("guest timings %s", " ".join(f"{k}={v:.3f}" for k, v in guest.items()))
+    return code

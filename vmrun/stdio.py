@@ -5,28 +5,16 @@ from __future__ import annotations
 import logging
 import os
 import select
-import signal
 import threading
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable
 
 from vmrun.agent import agent_pb2 as pb
 from vmrun.agent.client import AgentClient
 from vmrun.errors import AgentError
+from vmrun.signals import forward_signals, wait_in_thread
 
 _STDIN_CHUNK = 256 * 1024
 log = logging.getLogger("vmrun.stdio")
-
-# Signals the host process standing for a guest process passes on to it. Not forwarded:
-# SIGKILL/SIGSTOP (cannot be caught), SIGCHLD, SIGWINCH (a terminal resize, handled apart),
-# SIGPIPE, and the synchronous faults that would mean the relay itself crashed.
-FORWARDED_SIGNALS = tuple(
-    s for s in signal.valid_signals()
-    if s not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, signal.SIGWINCH, signal.SIGPIPE,
-                 signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGTRAP, signal.SIGSYS)
-    and s < signal.SIGRTMIN
-)
-
 
 def _write_all(fd: int, data: bytes) -> bool:
     """Write everything; False once the reader is gone (then the rest is drained)."""
@@ -101,36 +89,6 @@ class StdioRelay:
             thread.join()
         if self.error is not None:
             raise self.error
-
-
-@contextmanager
-def forward_signals(deliver: Callable[[int], None], signals: tuple[int, ...] = FORWARDED_SIGNALS) -> Iterator[None]:
-    previous = {sig: signal.signal(sig, lambda signum, _frame: deliver(signum)) for sig in signals}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def wait_in_thread(wait: Callable[[], int]) -> int:
-    """Run a blocking wait in a thread so the main thread stays free for signal handlers."""
-    result: dict[str, object] = {}
-    done = threading.Event()
-
-    def target() -> None:
-        try:
-            result["code"] = wait()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-            result["error"] = exc
-        done.set()
-
-    threading.Thread(target=target, daemon=True).start()
-    while not done.wait(0.2):
-        pass
-    if "error" in result:
-        raise result["error"]  # type: ignore[misc]
-    return int(result["code"])  # type: ignore[arg-type]
 
 
 def relay_until_exit(agent: AgentClient, container_id: str, exec_id: str = "", *, stdin: int | None,

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from contextlib import contextmanager
 
 import pytest
@@ -81,3 +82,27 @@ def test_kill_from_another_process(vm_env):
     with running(vm_env, "victim", "echo started; exec sleep 600") as process:
         assert vm_env.vmrun("kill", "victim", "KILL").returncode == 0
         assert process.wait(60) == 128 + signal.SIGKILL
+
+
+def test_stop_signal_during_boot_unwinds_everything(vm_env):
+    bundle = vm_env.bundle("early", ["true"])
+    process = vm_env.popen("run", "--bundle", str(bundle), "early", stderr=subprocess.PIPE)
+    time.sleep(1.5)  # QEMU is up, the guest still booting
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert b"interrupted by SIGTERM" in err
+    # The vm_env fixture checks that no process, mount, sandbox dir or state is left.
+
+
+def test_delete_reclaims_what_a_killed_vmrun_left(vm_env):
+    with running(vm_env, "crashed", "echo started; exec sleep 600") as process:
+        process.kill()  # SIGKILL: no cleanup of its own; its helpers die with it
+        process.wait()
+        assert json.loads(vm_env.vmrun("state", "crashed").stdout)["status"] == "stopped"
+        mounts_before = open("/proc/self/mounts").read().count(str(vm_env.base))
+        assert mounts_before >= 1  # the rootfs bind it could not undo
+        result = vm_env.vmrun("delete", "crashed")
+        assert result.returncode == 0, result.stderr
+        # The user's rootfs is intact, and the fixture checks nothing else is left.
+        assert (vm_env.base / "bundles" / "crashed" / "rootfs" / "bin" / "busybox").exists()

@@ -1,0 +1,75 @@
+"""Signals: forwarded to a guest process, or turned into an orderly unwinding."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from vmrun.errors import VmrunError
+
+# Signals the host process standing for a guest process passes on to it. Not forwarded:
+# SIGKILL/SIGSTOP (cannot be caught), SIGCHLD, SIGWINCH (a terminal resize, handled apart),
+# SIGPIPE, and the synchronous faults that would mean the relay itself crashed.
+FORWARDED_SIGNALS = tuple(
+    s for s in signal.valid_signals()
+    if s not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, signal.SIGWINCH, signal.SIGPIPE,
+                 signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGTRAP, signal.SIGSYS)
+    and s < signal.SIGRTMIN
+)
+
+
+@contextmanager
+def forward_signals(deliver: Callable[[int], None], signals: tuple[int, ...] = FORWARDED_SIGNALS) -> Iterator[None]:
+    previous = {sig: signal.signal(sig, lambda signum, _frame: deliver(signum)) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def wait_in_thread(wait: Callable[[], int]) -> int:
+    """Run a blocking wait in a thread so the main thread stays free for signal handlers."""
+    result: dict[str, object] = {}
+    done = threading.Event()
+
+    def target() -> None:
+        try:
+            result["code"] = wait()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            result["error"] = exc
+        done.set()
+
+    threading.Thread(target=target, daemon=True).start()
+    while not done.wait(0.2):
+        pass
+    if "error" in result:
+        raise result["error"]  # type: ignore[misc]
+    return int(result["code"])  # type: ignore[arg-type]
+
+
+
+class Interrupted(VmrunError):
+    """A signal asked us to stop before the container ran: unwind, cleaning up."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.exit_code = 128 + signum
+
+
+@contextmanager
+def interrupted_by_signals(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)) -> Iterator[None]:
+    """While booting and setting up, a stop signal raises Interrupted instead of killing us,
+    so every context manager on the way out undoes what it made."""
+
+    def raise_interrupted(signum: int, _frame: object) -> None:
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, raise_interrupted) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
