@@ -186,6 +186,22 @@ def cmd_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from vmrun.diagnostics import check
+
+    findings = check(args.config)
+    for finding in findings:
+        print(f"{'ok' if finding.ok else 'MISSING':<8}{finding.item:<14}{finding.detail}")
+    return 0 if all(f.ok for f in findings) else 1
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from vmrun.diagnostics import effective_config
+
+    print("\n".join(effective_config(args.config)))
+    return 0
+
+
 def cmd_image_build(args: argparse.Namespace) -> int:
     from guest.build import build_image
 
@@ -303,6 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("--force", "-f", action="store_true")
     delete.add_argument("id")
     delete.set_defaults(handler=cmd_delete)
+
+    check = commands.add_parser("check", help="what this host offers and what vmrun will use")
+    check.set_defaults(handler=cmd_check)
+    env = commands.add_parser("env", help="the effective configuration")
+    env.set_defaults(handler=cmd_env)
 
     image = commands.add_parser("image", help="the guest image")
     image_commands = image.add_subparsers(dest="image_command", metavar="IMAGE_COMMAND", required=True)

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -47,3 +48,22 @@ def test_spec_writes_config(tmp_path):
 def test_version():
     result = vmrun("--version")
     assert result.returncode == 0 and "vmrun version" in result.stdout
+
+
+def test_env_prints_the_effective_configuration(tmp_path):
+    config = tmp_path / "vmrun.toml"
+    config.write_text('vcpus = 3\nacceleration = "tcg"\n')
+    result = vmrun("env", env={**os.environ, "VMRUN_CONFIG": str(config)})
+    assert result.returncode == 0
+    assert "vcpus = 3" in result.stdout and 'acceleration = "tcg"' in result.stdout
+    assert str(config) in result.stdout
+
+
+def test_check_reports_what_is_missing(tmp_path):
+    config = tmp_path / "vmrun.toml"
+    config.write_text(f'qemu = "/nonexistent/qemu"\nacceleration = "tcg"\nrun_dir = "{tmp_path}/run"\n'
+                      f'kernel = "{tmp_path}/no-kernel"\ninitrd = "{tmp_path}/no-initrd"\n')
+    result = vmrun("check", env={**os.environ, "VMRUN_CONFIG": str(config)})
+    assert result.returncode == 1
+    lines = {line.split()[1]: line.split()[0] for line in result.stdout.splitlines()}
+    assert lines["QEMU"] == "MISSING" and lines["guest"] == "MISSING" and lines["acceleration"] == "ok"

@@ -1,0 +1,85 @@
+"""`vmrun check` (what this host offers and what vmrun will use) and `vmrun env`."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmrun.config import DEFAULT_CONFIG_PATH, Config
+from vmrun.errors import VmrunError
+from vmrun.hypervisor.accel import detect_acceleration
+from vmrun.hypervisor.virtiofsd import find_virtiofsd
+from vmrun.hypervisor.vsock import kernel_vsock_available
+from vmrun.proc import run
+
+
+@dataclass(frozen=True)
+class Finding:
+    item: str
+    ok: bool
+    detail: str
+
+
+def _qemu(config: Config) -> Finding:
+    try:
+        version = run([config.qemu, "--version"], timeout=10).stdout.decode().splitlines()[0]
+    except VmrunError as exc:
+        return Finding("QEMU", False, str(exc))
+    return Finding("QEMU", True, version)
+
+
+def _virtiofsd(config: Config) -> Finding:
+    try:
+        return Finding("virtiofsd", True, find_virtiofsd(config.virtiofsd))
+    except VmrunError as exc:
+        return Finding("virtiofsd", False, str(exc))
+
+
+def _image(config: Config) -> Finding:
+    if config.kernel or config.initrd:
+        missing = [p for p in (config.kernel, config.initrd) if not Path(p).is_file()]
+        return Finding("guest image", not missing,
+                       f"configured kernel {config.kernel}, initrd {config.initrd}"
+                       + (f"; missing: {', '.join(missing)}" if missing else ""))
+    from guest.build import find_image
+
+    image = find_image(config.image_dir)
+    if image is None:
+        return Finding("guest image", False, f"not built in {config.image_dir}: run `vmrun image build`")
+    release = image.manifest.get("kernel", {}).get("release", "?")
+    return Finding("guest image", True,
+                   f"{image.key} ({image.size_bytes / 2**20:.1f} MiB, kernel {release}) in {config.image_dir}")
+
+
+def check(config: Config) -> list[Finding]:
+    acceleration = detect_acceleration(config.acceleration, config.run_dir)
+    vsock = ("kernel vhost-vsock (/dev/vhost-vsock)" if kernel_vsock_available()
+             else "vmrun's vhost-user vsock backend (no usable /dev/vhost-vsock)")
+    return [
+        Finding("acceleration", True, f"{acceleration.name}: {acceleration.reason}"),
+        Finding("vsock", True, vsock),
+        _qemu(config),
+        _virtiofsd(config),
+        _image(config),
+    ]
+
+
+def config_source() -> str:
+    env = os.environ.get("VMRUN_CONFIG")
+    if env:
+        return f"{env} (VMRUN_CONFIG)"
+    return str(DEFAULT_CONFIG_PATH) if DEFAULT_CONFIG_PATH.exists() else f"defaults ({DEFAULT_CONFIG_PATH} absent)"
+
+
+def effective_config(config: Config) -> list[str]:
+    """The configuration as TOML lines, every key with its effective value."""
+    lines = [f"# from {config_source()}"]
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, (str, Path)):
+            lines.append(f'{field.name} = "{value}"')
+        else:
+            lines.append(f"{field.name} = {value}")
+    return lines
