@@ -114,31 +114,33 @@ def test_delete_force_of_a_running_container(vm_env):
     assert vm_env.vmrun("state", "forced").returncode != 0
 
 
-def test_pod_containers_share_one_guest(vm_env):
-    sandbox = vm_env.bundle("pod-sandbox", ["sleep", "600"])
-    spec = json.loads((sandbox / "config.json").read_text())
-    spec["annotations"] = {"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": "pod"}
-    (sandbox / "config.json").write_text(json.dumps(spec))
+def pod_bundle(vm_env, name, kind, pod_shim=0):
+    bundle = vm_env.bundle(name, ["sleep", "600"])
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["annotations"] = {"io.kubernetes.cri.container-type": kind, "io.kubernetes.cri.sandbox-id": "pod"}
+    if pod_shim:
+        # As containerd's CRI plugin does: join the sandbox's namespaces by /proc/<pid>/ns paths.
+        spec["linux"]["namespaces"] = [{"type": t, "path": f"/proc/{pod_shim}/ns/{t}"} for t in ("pid", "ipc", "uts")]
+        spec["linux"]["namespaces"].append({"type": "mount"})
+    (bundle / "config.json").write_text(json.dumps(spec))
+    return bundle
+
+
+def test_a_pod_of_three_containers_shares_one_guest(vm_env):
+    sandbox = pod_bundle(vm_env, "pod-sandbox", "sandbox")
     assert vm_env.vmrun("create", "--bundle", str(sandbox), "pod", detached=True).returncode == 0
     assert vm_env.vmrun("start", "pod").returncode == 0
     pod_shim = status(vm_env, "pod")["pid"]
-
-    member = vm_env.bundle("pod-member", ["sleep", "600"])
-    spec = json.loads((member / "config.json").read_text())
-    spec["annotations"] = {"io.kubernetes.cri.container-type": "container", "io.kubernetes.cri.sandbox-id": "pod"}
-    # As containerd's CRI plugin does: join the sandbox's namespaces by /proc/<pid>/ns paths.
-    spec["linux"]["namespaces"] = [{"type": "pid", "path": f"/proc/{pod_shim}/ns/pid"},
-                                   {"type": "ipc", "path": f"/proc/{pod_shim}/ns/ipc"},
-                                   {"type": "uts", "path": f"/proc/{pod_shim}/ns/uts"},
-                                   {"type": "mount"}]
-    (member / "config.json").write_text(json.dumps(spec))
-    assert vm_env.vmrun("create", "--bundle", str(member), "member", detached=True).returncode == 0
-    assert vm_env.vmrun("start", "member").returncode == 0
+    for member in ("member1", "member2"):
+        bundle = pod_bundle(vm_env, member, "container", pod_shim)
+        assert vm_env.vmrun("create", "--bundle", str(bundle), member, detached=True).returncode == 0
+        assert vm_env.vmrun("start", member).returncode == 0
     vm_dirs = list((vm_env.base / "run" / "vm").iterdir())
     assert len(vm_dirs) == 1, "the pod's containers must share one guest"
-    # Same pid namespace: the member sees the sandbox's sleep as well as its own.
-    seen = vm_env.vmrun("exec", "member", "sh", "-c", "ls /proc | grep -c '^[0-9]'")
-    assert seen.returncode == 0 and int(seen.stdout) >= 3, seen
-
-    for container in ("member", "pod"):
+    # One pid namespace: a member sees the sandbox's sleep and the other member's.
+    seen = vm_env.vmrun("exec", "member1", "sh", "-c", "ps -o comm | grep -c sleep")
+    assert seen.returncode == 0 and int(seen.stdout) == 3, seen
+    # Deleted as kubelet does, containers first, then the sandbox: the guest goes with it.
+    for container in ("member1", "member2", "pod"):
         assert vm_env.vmrun("delete", "--force", container).returncode == 0
+    assert not list((vm_env.base / "run" / "vm").iterdir())
