@@ -80,18 +80,20 @@ def test_orphans_are_reaped_as_subreaper():
 
 def test_unclaimed_statuses_are_bounded():
     run_isolated("""
-        import time
+        import os, time
         from vmrun.agent import linux, processes
         from vmrun.agent.processes import Reaper, Spawner
         processes._UNCLAIMED_LIMIT = 3
         linux.become_subreaper()
         reaper = Reaper().start()
-        result = Spawner(reaper).run(["/bin/sh", "-c", "for i in 1 2 3 4 5 6 7 8; do sh -c 'exit 0' & echo $!; done"])
-        orphans = [int(pid) for pid in result.stdout.split()]
+        # Each grandchild outlives its shell, so it becomes ours and exits unclaimed.
+        script = "for i in 1 2 3 4 5 6 7 8; do sh -c 'sleep 0.2' & echo $!; done"
+        orphans = [int(pid) for pid in Spawner(reaper).run(["/bin/sh", "-c", script]).stdout.split()]
         deadline = time.monotonic() + 10
-        while orphans[-1] not in reaper._unclaimed and time.monotonic() < deadline:
+        while any(os.path.exists(f"/proc/{pid}") for pid in orphans) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert len(reaper._unclaimed) == 3, reaper._unclaimed
+        with reaper._cond:  # reaped under the lock: recorded once we hold it
+            assert len(reaper._unclaimed) == 3, reaper._unclaimed
     """)
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmrun.agent.files import write_json_atomic
 from vmrun.agent.processes import Child, Spawner, exit_status
 
 CRUN = "/usr/bin/crun"
@@ -90,7 +90,8 @@ class Crun:
         self._simple("resume", container_id)
 
     def pids(self, container_id: str) -> list[int]:
-        return [int(p) for p in json.loads(self._simple("ps", container_id) or b"[]")]
+        # crun's ps prints a table unless asked for JSON.
+        return [int(p) for p in json.loads(self._simple("ps", "--format", "json", container_id) or b"[]")]
 
     def update(self, container_id: str, resources_file: Path) -> None:
         self._simple("update", "--resources", str(resources_file), container_id)
@@ -118,6 +119,4 @@ def _last_log_message(log_file: Path) -> str:
 
 def write_json(path: Path, document: object) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(document))
-    os.replace(tmp, path)
+    write_json_atomic(path, document)

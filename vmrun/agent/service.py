@@ -243,6 +243,8 @@ def _read_chunks(stream: SharedFd, context: grpc.ServicerContext) -> Generator[p
             continue
         try:
             data = os.read(stream.fd, _READ_CHUNK)
+        except BlockingIOError:  # a non-blocking fd (crun's pty master may be one)
+            continue
         except OSError as exc:
             if exc.errno == errno.EIO:  # a pty whose other side closed
                 return True

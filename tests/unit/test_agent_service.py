@@ -1,0 +1,215 @@
+"""The agent's gRPC service without crun or a guest: a fake crun, a fake call context, and
+processes this test runner owns (the reaper is never started here, so it reaps nothing)."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from vmrun.agent import agent_pb2 as pb
+from vmrun.agent import service
+from vmrun.agent.processes import Child, Reaper
+from vmrun.agent.service import AgentService, Container, GuestProcess, SharedFd
+
+
+class Aborted(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(code, details)
+        self.code = code
+
+
+class FakeContext:
+    def __init__(self) -> None:
+        self.active = True
+        self.callbacks: list = []
+
+    def is_active(self) -> bool:
+        return self.active
+
+    def add_callback(self, callback) -> bool:
+        self.callbacks.append(callback)
+        return True
+
+    def abort(self, code: grpc.StatusCode, details: str):
+        raise Aborted(code, details)
+
+    def end(self) -> None:
+        """The call is over (the caller went away): gRPC runs the callbacks."""
+        self.active = False
+        for callback in self.callbacks:
+            callback()
+
+
+class FakeCrun:
+    def __init__(self) -> None:
+        self.deleted: list[tuple[str, bool]] = []
+
+    def create(self, container_id, bundle, stdio, console_socket) -> Child:
+        return Child(1 << 22)  # never signalled: these tests do not kill it
+
+    def delete(self, container_id: str, force: bool = False) -> None:
+        self.deleted.append((container_id, force))
+
+
+@pytest.fixture
+def agent(monkeypatch, tmp_path):
+    monkeypatch.setattr(service, "_WAKE_SLICE", 0.02)
+    monkeypatch.setattr(service, "BUNDLES_DIR", str(tmp_path / "bundles"))
+    agent = AgentService(Reaper())
+    agent._crun = FakeCrun()
+    return agent
+
+
+@pytest.fixture
+def sleeper():
+    process = subprocess.Popen(["sleep", "30"])
+    yield process
+    process.kill()
+    process.wait()
+
+
+def _add(agent: AgentService, process: GuestProcess, tmp_path: Path, container_id: str = "c1") -> None:
+    bundle = tmp_path / container_id
+    bundle.mkdir()
+    agent._containers[container_id] = Container(container_id, bundle, process)
+
+
+def _piped(child: Child) -> tuple[GuestProcess, int, int]:
+    """A process with pipes for stdin and stdout: (process, stdin's reader, stdout's writer)."""
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    os.close(err_w)
+    process = GuestProcess(child, SharedFd(in_w, "stdin"), SharedFd(out_r, "stdout"), SharedFd(err_r, "stderr"),
+                           terminal=False)
+    return process, in_r, out_w
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError as exc:
+        assert exc.errno == errno.EBADF
+        return False
+    return True
+
+
+def test_read_output_streams_until_eof(agent, tmp_path, sleeper):
+    process, _, out_w = _piped(Child(sleeper.pid))
+    _add(agent, process, tmp_path)
+    context = FakeContext()
+    os.write(out_w, b"hello")
+    os.close(out_w)
+    chunks = list(agent.ReadOutput(pb.ReadOutputRequest(container_id="c1", stream=pb.STDOUT), context))
+    assert b"".join(chunk.data for chunk in chunks) == b"hello"
+    context.end()
+    assert sleeper.poll() is None  # it reached EOF: nothing is killed
+
+
+def test_reader_vanishing_before_eof_kills_the_process(agent, tmp_path, sleeper):
+    process, _, _ = _piped(Child(sleeper.pid))
+    _add(agent, process, tmp_path)
+    context = FakeContext()
+    output = agent.ReadOutput(pb.ReadOutputRequest(container_id="c1", stream=pb.STDOUT), context)
+    reader = threading.Thread(target=lambda: list(output))
+    reader.start()
+    deadline = time.monotonic() + 10
+    while not context.callbacks and time.monotonic() < deadline:
+        time.sleep(0.01)
+    context.end()
+    reader.join(10)
+    assert not reader.is_alive()  # a blocked reader notices too
+    assert sleeper.wait(timeout=10) == -signal.SIGKILL
+
+
+def test_remove_leaves_a_held_fd_to_its_reader(agent, tmp_path, sleeper):
+    process, _, out_w = _piped(Child(sleeper.pid, status=0))
+    _add(agent, process, tmp_path)
+    out_r = process.stdout.fd
+    os.write(out_w, b"x")
+    output = agent.ReadOutput(pb.ReadOutputRequest(container_id="c1", stream=pb.STDOUT), FakeContext())
+    assert next(output).data == b"x"
+    agent._remove("c1", force=True)
+    assert _is_open(out_r)  # its number cannot be reused while the reader holds it
+    assert list(output) == []  # the reader notices the close and lets go
+    assert not _is_open(out_r)
+    os.close(out_w)
+
+
+def test_a_terminal_is_closed_once_for_stdin_and_stdout(agent, tmp_path):
+    master, slave = os.openpty()
+    pty = SharedFd(master, "the terminal")
+    _add(agent, GuestProcess(Child(1 << 22, status=0), pty, pty, None, terminal=True), tmp_path)
+    agent._remove("c1", force=True)
+    assert not _is_open(master)
+    os.close(slave)
+    reused = os.open(os.devnull, os.O_RDONLY)  # the lowest free number: likely master's
+    try:
+        pty.close()  # again: a no-op, which must not close whatever took the number
+        assert _is_open(reused)
+    finally:
+        os.close(reused)
+
+
+def test_stdin_closes_and_writes_then_fail(agent, tmp_path):
+    process, in_r, out_w = _piped(Child(1 << 22, status=0))
+    _add(agent, process, tmp_path)
+    context = FakeContext()
+    agent.WriteStdin(pb.WriteStdinRequest(container_id="c1", data=b"abc"), context)
+    agent.CloseStdin(pb.ProcessRequest(container_id="c1"), context)
+    assert os.read(in_r, 10) == b"abc" and os.read(in_r, 10) == b""
+    with pytest.raises(Aborted) as aborted:
+        agent.WriteStdin(pb.WriteStdinRequest(container_id="c1", data=b"more"), context)
+    assert aborted.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    os.close(in_r)
+    os.close(out_w)
+
+
+def test_read_output_maps_errors_to_status_codes(agent, tmp_path):
+    with pytest.raises(Aborted) as aborted:
+        list(agent.ReadOutput(pb.ReadOutputRequest(container_id="nope"), FakeContext()))
+    assert aborted.value.code == grpc.StatusCode.NOT_FOUND
+    directory = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)  # readable by poll, not by read
+    _add(agent, GuestProcess(Child(1 << 22, status=0), None, None, SharedFd(directory, "stderr"), False), tmp_path)
+    with pytest.raises(Aborted) as aborted:
+        list(agent.ReadOutput(pb.ReadOutputRequest(container_id="c1", stream=pb.STDERR), FakeContext()))
+    assert aborted.value.code == grpc.StatusCode.INTERNAL
+
+
+def test_wait_process_returns_the_status_or_gives_up_on_a_cancelled_call(agent, tmp_path):
+    child = Child(1 << 22)
+    _add(agent, GuestProcess(child, None, None, None, False), tmp_path)
+    context = FakeContext()
+    context.active = False
+    with pytest.raises(Aborted) as aborted:
+        agent.WaitProcess(pb.ProcessRequest(container_id="c1"), context)
+    assert aborted.value.code == grpc.StatusCode.CANCELLED
+    child.status = 3 << 8
+    response = agent.WaitProcess(pb.ProcessRequest(container_id="c1"), FakeContext())
+    assert (response.exit_status, response.signal) == (3, 0)
+
+
+def test_an_exited_process_is_not_signalled(agent, tmp_path, sleeper):
+    # Its pid may be another process's by now: here, a living one.
+    _add(agent, GuestProcess(Child(sleeper.pid, status=0), None, None, None, False), tmp_path)
+    agent.SignalProcess(pb.SignalProcessRequest(container_id="c1", signal=signal.SIGKILL), FakeContext())
+    assert sleeper.poll() is None
+
+
+def test_a_container_whose_terminal_never_came_is_deleted(agent, monkeypatch):
+    monkeypatch.setattr(service, "_CONSOLE_TIMEOUT", 0.1)
+    spec = {"process": {"terminal": True}}
+    request = pb.CreateContainerRequest(container_id="tty", spec_json=json.dumps(spec).encode())
+    with pytest.raises(Aborted) as aborted:
+        agent.CreateContainer(request, FakeContext())
+    assert aborted.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert agent._crun.deleted == [("tty", True)]
+    assert not (Path(service.BUNDLES_DIR) / "tty").exists()
+    assert "tty" not in agent._containers
