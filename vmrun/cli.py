@@ -7,6 +7,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -168,6 +169,33 @@ def resources_from_flags(args: argparse.Namespace) -> dict:
     return resources
 
 
+def cmd_events(args: argparse.Namespace) -> int:
+    """As runc: one stats event with --stats, else one every --interval until it stops."""
+    containers = _containers(args)
+    while True:
+        try:
+            data = containers.stats(args.id)
+        except VmrunError:
+            if args.stats:
+                raise
+            return 0  # the container stopped: the event stream ends
+        print(json.dumps({"type": "stats", "id": args.id, "data": data}), flush=True)
+        if args.stats:
+            return 0
+        time.sleep(args.interval)
+
+
+def _seconds(text: str) -> float:
+    """runc's Go durations for --interval: 5s, 500ms, 1m, or plain seconds."""
+    for suffix, factor in (("ms", 0.001), ("s", 1.0), ("m", 60.0)):
+        if text.endswith(suffix) and text[: -len(suffix)].replace(".", "", 1).isdigit():
+            return float(text[: -len(suffix)]) * factor
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}") from None
+
+
 def cmd_features(args: argparse.Namespace) -> int:
     from vmrun.oci import OCI_VERSION
 
@@ -291,6 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
     update.add_argument("--pids-limit", type=int)
     update.add_argument("id")
     update.set_defaults(handler=cmd_update)
+
+    events = commands.add_parser("events", help="resource usage statistics of a container, as JSON")
+    events.add_argument("--stats", action="store_true", help="print one statistics event and exit")
+    events.add_argument("--interval", type=_seconds, default=5.0, help="between statistics events (default 5s)")
+    events.add_argument("id")
+    events.set_defaults(handler=cmd_events)
 
     features = commands.add_parser("features", help="what this runtime supports, as JSON")
     features.set_defaults(handler=cmd_features)

@@ -199,6 +199,21 @@ class Containers:
             state.status = "paused" if paused else "running"
             self.store.save(state)
 
+    def stats(self, container_id: str) -> dict:
+        """The container's resource usage, in the shape `runc events --stats` prints."""
+        state = self._running_state(container_id, "read the statistics of")
+        with self._agent(state) as agent:
+            stats = agent.stats(container_id)
+        detail = json.loads(stats.cgroup_stats_json or b"{}")
+        return {
+            "cpu": {"usage": {"total": stats.cpu_usage_ns,
+                              "user": detail.get("cpu", {}).get("user_usec", 0) * 1000,
+                              "kernel": detail.get("cpu", {}).get("system_usec", 0) * 1000}},
+            "memory": {"usage": {"usage": stats.memory_usage_bytes, "limit": stats.memory_limit_bytes},
+                       "raw": detail.get("memory", {})},
+            "pids": {"current": stats.pids_current},
+        }
+
     def update(self, container_id: str, resources: dict) -> None:
         state = self._running_state(container_id, "update")
         with self._agent(state) as agent:

@@ -60,6 +60,18 @@ def test_create_start_exec_kill_delete(vm_env):
     assert vm_env.vmrun("resume", "life").returncode == 0
     assert status(vm_env, "life")["status"] == "running"
 
+    # Resource limits and statistics, as containerd's CRI plugin uses them.
+    update = vm_env.vmrun("update", "--resources", "-", "life",
+                          input=json.dumps({"memory": {"limit": 64 << 20}, "pids": {"limit": 100}}).encode())
+    assert update.returncode == 0, update.stderr
+    events = vm_env.vmrun("events", "--stats", "life")
+    assert events.returncode == 0, events.stderr
+    event = json.loads(events.stdout)
+    assert event["type"] == "stats" and event["id"] == "life"
+    assert event["data"]["memory"]["usage"]["limit"] == 64 << 20
+    assert event["data"]["memory"]["usage"]["usage"] > 0 and event["data"]["pids"]["current"] >= 2
+    assert event["data"]["cpu"]["usage"]["total"] > 0
+
     # Signalling the exec's shim reaches the exec's process in the guest.
     os.kill(exec_shim, signal.SIGKILL)
     wait_for(lambda: json.loads(vm_env.vmrun("ps", "--format", "json", "life").stdout) == [shim])

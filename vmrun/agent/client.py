@@ -124,6 +124,9 @@ class AgentClient:
         request = pb.UpdateContainerRequest(container_id=container_id, resources_json=json.dumps(resources).encode())
         self._call("UpdateContainer", request)
 
+    def stats(self, container_id: str) -> pb.StatsContainerResponse:
+        return self._call("StatsContainer", pb.ContainerRequest(container_id=container_id))
+
     def list_processes(self, container_id: str) -> list[pb.ProcessInfo]:
         return list(self._call("ListProcesses", pb.ContainerRequest(container_id=container_id)).processes)
 

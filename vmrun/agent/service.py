@@ -255,6 +255,35 @@ def _read_chunks(stream: SharedFd, context: grpc.ServicerContext) -> Generator[p
     return True
 
 
+def _cgroup_dir(pid: int) -> Path:
+    """The cgroup v2 directory of a process (its line "0::/path" in /proc/PID/cgroup)."""
+    try:
+        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+            if line.startswith("0::"):
+                return Path("/sys/fs/cgroup") / line[3:].lstrip("/")
+    except OSError:
+        pass
+    raise NotFound(f"process {pid} has no cgroup (it has exited)")
+
+
+def _read_number(path: Path) -> int:
+    """A cgroup file holding one number ("max" counts as 0: no limit)."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return 0
+    return int(text) if text.isdigit() else 0
+
+
+def _flat_keyed(path: Path) -> dict[str, int]:
+    """A cgroup "key value" file (cpu.stat, memory.stat)."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return {}
+    return {k: int(v) for k, v in (line.split() for line in lines if len(line.split()) == 2) if v.isdigit()}
+
+
 class AgentService(agent_pb2_grpc.AgentServicer):
     def __init__(self, reaper: Reaper):
         self._spawner = Spawner(reaper)
@@ -562,6 +591,23 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         write_json(resources_file, resources)
         self._crun.update(container.id, resources_file)
         return pb.Empty()
+
+    @_rpc
+    def StatsContainer(self, request: pb.ContainerRequest, context: grpc.ServicerContext) -> pb.StatsContainerResponse:
+        container = self._container(request.container_id)
+        cgroup = _cgroup_dir(container.init.pid)
+        cpu = _flat_keyed(cgroup / "cpu.stat")
+        memory = _flat_keyed(cgroup / "memory.stat")
+        limit = _read_number(cgroup / "memory.max")
+        stats = {"cpu": cpu, "memory": memory, "memory_current": _read_number(cgroup / "memory.current"),
+                 "memory_max": limit, "pids_current": _read_number(cgroup / "pids.current")}
+        return pb.StatsContainerResponse(
+            cpu_usage_ns=cpu.get("usage_usec", 0) * 1000,
+            memory_usage_bytes=stats["memory_current"],
+            memory_limit_bytes=limit,
+            pids_current=stats["pids_current"],
+            cgroup_stats_json=json.dumps(stats).encode(),
+        )
 
     # ---- the guest ----
 
