@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from vmrun.agent.files import write_atomic, write_json_atomic
+from vmrun.agent.linux import pid_exists
 from vmrun.errors import ContainerExistsError, ContainerNotFoundError
 from vmrun.oci import OCI_VERSION, validate_id
 
@@ -75,14 +76,8 @@ class ContainerState:
 
 def alive(pid: int) -> bool:
     """Whether `pid` runs (a zombie does not)."""
-    if pid <= 0:
+    if pid <= 0 or not pid_exists(pid):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     # A zombie is dead for our purposes.
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"

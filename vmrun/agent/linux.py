@@ -97,3 +97,14 @@ def kernel_cmdline() -> dict[str, str]:
             key, _, value = word[len(CMDLINE_PREFIX):].partition("=")
             params[key] = value
     return params
+
+
+def pid_exists(pid: int) -> bool:
+    """Whether a process (a zombie included) holds `pid`."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

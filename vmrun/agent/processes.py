@@ -19,6 +19,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
+from vmrun.agent import linux
+
 # Statuses of processes nobody registered (yet): a container's init may exit before the
 # agent has read its pid from crun's pid file. Only the most recent ones are kept.
 _UNCLAIMED_LIMIT = 1024
@@ -41,16 +43,6 @@ class Child:
 
     def __repr__(self) -> str:
         return f"Child(pid={self.pid}, status={self.status})"
-
-
-def _pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Reaper:
@@ -122,7 +114,7 @@ class Reaper:
                 return child
             status = self._unclaimed.pop(pid, None)
             # A living process under that pid makes the status an earlier process's.
-            if status is not None and not _pid_exists(pid):
+            if status is not None and not linux.pid_exists(pid):
                 return Child(pid, status)
             child = self._live[pid] = Child(pid)
             return child
