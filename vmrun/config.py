@@ -36,7 +36,7 @@ class Config:
     # "auto" uses KVM where it really runs guests, else TCG.
     acceleration: str = "auto"
     # Where each sandbox keeps its sockets and logs (short: unix socket paths are limited).
-    run_dir: Path = Path("/run/vmrun")
+    run_dir: Path = Path("/run/vmrun-sandboxes")
     # Seconds to wait for a cold-booted guest's agent to be ready.
     boot_timeout: float = 60.0
     log_level: str = "info"

@@ -18,7 +18,7 @@ from vmrun.agent.linux import pid_exists
 from vmrun.errors import ContainerExistsError, ContainerNotFoundError
 from vmrun.oci import OCI_VERSION, validate_id
 
-DEFAULT_ROOT = Path("/run/vmrun/state")
+DEFAULT_ROOT = Path("/run/vmrun")
 
 
 def now_rfc3339() -> str:
