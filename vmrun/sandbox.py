@@ -169,11 +169,7 @@ class Sandbox:
             initrd=files.initrd,
             kernel_params=f"{params} {self.config.kernel_params}".strip(),
             console_log=self.console_log,
-            device_args=[
-                "-chardev", f"socket,id=virtiofs0,path={virtiofsd.socket_path}",
-                "-device", f"vhost-user-fs-pci,chardev=virtiofs0,tag={SHARED_FS_TAG}",
-                *transport.qemu_args(),
-            ],
+            device_args=[*virtiofsd.device(SHARED_FS_TAG).command_line(), *transport.qemu_args()],
         )
         log.debug("booting %s with %s (%s)", self.sandbox_id, acceleration.name, acceleration.reason)
         self.vm = QemuVM(spec, self.dir / "qmp.sock", self.dir / "qemu.log").start()

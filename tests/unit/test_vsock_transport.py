@@ -13,12 +13,12 @@ from vmrun.hypervisor.vsock import HybridVsock, KernelVsock, make_transport
 
 
 def test_hybrid_qemu_args_and_hotplug_attributes(tmp_path):
-    t = HybridVsock(tmp_path, 7, chardev_id="vs1")
+    t = HybridVsock(tmp_path, 7, device_id="vs1")
     assert t.qemu_args() == [
-        "-chardev", f"socket,id=vs1,path={tmp_path / 'vhost-user-vsock.sock'}",
-        "-device", "vhost-user-vsock-pci,chardev=vs1",
+        "-chardev", f"socket,id=vs1-chr,path={tmp_path / 'vhost-user-vsock.sock'}",
+        "-device", "vhost-user-vsock-pci,id=vs1,chardev=vs1-chr",
     ]
-    assert t.chardev_id == "vs1" and t.socket_path.parent == tmp_path
+    assert t.device().backend_socket == t.socket_path and t.socket_path.parent == tmp_path
     assert t.guest_cid == 7
     assert t.port_path(1024) == Path(f"{t.uds_path}_1024")
 

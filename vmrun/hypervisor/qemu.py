@@ -44,6 +44,16 @@ class VMSpec:
     kernel_params: str
     console_log: Path
     device_args: list[str] = field(default_factory=list)
+    # Guest RAM in this file (for templates and their clones) instead of an anonymous memfd.
+    memory_file: Path | None = None
+    # Empty PCIe root ports, for devices hot-plugged later (a clone's own devices).
+    hotplug_ports: int = 0
+    # Wait for migrate-incoming (a clone restoring a template's state).
+    incoming: bool = False
+
+
+def hotplug_port_id(index: int) -> str:
+    return f"hp{index}"
 
 
 def qemu_command(spec: VMSpec, qmp_socket: Path) -> list[str]:
@@ -55,7 +65,8 @@ def qemu_command(spec: VMSpec, qmp_socket: Path) -> list[str]:
         "-smp", str(spec.vcpus),
         "-m", f"{spec.memory_mib}M",
         # Shared memory: vhost-user backends (virtiofsd, the vsock backend) map guest RAM.
-        "-object", f"memory-backend-memfd,id=mem,size={spec.memory_mib}M,share=on",
+        "-object", (f"memory-backend-file,id=mem,size={spec.memory_mib}M,share=on,mem-path={spec.memory_file}"
+                    if spec.memory_file else f"memory-backend-memfd,id=mem,size={spec.memory_mib}M,share=on"),
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-kernel", str(spec.kernel),
         "-initrd", str(spec.initrd),
@@ -66,6 +77,10 @@ def qemu_command(spec: VMSpec, qmp_socket: Path) -> list[str]:
         "-chardev", f"socket,id=qmp,path={qmp_socket}",
         "-mon", "chardev=qmp,mode=control",
     ]
+    for index in range(spec.hotplug_ports):
+        args += ["-device", f"pcie-root-port,id={hotplug_port_id(index)},bus=pcie.0,chassis={index + 1}"]
+    if spec.incoming:
+        args += ["-incoming", "defer"]
     if accel == "kvm":
         args += ["-cpu", "host"]
     if _QBOOT.exists():

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 from vmrun.errors import HypervisorError
+from vmrun.hypervisor.devices import QemuDevice
 from vmrun.proc import HelperProcess, run
 
 _CANDIDATES = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd")
@@ -43,6 +44,10 @@ class Virtiofsd(HelperProcess):
     def __init__(self, binary: str, socket_path: Path, shared_dir: Path, log_path: Path):
         super().__init__("virtiofsd", virtiofsd_args(binary, socket_path, shared_dir), log_path=log_path)
         self.socket_path = socket_path
+
+    def device(self, tag: str) -> QemuDevice:
+        """The guest's vhost-user-fs device; the guest mounts the share by `tag`."""
+        return QemuDevice("vhost-user-fs-pci", "virtiofs0", {"tag": tag}, backend_socket=self.socket_path)
 
     def start(self) -> "Virtiofsd":
         super().start()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import socket
 from abc import ABC, abstractmethod
 
+from vmrun.hypervisor.devices import QemuDevice
+
 
 class VsockTransport(ABC):
     """A vsock device for one guest.
@@ -26,8 +28,12 @@ class VsockTransport(ABC):
         """Start whatever host-side helper the device needs."""
 
     @abstractmethod
+    def device(self) -> QemuDevice:
+        """The vsock device, for QEMU's command line or a QMP hot-plug."""
+
     def qemu_args(self) -> list[str]:
         """QEMU command-line arguments that add the vsock device."""
+        return self.device().command_line()
 
     @abstractmethod
     def connect(self, port: int, timeout: float = 5.0) -> socket.socket:

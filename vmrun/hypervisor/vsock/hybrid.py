@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from vmrun.errors import CommandError, VsockError
+from vmrun.hypervisor.devices import QemuDevice
 from vmrun.hypervisor.vsock.base import VsockTransport
 from vmrun.proc import HelperProcess
 
@@ -22,10 +23,10 @@ _OK_LINE_MAX = 64
 
 
 class HybridVsock(VsockTransport):
-    def __init__(self, run_dir: Path, guest_cid: int, chardev_id: str = "vsock0") -> None:
+    def __init__(self, run_dir: Path, guest_cid: int, device_id: str = "vsock0") -> None:
         self.run_dir = Path(run_dir)
         self.guest_cid = guest_cid
-        self.chardev_id = chardev_id
+        self.device_id = device_id  # for QMP device_add / device_del
         # What QEMU needs (also for a QMP chardev-add/device_add hotplug):
         self.socket_path = self.run_dir / "vhost-user-vsock.sock"
         # The host's side of the guest's vsock:
@@ -66,11 +67,8 @@ class HybridVsock(VsockTransport):
             helper.stop()
             raise VsockError(str(exc)) from None
 
-    def qemu_args(self) -> list[str]:
-        return [
-            "-chardev", f"socket,id={self.chardev_id},path={self.socket_path}",
-            "-device", f"vhost-user-vsock-pci,chardev={self.chardev_id}",
-        ]
+    def device(self) -> QemuDevice:
+        return QemuDevice("vhost-user-vsock-pci", self.device_id, backend_socket=self.socket_path)
 
     def connect(self, port: int, timeout: float = 5.0) -> socket.socket:
         deadline = time.monotonic() + timeout

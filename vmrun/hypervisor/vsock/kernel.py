@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 
 from vmrun.errors import VsockError
+from vmrun.hypervisor.devices import QemuDevice
 from vmrun.hypervisor.vsock.base import VsockTransport
 
 
@@ -22,8 +23,8 @@ class KernelVsock(VsockTransport):
     def start(self) -> None:
         pass  # the kernel is the backend; QEMU opens /dev/vhost-vsock itself
 
-    def qemu_args(self) -> list[str]:
-        return ["-device", f"vhost-vsock-pci,id={self.device_id},guest-cid={self.guest_cid}"]
+    def device(self) -> QemuDevice:
+        return QemuDevice("vhost-vsock-pci", self.device_id, {"guest-cid": self.guest_cid})
 
     def connect(self, port: int, timeout: float = 5.0) -> socket.socket:
         where = f"vsock: connecting to {self.guest_cid}:{port}"

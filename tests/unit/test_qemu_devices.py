@@ -1,0 +1,55 @@
+from pathlib import Path
+
+from vmrun.hypervisor.accel import Acceleration
+from vmrun.hypervisor.devices import QemuDevice
+from vmrun.hypervisor.qemu import VMSpec, qemu_command
+
+
+class RecordingVM:
+    def __init__(self):
+        self.calls = []
+
+    def qmp(self, command, **arguments):
+        self.calls.append((command, arguments))
+
+
+def test_vhost_user_device_on_the_command_line_and_hotplugged():
+    device = QemuDevice("vhost-user-fs-pci", "virtiofs0", {"tag": "vmrun"}, backend_socket=Path("/r/fs.sock"))
+    assert device.command_line() == [
+        "-chardev", "socket,id=virtiofs0-chr,path=/r/fs.sock",
+        "-device", "vhost-user-fs-pci,id=virtiofs0,chardev=virtiofs0-chr,tag=vmrun",
+    ]
+    vm = RecordingVM()
+    device.hotplug(vm, "hp0")
+    assert vm.calls == [
+        ("chardev-add", {"id": "virtiofs0-chr", "backend": {"type": "socket", "data": {
+            "addr": {"type": "unix", "data": {"path": "/r/fs.sock"}}, "server": False}}}),
+        ("device_add", {"driver": "vhost-user-fs-pci", "bus": "hp0", "id": "virtiofs0",
+                        "chardev": "virtiofs0-chr", "tag": "vmrun"}),
+    ]
+
+
+def test_kernel_device_needs_no_chardev():
+    vm = RecordingVM()
+    QemuDevice("vhost-vsock-pci", "vsock0", {"guest-cid": 9}).hotplug(vm, "hp1")
+    assert vm.calls == [("device_add", {"driver": "vhost-vsock-pci", "bus": "hp1", "id": "vsock0", "guest-cid": 9})]
+
+
+def spec(**kwargs):
+    return VMSpec(name="t", qemu="qemu", acceleration=Acceleration("tcg", "test"), vcpus=1, memory_mib=256,
+                  kernel=Path("/k"), initrd=Path("/i"), kernel_params="console=ttyS0",
+                  console_log=Path("/c.log"), **kwargs)
+
+
+def test_cold_boot_memory_is_a_shared_memfd():
+    args = qemu_command(spec(), Path("/q.sock"))
+    assert "memory-backend-memfd,id=mem,size=256M,share=on" in args
+    assert "-incoming" not in args and not any("pcie-root-port" in a for a in args)
+
+
+def test_template_and_clone_memory_is_a_shared_file_with_hotplug_ports():
+    args = qemu_command(spec(memory_file=Path("/dev/shm/x.mem"), hotplug_ports=2, incoming=True), Path("/q.sock"))
+    assert "memory-backend-file,id=mem,size=256M,share=on,mem-path=/dev/shm/x.mem" in args
+    assert [a for a in args if "pcie-root-port" in a] == [
+        "pcie-root-port,id=hp0,bus=pcie.0,chassis=1", "pcie-root-port,id=hp1,bus=pcie.0,chassis=2"]
+    assert args[args.index("-incoming") + 1] == "defer"
