@@ -230,6 +230,30 @@ def cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_template_create(args: argparse.Namespace) -> int:
+    from vmrun.templating import create_template
+
+    template, seconds = create_template(args.config, args.name)
+    print(f"template {args.name} created in {seconds:.1f}s at {template.path}")
+    return 0
+
+
+def cmd_template_list(args: argparse.Namespace) -> int:
+    from vmrun.templating import describe_templates
+
+    for line in describe_templates(args.config):
+        print(line)
+    return 0
+
+
+def cmd_template_rm(args: argparse.Namespace) -> int:
+    from vmrun.hypervisor.templates import TemplateStore
+
+    if not TemplateStore(args.config.templates_dir).remove(args.name):
+        raise VmrunError(f"template {args.name!r} does not exist")
+    return 0
+
+
 def cmd_image_build(args: argparse.Namespace) -> int:
     from guest.build import build_image
 
@@ -358,6 +382,17 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=cmd_check)
     env = commands.add_parser("env", help="the effective configuration")
     env.set_defaults(handler=cmd_env)
+
+    template = commands.add_parser("template", help="VM templates sandboxes restore from instead of booting")
+    template_commands = template.add_subparsers(dest="template_command", metavar="TEMPLATE_COMMAND", required=True)
+    template_create = template_commands.add_parser("create", help="boot a template's guest and save it")
+    template_create.add_argument("name", nargs="?", default="default")
+    template_create.set_defaults(handler=cmd_template_create)
+    template_list = template_commands.add_parser("list", help="saved templates, and whether clones may use them")
+    template_list.set_defaults(handler=cmd_template_list)
+    template_rm = template_commands.add_parser("rm", help="remove a saved template")
+    template_rm.add_argument("name")
+    template_rm.set_defaults(handler=cmd_template_rm)
 
     image = commands.add_parser("image", help="the guest image")
     image_commands = image.add_subparsers(dest="image_command", metavar="IMAGE_COMMAND", required=True)

@@ -37,6 +37,10 @@ class Config:
     acceleration: str = "auto"
     # Where each sandbox keeps its sockets and logs (short: unix socket paths are limited).
     run_dir: Path = Path("/run/vmrun-sandboxes")
+    # VM templating: the template new sandboxes restore from ("" boots every guest), and
+    # where templates are saved (definitions are vmtemplates/NAME.toml).
+    template: str = ""
+    templates_dir: Path = Path("/var/lib/vmrun/templates")
     # Seconds to wait for a cold-booted guest's agent to be ready.
     boot_timeout: float = 60.0
     log_level: str = "info"
@@ -46,7 +50,7 @@ class Config:
         return self.run_dir / "vm"
 
 
-_PATH_FIELDS = {"image_dir", "run_dir"}
+_PATH_FIELDS = {"image_dir", "run_dir", "templates_dir"}
 
 
 def load_config(path: Path | None = None) -> Config:

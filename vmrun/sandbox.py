@@ -18,16 +18,29 @@ from pathlib import Path
 from vmrun.agent import linux
 from vmrun.agent.bridge import SocketBridge
 from vmrun.agent.client import AgentClient
-from vmrun.agent.constants import AGENT_PORT, READY_MESSAGE, READY_PORT_BASE, SHARED_FS_TAG
+from vmrun.agent.constants import AGENT_PORT, READY_MESSAGE, READY_PORT, READY_PORT_BASE, SHARED_FS_TAG
 from vmrun.config import Config
 from vmrun.errors import BundleError, HypervisorError, ImageError
-from vmrun.hypervisor.accel import detect_acceleration
-from vmrun.hypervisor.qemu import BASE_KERNEL_PARAMS, QemuVM, VMSpec
+from vmrun.hypervisor.accel import Acceleration, detect_acceleration
+from vmrun.hypervisor.devices import QemuDevice
+from vmrun.hypervisor.qemu import BASE_KERNEL_PARAMS, QemuVM, VMSpec, hotplug_port_id
+from vmrun.hypervisor.templates import (
+    Template,
+    TemplateDefinition,
+    TemplateStore,
+    fingerprint,
+    restore_state,
+    template_vm_spec,
+)
 from vmrun.hypervisor.virtiofsd import Virtiofsd, find_virtiofsd
 from vmrun.hypervisor.vsock import make_transport
 from vmrun.oci import Bundle, is_bind_mount
+from vmrun.proc import run
 
 log = logging.getLogger("vmrun.sandbox")
+
+# A clone's RAM: a file mapped share=on, in memory (tmpfs), removed with the sandbox.
+CLONE_MEMORY_DIR = Path("/dev/shm/vmrun")
 
 
 @dataclass(frozen=True)
@@ -125,6 +138,7 @@ class Sandbox:
         self._t0 = time.monotonic()
         self.vm: QemuVM | None = None
         self.agent: AgentClient | None = None
+        self.template_definition: TemplateDefinition | None = None
 
     def _mark(self, phase: str) -> None:
         self.timings[phase] = time.monotonic() - self._t0
@@ -151,29 +165,35 @@ class Sandbox:
         cid = 3 + int(self.dir.name[:7], 16)  # < 2**28, unique enough per host for kernel vsock
         transport = make_transport(self.dir, cid)
         self._stack.enter_context(transport)
-        # Its own ready port: with kernel vsock, host ports are shared by every guest.
-        ready_port = READY_PORT_BASE + cid
+        acceleration = detect_acceleration(self.config.acceleration, self.config.run_dir)
+        template = self._usable_template(files, acceleration)
+        # A cold-booted guest gets its own ready port (with kernel vsock, host ports are
+        # shared by every guest); a clone keeps its template's command line.
+        ready_port = READY_PORT if template else READY_PORT_BASE + cid
         ready_listener = transport.listen(ready_port)
         self._stack.callback(ready_listener.close)
         self._mark("helpers_started")
 
-        acceleration = detect_acceleration(self.config.acceleration, self.config.run_dir)
-        params = f"{BASE_KERNEL_PARAMS} vmrun.agent_port={AGENT_PORT} vmrun.ready_port={ready_port}"
-        spec = VMSpec(
-            name=f"vmrun-{self.sandbox_id[:32]}",
-            qemu=self.config.qemu,
-            acceleration=acceleration,
-            vcpus=self.config.vcpus,
-            memory_mib=self.config.memory_mib,
-            kernel=files.kernel,
-            initrd=files.initrd,
-            kernel_params=f"{params} {self.config.kernel_params}".strip(),
-            console_log=self.console_log,
-            device_args=[*virtiofsd.device(SHARED_FS_TAG).command_line(), *transport.qemu_args()],
-        )
-        log.debug("booting %s with %s (%s)", self.sandbox_id, acceleration.name, acceleration.reason)
-        self.vm = QemuVM(spec, self.dir / "qmp.sock", self.dir / "qemu.log").start()
-        self._stack.callback(self.vm.close)
+        devices = [virtiofsd.device(SHARED_FS_TAG), transport.device()]
+        if template is not None:
+            self.vm = self._restore_clone(template, files, acceleration, devices)
+        else:
+            params = f"{BASE_KERNEL_PARAMS} vmrun.agent_port={AGENT_PORT} vmrun.ready_port={ready_port}"
+            spec = VMSpec(
+                name=f"vmrun-{self.sandbox_id[:32]}",
+                qemu=self.config.qemu,
+                acceleration=acceleration,
+                vcpus=self.config.vcpus,
+                memory_mib=self.config.memory_mib,
+                kernel=files.kernel,
+                initrd=files.initrd,
+                kernel_params=f"{params} {self.config.kernel_params}".strip(),
+                console_log=self.console_log,
+                device_args=[arg for device in devices for arg in device.command_line()],
+            )
+            log.debug("booting %s with %s (%s)", self.sandbox_id, acceleration.name, acceleration.reason)
+            self.vm = QemuVM(spec, self.dir / "qmp.sock", self.dir / "qemu.log").start()
+            self._stack.callback(self.vm.close)
         self._mark("qemu_started")
 
         self._wait_ready(ready_listener)
@@ -188,6 +208,44 @@ class Sandbox:
         self._stack.callback(self.agent.close)
         self.kernel_release = self.agent.create_sandbox(self.sandbox_id, self.hostname, SHARED_FS_TAG)
         self._mark("sandbox_created")
+
+    def _usable_template(self, files: BootFiles, acceleration: Acceleration) -> Template | None:
+        """The configured template if clones may restore it; else None (and we boot)."""
+        if not self.config.template:
+            return None
+        definition = TemplateDefinition.load(self.config.template)
+        template = TemplateStore(self.config.templates_dir).get(definition.name)
+        expected = fingerprint(definition, self.config.qemu, files.kernel, files.initrd, acceleration)
+        reason = template.usable_for(expected) if template else "it does not exist"
+        if reason:
+            log.warning("not cloning template %r (%s): booting; `vmrun template create %s` makes it anew",
+                        definition.name, reason, definition.name)
+            return None
+        self.template_definition = definition
+        return template
+
+    def _restore_clone(self, template: Template, files: BootFiles, acceleration: Acceleration,
+                       devices: list[QemuDevice]) -> QemuVM:
+        """Restore the template into a private copy of its RAM; hot-plug our devices; resume."""
+        memory = CLONE_MEMORY_DIR / f"{self.dir.name}.mem"
+        CLONE_MEMORY_DIR.mkdir(parents=True, exist_ok=True)
+        self._stack.callback(memory.unlink, missing_ok=True)
+        # A private, sparse copy: vhost-user backends need the clone's RAM shared, and
+        # guest writes must not reach the template (or a sibling).
+        run(["cp", "--sparse=always", template.memory, memory])
+        definition = self.template_definition
+        assert definition is not None
+        spec = template_vm_spec(definition, qemu=self.config.qemu, acceleration=acceleration, kernel=files.kernel,
+                                initrd=files.initrd, console_log=self.console_log, memory_file=memory, incoming=True)
+        vm = QemuVM(spec, self.dir / "qmp.sock", self.dir / "qemu.log").start()
+        self._stack.callback(vm.close)
+        restore_state(vm, template.state)
+        self._mark("clone_restored")
+        for index, device in enumerate(devices):
+            device.hotplug(vm, hotplug_port_id(index))
+        vm.resume()
+        log.debug("cloned %s from template %s", self.sandbox_id, definition.name)
+        return vm
 
     def _console_tail(self) -> str:
         try:

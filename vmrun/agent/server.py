@@ -81,6 +81,8 @@ def main() -> None:
     server.add_insecure_port(f"unix:{AGENT_UNIX_SOCKET}")
     server.start()
     SocketBridge(_vsock_listener(agent_port), _dial_agent, "vsock-agent").start()
+    # A template is saved once this line is on the console; its clones get vsock later.
+    _log("listening")
     _announce_ready(ready_port)
     _log(f"ready on vsock port {agent_port}")
     server.wait_for_termination()

@@ -1,0 +1,79 @@
+"""VM templating with virtio-fs: template create/list/rm, clones, staleness, independence."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def templated(vm_env):
+    """vm_env with templating on, templates in a private dir, and the default template made."""
+    templates = vm_env.base / "templates"
+    vm_env.config_path.write_text(vm_env.config_path.read_text()
+                                  + f'template = "default"\ntemplates_dir = "{templates}"\n')
+    created = vm_env.vmrun("template", "create")
+    assert created.returncode == 0, created.stderr
+    return vm_env
+
+
+def digest(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def test_clone_reads_the_hosts_file_and_leaves_the_template_untouched(templated):
+    template_memory = templated.base / "templates" / "default" / "memory"
+    before = digest(template_memory)
+    listing = templated.vmrun("template", "list")
+    assert listing.stdout.split()[:2] == [b"default", b"usable"]
+    bundle = templated.bundle("clone", ["sh", "-c", "cat /hostfile; echo scribble > /dev/shm/mark; uname -r"])
+    (bundle / "rootfs" / "hostfile").write_text("written by the host\n")
+    result = templated.vmrun("--debug", "run", "--bundle", str(bundle), "clone")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(b"written by the host\n")
+    assert b"cloned clone from template default" in result.stderr
+    # The clone wrote into its own copy of the RAM: the template's is as it was.
+    assert digest(template_memory) == before
+
+
+def test_five_concurrent_clones(templated):
+    bundle = templated.bundle("many", ["sh", "-c", "echo clone-ok"])
+
+    def one(i: int) -> subprocess.CompletedProcess:
+        return templated.vmrun("--debug", "run", "--bundle", str(bundle), f"many{i}")
+
+    with ThreadPoolExecutor(5) as pool:
+        results = list(pool.map(one, range(5)))
+    for result in results:
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == b"clone-ok\n" and b"from template default" in result.stderr
+
+
+def test_a_stale_template_is_refused_and_the_guest_boots(templated):
+    record_path = templated.base / "templates" / "default" / "record.json"
+    record = json.loads(record_path.read_text())
+    record["fingerprint"]["kernel"] = "/boot/some-other-kernel:1:1"
+    record_path.write_text(json.dumps(record))
+    assert b"stale: it was built from another kernel" in templated.vmrun("template", "list").stdout
+    bundle = templated.bundle("stale", ["echo", "booted"])
+    result = templated.vmrun("--debug", "run", "--bundle", str(bundle), "stale")
+    assert result.returncode == 0 and result.stdout == b"booted\n"
+    assert b"not cloning template 'default' (it was built from another kernel)" in result.stderr
+
+
+def test_template_rm(templated):
+    assert templated.vmrun("template", "rm", "default").returncode == 0
+    assert templated.vmrun("template", "list").stdout == b""
+    again = templated.vmrun("template", "rm", "default")
+    assert again.returncode == 1 and b"does not exist" in again.stderr
+    assert not (templated.base / "templates" / "default").exists()

@@ -1,0 +1,252 @@
+"""VM templates: a guest booted until its agent listens, paused and saved, for clones to
+restore instead of booting.
+
+Guest RAM lives in a file mapped share=on, so vhost-user backends (virtiofsd, the vsock
+backend) can map a clone's memory; with QEMU's x-ignore-shared the saved state holds only
+device state, and each clone gets a sparse copy of the RAM file. vhost-user devices
+block migration, so templates have none: clones get theirs hot-plugged on spare PCIe
+root ports before they resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import time
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+
+import vmrun
+from vmrun.agent.constants import AGENT_PORT, READY_PORT
+from vmrun.errors import ConfigError, HypervisorError
+from vmrun.hypervisor.accel import Acceleration
+from vmrun.hypervisor.qemu import BASE_KERNEL_PARAMS, QemuVM, VMSpec
+
+DEFINITIONS_DIR = Path(__file__).resolve().parents[2] / "vmtemplates"
+# The agent prints this on the console once it listens (before any vsock device exists).
+READY_MARKER = b"vmrun-agent: listening"
+_SAVE_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class TemplateDefinition:
+    """What vmtemplates/NAME.toml says a template is."""
+
+    name: str
+    vcpus: int = 1
+    memory_mib: int = 512
+    kernel_params: str = ""
+    hotplug_ports: int = 4
+
+    @classmethod
+    def load(cls, name: str, directory: Path = DEFINITIONS_DIR) -> "TemplateDefinition":
+        path = directory / f"{name}.toml"
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"no template definition {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"template definition {path}: {exc}") from None
+        known = {f.name for f in fields(cls)} - {"name"}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"template definition {path}: unknown setting {sorted(unknown)[0]!r}")
+        definition = cls(name=name, **data)
+        if definition.hotplug_ports < 2:
+            raise ConfigError(f"template definition {path}: hotplug_ports must be at least 2 (virtio-fs, vsock)")
+        return definition
+
+    def kernel_command_line(self) -> str:
+        # Fixed for the template and every clone: a clone cannot change its command line.
+        return f"{BASE_KERNEL_PARAMS} vmrun.agent_port={AGENT_PORT} vmrun.ready_port={READY_PORT} " \
+               f"{self.kernel_params}".strip()
+
+
+def _file_identity(path: Path) -> str:
+    stat = path.stat()
+    return f"{path}:{stat.st_size}:{int(stat.st_mtime)}"
+
+
+def fingerprint(definition: TemplateDefinition, qemu: str, kernel: Path, initrd: Path,
+                acceleration: Acceleration) -> dict:
+    """Everything a saved template depends on; a clone needs all of it unchanged."""
+    qemu_path = Path(shutil.which(qemu) or qemu)
+    return {
+        "definition": asdict(definition),
+        "qemu": _file_identity(qemu_path),
+        "kernel": _file_identity(kernel),
+        "initrd": _file_identity(initrd),
+        "acceleration": acceleration.name,
+        "vmrun": vmrun.__version__,
+    }
+
+
+@dataclass(frozen=True)
+class Template:
+    """A saved template on disk: RAM file, device state, and the record of its making."""
+
+    path: Path
+
+    @property
+    def memory(self) -> Path:
+        return self.path / "memory"
+
+    @property
+    def state(self) -> Path:
+        return self.path / "state"
+
+    @property
+    def record_path(self) -> Path:
+        return self.path / "record.json"
+
+    def record(self) -> dict:
+        return json.loads(self.record_path.read_text())
+
+    def usable_for(self, expected: dict) -> str:
+        """"" when clones may restore it, else why not."""
+        try:
+            record = self.record()
+        except (OSError, ValueError):
+            return "its record is missing or damaged"
+        if not (self.memory.is_file() and self.state.is_file()):
+            return "its memory or state file is missing"
+        if record.get("fingerprint") != expected:
+            changed = [k for k in expected if record.get("fingerprint", {}).get(k) != expected[k]]
+            return f"it was built from another {', '.join(changed) or 'setup'}"
+        return ""
+
+
+class TemplateStore:
+    def __init__(self, root: Path):
+        self.root = root
+
+    def get(self, name: str) -> Template | None:
+        template = Template(self.root / name)
+        return template if template.record_path.exists() else None
+
+    def list(self) -> list[Template]:
+        if not self.root.is_dir():
+            return []
+        return [Template(p) for p in sorted(self.root.iterdir()) if (p / "record.json").exists()]
+
+    def remove(self, name: str) -> bool:
+        path = self.root / name
+        if not path.exists():
+            return False
+        # Rename first: a clone starting now either finds the whole template or none.
+        doomed = self.root / f".{name}.removing-{os.getpid()}"
+        path.rename(doomed)
+        shutil.rmtree(doomed)
+        return True
+
+    def create(self, definition: TemplateDefinition, expected: dict, work_dir: Path, *, qemu: str,
+               acceleration: Acceleration, kernel: Path, initrd: Path) -> Template:
+        """Boot the template's machine until its agent listens; save it as `definition.name`."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging = self.root / f".{definition.name}.building-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        try:
+            spec = template_vm_spec(definition, qemu=qemu, acceleration=acceleration, kernel=kernel, initrd=initrd,
+                                    console_log=work_dir / "template-console.log", memory_file=staging / "memory",
+                                    incoming=False)
+            vm = QemuVM(spec, work_dir / "template-qmp.sock", work_dir / "template-qemu.log").start()
+            try:
+                _wait_for_console(vm, spec.console_log, READY_MARKER, _SAVE_TIMEOUT)
+                time.sleep(0.3)  # let the agent settle into its wait for the vsock device
+                started = time.monotonic()
+                vm.pause()
+                save_state(vm, staging / "state")
+                save_seconds = time.monotonic() - started
+            finally:
+                vm.close()
+            (staging / "record.json").write_text(json.dumps({
+                "name": definition.name,
+                "fingerprint": expected,
+                "created": datetime.now(timezone.utc).isoformat(),
+                "save_seconds": round(save_seconds, 3),
+            }, indent=2))
+            final = self.root / definition.name
+            if final.exists():
+                self.remove(definition.name)
+            staging.rename(final)
+            return Template(final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+
+def _wait_for_console(vm: QemuVM, console: Path, marker: bytes, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if marker in console.read_bytes():
+                return
+        except FileNotFoundError:
+            pass
+        if not vm.alive():
+            raise HypervisorError(vm.failure())
+        if time.monotonic() > deadline:
+            raise HypervisorError(f"the template's agent did not start within {timeout:g}s")
+        time.sleep(0.02)
+
+
+def _x_ignore_shared(vm: QemuVM) -> None:
+    # RAM is in a shared file: leave it out of the stream (the file is the RAM).
+    vm.qmp("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
+
+
+def save_state(vm: QemuVM, path: Path) -> None:
+    _x_ignore_shared(vm)
+    vm.qmp("migrate", uri=f"exec:cat > {shlex.quote(str(path))}")
+    _wait_migration(vm, "the template's state could not be saved")
+
+
+def restore_state(vm: QemuVM, path: Path) -> None:
+    """Load a template's device state into a QEMU started with -incoming defer; it stays
+    paused (the template was paused when saved) until resumed."""
+    _x_ignore_shared(vm)
+    vm.qmp("migrate-incoming", uri=f"exec:cat {shlex.quote(str(path))}")
+    deadline = time.monotonic() + _SAVE_TIMEOUT
+    while (status := vm.status()) == "inmigrate":
+        if time.monotonic() > deadline:
+            raise HypervisorError("the template's state could not be restored in time")
+        time.sleep(0.002)
+    if status != "paused":
+        raise HypervisorError(f"the template's state could not be restored: QEMU is {status}")
+
+
+def template_vm_spec(definition: TemplateDefinition, *, qemu: str, acceleration: Acceleration, kernel: Path,
+                     initrd: Path, console_log: Path, memory_file: Path, incoming: bool) -> VMSpec:
+    """The machine of a template and of its clones: they must be the same but for RAM and -incoming."""
+    return VMSpec(
+        name=f"vmrun-template-{definition.name}",
+        qemu=qemu,
+        acceleration=acceleration,
+        vcpus=definition.vcpus,
+        memory_mib=definition.memory_mib,
+        kernel=kernel,
+        initrd=initrd,
+        kernel_params=definition.kernel_command_line(),
+        console_log=console_log,
+        memory_file=memory_file,
+        hotplug_ports=definition.hotplug_ports,
+        incoming=incoming,
+    )
+
+
+def _wait_migration(vm: QemuVM, failure: str) -> None:
+    deadline = time.monotonic() + _SAVE_TIMEOUT
+    while True:
+        status = vm.qmp("query-migrate").get("status")  # type: ignore[union-attr]
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled"):
+            raise HypervisorError(f"{failure}: migration {status}")
+        if time.monotonic() > deadline:
+            raise HypervisorError(f"{failure}: migration still {status} after {_SAVE_TIMEOUT:g}s")
+        time.sleep(0.005)
