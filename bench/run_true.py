@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
-"""Wall time of `vmrun run` of /bin/true (cold boot) beside `runc run`, and where it goes.
+"""Wall time of `vmrun run` of /bin/true, cold boot and cloned from a template, beside
+`runc run` of the same bundle, and where vmrun's time goes. One run of each.
 
-One run of each (after one warm-up of runc), printed as a table. vmrun's phases come from
-its --debug timings line: helpers started, QEMU started, agent ready, sandbox created,
-container created/started/exited, torn down.
+The template is made first in a private directory (its time is printed too). vmrun's
+phases come from its --debug timings lines.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -18,57 +19,86 @@ from pathlib import Path
 
 from vmrun.busybox import make_busybox_bundle
 
+VMRUN = [sys.executable, "-m", "vmrun.cli"]
 
-def timed(argv: list[str]) -> tuple[float, subprocess.CompletedProcess]:
+
+def timed(argv: list[str], env: dict | None = None) -> tuple[float, subprocess.CompletedProcess]:
     start = time.monotonic()
-    result = subprocess.run(argv, capture_output=True)
+    result = subprocess.run(argv, capture_output=True, env=env)
     return time.monotonic() - start, result
 
 
+def vmrun_phases(log: Path) -> dict[str, float]:
+    phases: dict[str, float] = {}
+    for line in log.read_text().splitlines():
+        msg = json.loads(line)["msg"]
+        if msg.startswith(("timings ", "guest timings ")):
+            phases.update({k: float(v) for k, v in (kv.split("=") for kv in msg.split() if "=" in kv)})
+    return phases
+
+
+def breakdown(wall: float, p: dict[str, float]) -> list[tuple[str, float]]:
+    guest = p.get("guest_uptime", 0.0)
+    cloned = "clone_restored" in p
+    steps = [("vmrun start-up and exit (Python)", wall - p["torn_down"]),
+             ("virtiofsd + vsock backend", p["helpers_started"])]
+    if cloned:
+        steps += [("RAM copy, QEMU start, state restore", p["clone_restored"] - p["helpers_started"]),
+                  ("hot-plug, resume, agent ready", p["agent_ready"] - p["clone_restored"])]
+    else:
+        steps += [("QEMU start (to QMP)", p["qemu_started"] - p["helpers_started"]),
+                  ("firmware, before the kernel clock", p["agent_ready"] - p["qemu_started"] - guest),
+                  ("guest kernel + /init", p.get("guest_agent_started", 0.0)),
+                  ("agent start (Python, grpc)", guest - p.get("guest_agent_started", 0.0))]
+    steps += [
+        ("sandbox setup (virtio-fs mount)", p["sandbox_created"] - p["agent_ready"]),
+        ("container create (crun)", p["container_created"] - p["sandbox_created"]),
+        ("container start", p["container_started"] - p["container_created"]),
+        ("/bin/true runs, output drained", p["container_exited"] - p["container_started"]),
+        ("teardown", p["torn_down"] - p["container_exited"]),
+    ]
+    return steps
+
+
 def main() -> int:
-    work = Path(tempfile.mkdtemp(prefix="vmrun-bench"))
+    work = Path(tempfile.mkdtemp(prefix="vmrun-bench", dir="/tmp"))
     try:
         bundle = make_busybox_bundle(work / "bundle", ["/bin/true"])
-        rows = []
+        config = work / "vmrun.toml"
+        config.write_text(f'run_dir = "{work}/run"\ntemplates_dir = "{work}/templates"\n')
+        env = {**os.environ, "VMRUN_CONFIG": str(config)}
+        rows: list[tuple[str, float, int]] = []
         runc = shutil.which("runc")
         if runc:
             timed([runc, "--root", str(work / "runc"), "run", "--bundle", str(bundle), "warmup"])
             seconds, result = timed([runc, "--root", str(work / "runc"), "run", "--bundle", str(bundle), "b1"])
             rows.append(("runc run", seconds, result.returncode))
-        log = work / "vmrun.log"
-        seconds, result = timed([sys.executable, "-m", "vmrun.cli", "--root", str(work / "vmrun"), "--debug",
-                                 "--log", str(log), "--log-format", "json", "run", "--bundle", str(bundle), "b2"])
-        rows.append(("vmrun run (cold boot)", seconds, result.returncode))
-        print(f"{'command':<28}{'wall s':>8}{'rc':>5}")
+
+        runs = {}
+        for name, vmrun_id in (("cold boot", "cold"), ("from template", "clone")):
+            if name == "from template":
+                seconds, made = timed([*VMRUN, "template", "create"], env)
+                rows.append(("vmrun template create", seconds, made.returncode))
+                config.write_text(config.read_text() + 'template = "default"\n')
+            log = work / f"{vmrun_id}.log"
+            seconds, result = timed([*VMRUN, "--root", str(work / "state"), "--debug", "--log", str(log),
+                                     "--log-format", "json", "run", "--bundle", str(bundle), vmrun_id], env)
+            rows.append((f"vmrun run ({name})", seconds, result.returncode))
+            if result.returncode != 0:
+                print(result.stderr.decode(), file=sys.stderr)
+                return result.returncode
+            runs[name] = (seconds, vmrun_phases(log))
+
+        print(f"{'command':<30}{'wall s':>8}{'rc':>5}")
         for name, secs, rc in rows:
-            print(f"{name:<28}{secs:>8.3f}{rc:>5}")
-        phases: dict[str, float] = {}
-        for line in log.read_text().splitlines():
-            msg = json.loads(line)["msg"]
-            if msg.startswith(("timings ", "guest timings ")):
-                phases.update({k: float(v) for k, v in (kv.split("=") for kv in msg.split() if "=" in kv)})
-        if "torn_down" in phases:
-            p = phases
-            guest_boot = p.get("guest_uptime", 0.0)
-            steps = [
-                ("vmrun start-up and exit (Python)", seconds - p["torn_down"]),
-                ("virtiofsd + vsock backend", p["helpers_started"]),
-                ("QEMU start (to QMP)", p["qemu_started"] - p["helpers_started"]),
-                ("firmware, before the kernel clock", p["agent_ready"] - p["qemu_started"] - guest_boot),
-                ("guest kernel + /init", p.get("guest_agent_started", 0.0)),
-                ("agent start (Python, grpc)", guest_boot - p.get("guest_agent_started", 0.0)),
-                ("sandbox setup (virtio-fs mount)", p["sandbox_created"] - p["agent_ready"]),
-                ("container create (crun)", p["container_created"] - p["sandbox_created"]),
-                ("container start", p["container_started"] - p["container_created"]),
-                ("/bin/true runs, output drained", p["container_exited"] - p["container_started"]),
-                ("teardown", p["torn_down"] - p["container_exited"]),
-            ]
-            print("\nwhere vmrun's time goes:")
-            for name, secs in steps:
-                print(f"  {name:<36}{secs:>8.3f}")
-        if result.returncode != 0:
-            print(result.stderr.decode(), file=sys.stderr)
-        return result.returncode
+            print(f"{name:<30}{secs:>8.3f}{rc:>5}")
+        cold, clone = runs["cold boot"][0], runs["from template"][0]
+        print(f"\nfrom template / cold boot: {clone / cold:.2f}x")
+        for name, (wall, phases) in runs.items():
+            print(f"\nwhere `vmrun run` ({name}) spends its time:")
+            for step, secs in breakdown(wall, phases):
+                print(f"  {step:<38}{secs:>8.3f}")
+        return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
