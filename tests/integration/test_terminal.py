@@ -73,3 +73,34 @@ def test_console_socket_terminal_and_resize(vm_env):
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert vm_env.vmrun("delete", "tty").returncode == 0
+
+
+def test_exec_with_a_terminal_for_a_64_character_id(vm_env):
+    """Callers' container ids are 64 hex characters: no socket path may outgrow 108 bytes."""
+    container_id = "f" * 64
+    bundle = vm_env.bundle("longid", ["sleep", "600"])
+    assert vm_env.vmrun("create", "--bundle", str(bundle), container_id, detached=True).returncode == 0
+    assert vm_env.vmrun("start", container_id).returncode == 0
+    console = vm_env.base / "exec-console.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(console))
+    listener.listen(1)
+    listener.settimeout(60)
+    process = vm_env.base / "process.json"
+    process.write_text('{"args": ["sh", "-c", "tty; echo exec-tty-ok"], "cwd": "/", "env": ["PATH=/bin"],'
+                       ' "user": {"uid": 0, "gid": 0}, "terminal": true}')
+    exec_ = vm_env.popen("exec", "--process", str(process), "--detach", "--tty", "--console-socket", str(console),
+                         container_id, stdin=subprocess.DEVNULL)
+    try:
+        conn, _ = listener.accept()
+        with conn:
+            _, fds, _, _ = socket.recv_fds(conn, 1024, 1)
+        assert exec_.wait(60) == 0
+        out = read_until(fds[0], b"exec-tty-ok")
+        assert b"/dev/pts/" in out
+        os.close(fds[0])
+    finally:
+        if exec_.poll() is None:
+            exec_.kill()
+        listener.close()
+    assert vm_env.vmrun("delete", "--force", container_id).returncode == 0

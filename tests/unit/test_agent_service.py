@@ -62,6 +62,7 @@ class FakeCrun:
 def agent(monkeypatch, tmp_path):
     monkeypatch.setattr(service, "_WAKE_SLICE", 0.02)
     monkeypatch.setattr(service, "BUNDLES_DIR", str(tmp_path / "bundles"))
+    monkeypatch.setattr(service, "CONSOLES_DIR", str(tmp_path / "consoles"))
     agent = AgentService(Reaper())
     agent._crun = FakeCrun()
     return agent

@@ -13,6 +13,8 @@ SHARED_FS_TAG = "vmrun"
 SHARED_DIR = "/run/vmrun/shared"
 # Per-container bundle directories the agent writes for crun.
 BUNDLES_DIR = "/run/vmrun/bundles"
+# Where crun hands the agent a container's pty master (--console-socket).
+CONSOLES_DIR = "/run/vmrun/consoles"
 # The agent's gRPC server listens here; the vsock bridge forwards to it.
 AGENT_UNIX_SOCKET = "/run/vmrun/agent.sock"
 

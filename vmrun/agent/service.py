@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import re
+import secrets
 import select
 import shutil
 import socket
@@ -23,7 +24,7 @@ import vmrun
 from vmrun.agent import agent_pb2 as pb
 from vmrun.agent import agent_pb2_grpc
 from vmrun.agent import linux
-from vmrun.agent.constants import BUNDLES_DIR, SHARED_DIR
+from vmrun.agent.constants import BUNDLES_DIR, CONSOLES_DIR, SHARED_DIR
 from vmrun.agent.crun import Crun, CrunError, Stdio, write_json
 from vmrun.agent.processes import Child, Reaper, Spawner, exit_status
 
@@ -313,7 +314,6 @@ class AgentService(agent_pb2_grpc.AgentServicer):
     def _launch(
         self,
         terminal: bool,
-        console_path: Path,
         launch: Callable[[Stdio, Path | None], Child],
         abandon: Callable[[Child], None],
     ) -> GuestProcess:
@@ -321,6 +321,10 @@ class AgentService(agent_pb2_grpc.AgentServicer):
 
         `abandon` undoes a launch that succeeded when its terminal never arrived."""
         if terminal:
+            # A short path of its own: a unix socket path must fit in 108 bytes, and
+            # callers' container ids alone are 64 characters.
+            console_path = Path(CONSOLES_DIR) / f"{secrets.token_hex(8)}.sock"
+            console_path.parent.mkdir(parents=True, exist_ok=True)
             receiver = _ConsoleReceiver(console_path)
             null = os.open("/dev/null", os.O_RDWR)
             try:
@@ -406,7 +410,6 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         try:
             init = self._launch(
                 terminal,
-                bundle / "console.sock",
                 lambda stdio, console: self._crun.create(container_id, bundle, stdio, console),
                 # crun created the container: without its terminal it is of no use.
                 lambda _child: self._crun.delete(container_id, force=True),
@@ -457,7 +460,6 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         write_json(process_file, process)
         launched = self._launch(
             bool(process.get("terminal")),
-            container.bundle / f"exec-{exec_id}.sock",
             lambda stdio, console: self._crun.exec(container.id, process_file, stdio, console),
             lambda child: self._reaper.kill(child, SIGKILL),
         )
