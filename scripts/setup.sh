@@ -10,6 +10,9 @@ APT_PACKAGES=(
   runc                                 # bench: the baseline vmrun is compared with
   lz4 cpio kmod binutils               # the guest image builder
   iproute2
+  containerd                           # tests/clients: containerd + ctr drive vmrun as a real client
+  dpkg-dev golang-github-gogo-protobuf-dev  # tests/clients/test_cri.py: `apt-get source containerd` (CRI api.proto) + gogo.proto
+  podman conmon                        # tests/clients: podman + conmon drive vmrun as a real client
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -23,4 +26,6 @@ elif [ ! -d /var/lib/apt/lists ] || [ -z "$(ls /var/lib/apt/lists 2>/dev/null | 
 fi
 
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+# Callers are configured with a fixed path (containerd's BinaryName, podman's --runtime, ...).
+ln -sf "$(python3 -c 'import os, sys; print(os.path.join(os.path.dirname(sys.executable), "vmrun"))')" /usr/local/bin/vmrun
 vmrun image build
