@@ -254,6 +254,27 @@ def cmd_template_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pool_serve(args: argparse.Namespace) -> int:
+    from vmrun.pool import Pool
+
+    if not args.config.pool_socket:
+        raise VmrunError("pool: set pool_socket in vmrun.toml (create looks for the pool there)")
+    Pool(args.config, args.size or args.config.pool_size).serve(Path(args.config.pool_socket))
+    return 0
+
+
+def cmd_pool_status(args: argparse.Namespace) -> int:
+    from vmrun.pool import ask_pool
+
+    if not args.config.pool_socket:
+        raise VmrunError("pool: no pool_socket in vmrun.toml")
+    try:
+        print(json.dumps(ask_pool(Path(args.config.pool_socket), "STATUS")))
+    except OSError as exc:
+        raise VmrunError(f"pool: no pool answers at {args.config.pool_socket}: {exc.strerror}") from None
+    return 0
+
+
 def cmd_image_build(args: argparse.Namespace) -> int:
     from guest.build import build_image
 
@@ -393,6 +414,14 @@ def build_parser() -> argparse.ArgumentParser:
     template_rm = template_commands.add_parser("rm", help="remove a saved template")
     template_rm.add_argument("name")
     template_rm.set_defaults(handler=cmd_template_rm)
+
+    pool = commands.add_parser("pool", help="a pool of ready guests that create takes from")
+    pool_commands = pool.add_subparsers(dest="pool_command", metavar="POOL_COMMAND", required=True)
+    pool_serve = pool_commands.add_parser("serve", help="keep guests ready until SIGTERM (in the foreground)")
+    pool_serve.add_argument("--size", type=int, default=0, help="guests to keep ready (default: pool_size)")
+    pool_serve.set_defaults(handler=cmd_pool_serve)
+    pool_status = pool_commands.add_parser("status", help="how many guests are ready")
+    pool_status.set_defaults(handler=cmd_pool_status)
 
     image = commands.add_parser("image", help="the guest image")
     image_commands = image.add_subparsers(dest="image_command", metavar="IMAGE_COMMAND", required=True)

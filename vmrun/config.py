@@ -41,6 +41,10 @@ class Config:
     # where templates are saved (definitions are vmtemplates/NAME.toml).
     template: str = ""
     templates_dir: Path = Path("/var/lib/vmrun/templates")
+    # A pool of ready guests (`vmrun pool serve`): create takes one from this socket when
+    # it is set, and boots or clones when the pool is empty or gone.
+    pool_socket: str = ""
+    pool_size: int = 2
     # Seconds to wait for a cold-booted guest's agent to be ready.
     boot_timeout: float = 60.0
     log_level: str = "info"

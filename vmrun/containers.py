@@ -22,6 +22,7 @@ from vmrun.config import Config
 from vmrun.errors import AgentError, ContainerNotFoundError, VmrunError
 from vmrun.oci import guest_spec, load_bundle, validate_id
 from vmrun.pod import placement
+from vmrun.pool import take_from_pool
 from vmrun.sandbox import share_container_files, unshare_container_files, vm_dir_for
 from vmrun.sandbox_daemon import spawn_sandbox_daemon, stop_sandbox_daemon
 from vmrun.shim import spawn_shim
@@ -94,10 +95,17 @@ class Containers:
         with contextlib.ExitStack() as undo, self.store.locked(container_id), interrupted_by_signals():
             undo.callback(self.store.remove, container_id)
             if place.owns_guest:
-                state.vm_dir = str(vm_dir_for(self.config, container_id))
-                state.daemon_pid = spawn_sandbox_daemon(container_id, bundle.spec.get("hostname", ""),
-                                                        self.config.boot_timeout)
+                hostname = bundle.spec.get("hostname", "")
+                pooled = take_from_pool(self.config)
+                if pooled is not None:
+                    state.vm_dir, state.daemon_pid = pooled.vm_dir, pooled.daemon_pid
+                else:
+                    state.vm_dir = str(vm_dir_for(self.config, container_id))
+                    state.daemon_pid = spawn_sandbox_daemon(container_id, hostname, self.config.boot_timeout)
                 undo.callback(stop_sandbox_daemon, state.daemon_pid, Path(state.vm_dir))
+                if pooled is not None:
+                    with self._agent(state) as agent:
+                        agent.refresh_guest(hostname)
             shared = Path(state.vm_dir) / "shared"
             share_container_files(shared, container_id, bundle)
             undo.callback(unshare_container_files, shared, container_id)

@@ -26,13 +26,17 @@ from vmrun.state import alive
 _STOP_GRACE = 10.0
 
 
-def spawn_sandbox_daemon(sandbox_id: str, hostname: str, boot_timeout: float) -> int:
-    """Start the daemon for `sandbox_id` and wait until its guest is ready; its pid."""
+def spawn_sandbox_daemon(sandbox_id: str, hostname: str, boot_timeout: float, pooled: bool = False) -> int:
+    """Start the daemon for `sandbox_id` and wait until its guest is ready; its pid.
+
+    A pooled daemon waits in a pool of ready guests: it goes when its pool goes, until
+    SIGUSR1 tells it a container adopted it.
+    """
     ready = ReadyPipe()
     daemon = HelperProcess(
         "sandbox daemon",
         [sys.executable, "-m", "vmrun.sandbox_daemon", "--id", sandbox_id, "--hostname", hostname,
-         "--ready-fd", str(ready.write_fd)],
+         "--ready-fd", str(ready.write_fd), *(["--pooled"] if pooled else [])],
         pass_fds=(ready.write_fd,),
         die_with_parent=False,  # it outlives this CLI call
     ).start()
@@ -65,11 +69,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--id", required=True)
     parser.add_argument("--hostname", default="")
     parser.add_argument("--ready-fd", type=int, required=True)
+    parser.add_argument("--pooled", action="store_true")
     args = parser.parse_args(argv)
 
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda *_: stop.set())
+    pool = os.getppid() if args.pooled else 0
+
+    def adopted(*_: object) -> None:
+        nonlocal pool
+        pool = 0
+
+    signal.signal(signal.SIGUSR1, adopted)
     try:
         sandbox = Sandbox(args.id, load_config(), hostname=args.hostname).start()
     except VmrunError as exc:
@@ -83,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         while not stop.wait(0.5):
             if sandbox.vm is None or not sandbox.vm.alive():
                 break
+            if pool and os.getppid() != pool:
+                break  # an idle guest whose pool is gone: nobody will ever use it
     finally:
         sandbox.close()
     return 0

@@ -67,6 +67,11 @@ class AgentClient:
         )
         return response.kernel_release
 
+    def refresh_guest(self, hostname: str) -> None:
+        """Clock, entropy and hostname for a guest that was made before its pod (pool, template)."""
+        request = pb.RefreshGuestRequest(host_time_ns=time.time_ns(), entropy=os.urandom(64), hostname=hostname)
+        self._call("RefreshGuest", request)
+
     def destroy_sandbox(self, sandbox_id: str) -> None:
         self._call("DestroySandbox", pb.DestroySandboxRequest(sandbox_id=sandbox_id))
 

@@ -1,0 +1,165 @@
+"""A pool of ready guests (Kata's VM cache): `vmrun pool serve` keeps N sandbox daemons
+booted (or cloned from the template) and idle; `create` takes one over a local socket
+instead of starting a guest, and the pool starts a replacement.
+
+Protocol, one line each way on the unix socket: `TAKE` answers {"daemon_pid", "vm_dir"}
+or {"error"}; `STATUS` answers {"idle", "size"}. A taken daemon is told (SIGUSR1) that it
+is adopted, so it outlives the pool; an idle one goes when the pool goes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmrun.config import Config
+from vmrun.errors import VmrunError
+from vmrun.sandbox import vm_dir_for
+from vmrun.sandbox_daemon import spawn_sandbox_daemon, stop_sandbox_daemon
+from vmrun.state import alive
+
+log = logging.getLogger("vmrun.pool")
+_CLIENT_TIMEOUT = 2.0
+_RETRY_DELAY = 2.0
+
+
+@dataclass(frozen=True)
+class PooledGuest:
+    daemon_pid: int
+    vm_dir: str
+
+
+class Pool:
+    def __init__(self, config: Config, size: int):
+        self.config = config
+        self.size = size
+        self._idle: list[PooledGuest] = []
+        self._starting = 0
+        self._cond = threading.Condition()
+        self._stopping = False
+
+    def idle_count(self) -> int:
+        with self._cond:
+            self._idle = [g for g in self._idle if alive(g.daemon_pid)]
+            return len(self._idle)
+
+    def _fill(self) -> None:
+        """Keep `size` guests ready (counting those being started)."""
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._stopping or len(self._idle) + self._starting < self.size)
+                if self._stopping:
+                    return
+                self._starting += 1
+            sandbox_id = f"pool-{secrets.token_hex(8)}"
+            try:
+                pid = spawn_sandbox_daemon(sandbox_id, "", self.config.boot_timeout, pooled=True)
+                guest = PooledGuest(pid, str(vm_dir_for(self.config, sandbox_id)))
+            except VmrunError as exc:
+                log.error("cannot start a guest for the pool: %s", exc)
+                guest = None
+            with self._cond:
+                self._starting -= 1
+                if guest is not None:
+                    self._idle.append(guest)
+                self._cond.notify_all()
+            if guest is None:
+                time.sleep(_RETRY_DELAY)
+            _reap_children()
+
+    def take(self) -> PooledGuest | None:
+        with self._cond:
+            while self._idle:
+                guest = self._idle.pop(0)
+                if alive(guest.daemon_pid):
+                    os.kill(guest.daemon_pid, signal.SIGUSR1)  # adopted: outlive the pool
+                    self._cond.notify_all()
+                    return guest
+            return None
+
+    def serve(self, socket_path: Path) -> None:
+        """Serve until SIGTERM/SIGINT; then stop every idle guest."""
+        threading.Thread(target=self._fill, name="pool-fill", daemon=True).start()
+        socket_path.parent.mkdir(parents=True, exist_ok=True)
+        socket_path.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(socket_path))
+        listener.listen(16)
+        listener.settimeout(0.5)
+        stop = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+        try:
+            while not stop.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except TimeoutError:
+                    continue
+                with conn:
+                    self._answer(conn)
+        finally:
+            listener.close()
+            socket_path.unlink(missing_ok=True)
+            with self._cond:
+                self._stopping = True
+                idle, self._idle = self._idle, []
+                self._cond.notify_all()
+            for guest in idle:
+                stop_sandbox_daemon(guest.daemon_pid, Path(guest.vm_dir))
+
+    def _answer(self, conn: socket.socket) -> None:
+        conn.settimeout(_CLIENT_TIMEOUT)
+        try:
+            request = conn.makefile("rb").readline().strip()
+            if request == b"TAKE":
+                guest = self.take()
+                reply = {"daemon_pid": guest.daemon_pid, "vm_dir": guest.vm_dir} if guest else {"error": "empty"}
+            elif request == b"STATUS":
+                reply = {"idle": self.idle_count(), "size": self.size}
+            else:
+                reply = {"error": f"unknown request {request[:20]!r}"}
+            conn.sendall(json.dumps(reply).encode() + b"\n")
+        except OSError:
+            pass
+
+
+def _reap_children() -> None:
+    # Adopted daemons are still our children: collect the ones whose pods are gone.
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def ask_pool(socket_path: Path, request: str) -> dict:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(_CLIENT_TIMEOUT)
+        conn.connect(str(socket_path))
+        conn.sendall(request.encode() + b"\n")
+        return json.loads(conn.makefile("rb").readline() or b"{}")
+
+
+def take_from_pool(config: Config) -> PooledGuest | None:
+    """A ready guest from the configured pool; None when there is no pool or it is empty."""
+    if not config.pool_socket:
+        return None
+    try:
+        reply = ask_pool(Path(config.pool_socket), "TAKE")
+    except (OSError, ValueError) as exc:
+        log.debug("no guest from the pool at %s: %s", config.pool_socket, exc)
+        return None
+    if "daemon_pid" not in reply:
+        log.debug("no guest from the pool: %s", reply.get("error"))
+        return None
+    return PooledGuest(int(reply["daemon_pid"]), str(reply["vm_dir"]))
