@@ -78,7 +78,7 @@ def _run_in_guest(config: Config, store: StateStore, bundle: Bundle, state: Cont
         timings["container_exited"] = time.monotonic() - t0
         state.status = "stopped"
         store.save(state)
-        agent.remove_container(container_id, force=True)
+        # No crun delete in the guest: the guest itself goes now.
         boot = dict(sandbox.timings)
         guest = {f"guest_{k}": v for k, v in sandbox.guest_timings.items()}
     timings["torn_down"] = time.monotonic() - t0

@@ -35,7 +35,7 @@ from vmrun.hypervisor.templates import (
 from vmrun.hypervisor.virtiofsd import Virtiofsd, find_virtiofsd
 from vmrun.hypervisor.vsock import make_transport
 from vmrun.oci import Bundle, is_bind_mount
-from vmrun.proc import run
+from vmrun.proc import HelperProcess
 
 log = logging.getLogger("vmrun.sandbox")
 
@@ -158,6 +158,10 @@ class Sandbox:
         self.dir.mkdir(parents=True, mode=0o700)
         self._stack.callback(remove_tree_safely, self.dir)
         self.shared_dir.mkdir()
+        acceleration = detect_acceleration(self.config.acceleration, self.config.run_dir)
+        template = self._usable_template(files, acceleration)
+        # The clone's RAM copy runs while the helpers start.
+        memory_copy = self._copy_template_memory(template) if template else None
 
         virtiofsd = Virtiofsd(find_virtiofsd(self.config.virtiofsd), self.dir / "virtiofsd.sock",
                               self.shared_dir, self.dir / "virtiofsd.log")
@@ -165,8 +169,6 @@ class Sandbox:
         cid = 3 + int(self.dir.name[:7], 16)  # < 2**28, unique enough per host for kernel vsock
         transport = make_transport(self.dir, cid)
         self._stack.enter_context(transport)
-        acceleration = detect_acceleration(self.config.acceleration, self.config.run_dir)
-        template = self._usable_template(files, acceleration)
         # A cold-booted guest gets its own ready port (with kernel vsock, host ports are
         # shared by every guest); a clone keeps its template's command line.
         ready_port = READY_PORT if template else READY_PORT_BASE + cid
@@ -176,7 +178,8 @@ class Sandbox:
 
         devices = [virtiofsd.device(SHARED_FS_TAG), transport.device()]
         if template is not None:
-            self.vm = self._restore_clone(template, files, acceleration, devices)
+            assert memory_copy is not None
+            self.vm = self._restore_clone(template, files, acceleration, devices, memory_copy)
         else:
             params = f"{BASE_KERNEL_PARAMS} vmrun.agent_port={AGENT_PORT} vmrun.ready_port={ready_port}"
             spec = VMSpec(
@@ -224,15 +227,26 @@ class Sandbox:
         self.template_definition = definition
         return template
 
-    def _restore_clone(self, template: Template, files: BootFiles, acceleration: Acceleration,
-                       devices: list[QemuDevice]) -> QemuVM:
-        """Restore the template into a private copy of its RAM; hot-plug our devices; resume."""
+    def _copy_template_memory(self, template: Template) -> tuple[HelperProcess, Path]:
+        """Start copying the template's RAM into the clone's own file (sparse, in tmpfs).
+
+        A private copy: vhost-user backends need the clone's RAM shared, and the guest's
+        writes must reach neither the template nor a sibling clone.
+        """
         memory = CLONE_MEMORY_DIR / f"{self.dir.name}.mem"
         CLONE_MEMORY_DIR.mkdir(parents=True, exist_ok=True)
         self._stack.callback(memory.unlink, missing_ok=True)
-        # A private, sparse copy: vhost-user backends need the clone's RAM shared, and
-        # guest writes must not reach the template (or a sibling).
-        run(["cp", "--sparse=always", template.memory, memory])
+        copy = HelperProcess("template memory copy", ["cp", "--sparse=always", template.memory, memory],
+                             log_path=self.dir / "memory-copy.log")
+        self._stack.enter_context(copy)
+        return copy, memory
+
+    def _restore_clone(self, template: Template, files: BootFiles, acceleration: Acceleration,
+                       devices: list[QemuDevice], memory_copy: tuple[HelperProcess, Path]) -> QemuVM:
+        """Restore the template into the clone's copy of its RAM; hot-plug our devices; resume."""
+        copy, memory = memory_copy
+        if copy.wait(60) != 0:
+            raise HypervisorError(f"cannot copy the template's memory: {copy.log_tail(1) or 'cp failed'}")
         definition = self.template_definition
         assert definition is not None
         spec = template_vm_spec(definition, qemu=self.config.qemu, acceleration=acceleration, kernel=files.kernel,
