@@ -77,3 +77,10 @@ def test_template_rm(templated):
     again = templated.vmrun("template", "rm", "default")
     assert again.returncode == 1 and b"does not exist" in again.stderr
     assert not (templated.base / "templates" / "default").exists()
+
+
+def test_clones_draw_different_random_bytes(templated):
+    # Each clone starts from the template's RNG state; the agent reseeds it with host entropy.
+    bundle = templated.bundle("rng", ["sh", "-c", "head -c 16 /dev/urandom | od -An -tx1"])
+    outputs = [templated.vmrun("run", "--bundle", str(bundle), f"rng{i}").stdout for i in range(2)]
+    assert len(outputs[0].split()) == 16 and outputs[0] != outputs[1]

@@ -4,8 +4,10 @@ host for its bind mounts."""
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import re
+import struct
 import time
 
 from vmrun.agent.constants import CMDLINE_PREFIX
@@ -75,10 +77,23 @@ def set_clock(epoch_ns: int) -> None:
     time.clock_settime_ns(time.CLOCK_REALTIME, epoch_ns)
 
 
+_RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2])
+_RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07)
+
+
 def add_entropy(data: bytes) -> None:
-    # Writing mixes the bytes into the pool (uncredited); enough to make clones diverge.
+    """Credit fresh host entropy to the guest's pool and reseed its CRNG at once.
+
+    A clone restored from a template starts with the template's RNG state: without an
+    immediate reseed, clones could hand out the same "random" bytes.
+    """
     with open("/dev/urandom", "wb") as f:
-        f.write(data)
+        info = struct.pack("ii", len(data) * 8, len(data)) + data  # struct rand_pool_info
+        try:
+            fcntl.ioctl(f, _RNDADDENTROPY, info)
+            fcntl.ioctl(f, _RNDRESEEDCRNG)
+        except OSError:
+            f.write(data)  # without CAP_SYS_ADMIN: mixed in, uncredited
 
 
 def become_subreaper() -> None:
