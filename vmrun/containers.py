@@ -19,22 +19,18 @@ from pathlib import Path
 
 from vmrun.agent.client import AgentClient
 from vmrun.config import Config
-from vmrun.errors import AgentError, ContainerNotFoundError, VmrunError
-from vmrun.oci import guest_spec, load_bundle, validate_id
+from vmrun.errors import AgentError, ContainerNotFoundError, StateConflictError, VmrunError
+from vmrun.oci import Bundle, guest_spec, load_bundle, validate_id
 from vmrun.pod import placement
 from vmrun.pool import take_from_pool
 from vmrun.sandbox import share_container_files, unshare_container_files, vm_dir_for
-from vmrun.sandbox_daemon import spawn_sandbox_daemon, stop_sandbox_daemon
+from vmrun.sandbox_daemon import adopt_sandbox_daemon, spawn_sandbox_daemon, stop_sandbox_daemon
 from vmrun.shim import spawn_shim
 from vmrun.state import ContainerState, StateStore, alive, write_pid_file
 from vmrun.signals import interrupted_by_signals
 from vmrun.stdio import relay_until_exit
 
 _SHIM_EXIT_GRACE = 5.0
-
-
-class StateConflictError(VmrunError):
-    """The container is not in a state that allows the operation."""
 
 
 def _wait_gone(pids: list[int], timeout: float) -> None:
@@ -82,27 +78,40 @@ class Containers:
         state = ContainerState(container_id, str(bundle.path), str(bundle.rootfs), "creating", pid=os.getpid(),
                                annotations=annotations, sandbox_id=place.sandbox_id)
         guest_pids: dict[int, int] = {}
-        if not place.owns_guest:
-            try:
-                pod = self.store.load(place.sandbox_id)
-            except ContainerNotFoundError:
-                raise VmrunError(f"the sandbox {place.sandbox_id!r} of container {container_id!r} does not exist") from None
-            if not alive(pod.daemon_pid):
-                raise StateConflictError(f"the guest of sandbox {place.sandbox_id!r} is gone")
-            state.vm_dir = pod.vm_dir
-            guest_pids[pod.pid] = pod.guest_pid
+        with contextlib.ExitStack() as pod_lock:
+            if not place.owns_guest:
+                # Held while we join: the pod's delete waits until we are recorded.
+                try:
+                    pod_lock.enter_context(self.store.locked(place.sandbox_id))
+                    pod = self.store.load(place.sandbox_id)
+                except ContainerNotFoundError:
+                    raise VmrunError(f"the sandbox {place.sandbox_id!r} of container {container_id!r} "
+                                     "does not exist") from None
+                if not alive(pod.daemon_pid):
+                    raise StateConflictError(f"the guest of sandbox {place.sandbox_id!r} is gone")
+                state.vm_dir = pod.vm_dir
+                guest_pids[pod.pid] = pod.guest_pid
+            self._create(state, bundle, place.owns_guest, guest_pids, pid_file, console_socket)
+
+    def _create(self, state: ContainerState, bundle: Bundle, owns_guest: bool, guest_pids: dict[int, int],
+                pid_file: str, console_socket: str) -> None:
+        container_id = state.id
         self.store.create(state)
         with contextlib.ExitStack() as undo, self.store.locked(container_id), interrupted_by_signals():
             undo.callback(self.store.remove, container_id)
-            if place.owns_guest:
+            if owns_guest:
                 hostname = bundle.spec.get("hostname", "")
                 pooled = take_from_pool(self.config)
                 if pooled is not None:
                     state.vm_dir, state.daemon_pid = pooled.vm_dir, pooled.daemon_pid
                 else:
+                    # Recorded before it boots: if we die meanwhile, delete cleans it up.
                     state.vm_dir = str(vm_dir_for(self.config, container_id))
+                    self.store.save(state)
                     state.daemon_pid = spawn_sandbox_daemon(container_id, hostname, self.config.boot_timeout)
                 undo.callback(stop_sandbox_daemon, state.daemon_pid, Path(state.vm_dir))
+                self.store.save(state)
+                adopt_sandbox_daemon(state.daemon_pid)
                 if pooled is not None:
                     with self._agent(state) as agent:
                         agent.refresh_guest(hostname)
@@ -134,6 +143,8 @@ class Containers:
 
     def kill(self, container_id: str, signum: int, all_processes: bool = False) -> None:
         state = self.store.load(container_id)
+        if state.live_status() == "creating":
+            raise StateConflictError(f"container {container_id!r} is being created")
         if state.live_status() == "stopped":
             if all_processes:
                 return  # as runc: nothing left to signal is not an error with --all
@@ -144,22 +155,28 @@ class Containers:
     def delete(self, container_id: str, force: bool = False) -> None:
         validate_id(container_id)
         try:
-            state = self.store.load(container_id)
+            with self.store.locked(container_id):
+                self._delete_locked(container_id, force)
         except ContainerNotFoundError:
             if force:
                 return  # as runc: forcing the delete of what is not there succeeds
             raise
-        with self.store.locked(container_id):
-            status = state.live_status()
-            if status in ("running", "paused") and not force:
-                raise StateConflictError(f"cannot delete container {container_id!r} that is {status}: use --force")
-            if alive(state.daemon_pid) or not state.owns_guest:
-                self._remove_in_guest(state)
-            _wait_gone([state.pid, *state.execs.values()], _SHIM_EXIT_GRACE)
+
+    def _delete_locked(self, container_id: str, force: bool) -> None:
+        state = self.store.load(container_id)
+        status = state.live_status()
+        if status == "creating":
+            raise StateConflictError(f"container {container_id!r} is being created")
+        if status in ("running", "paused") and not force:
+            raise StateConflictError(f"cannot delete container {container_id!r} that is {status}: use --force")
+        if state.vm_dir and (alive(state.daemon_pid) or not state.owns_guest):
+            self._remove_in_guest(state)
+        _wait_gone([state.pid, *state.execs.values()], _SHIM_EXIT_GRACE)
+        if state.vm_dir:
             unshare_container_files(Path(state.vm_dir) / "shared", container_id)
             if state.owns_guest:
                 stop_sandbox_daemon(state.daemon_pid, Path(state.vm_dir))
-            self.store.remove(container_id)
+        self.store.remove(container_id)
 
     # ---- exec ----
 
@@ -176,7 +193,12 @@ class Containers:
             if not detach:
                 return relay_until_exit(agent, container_id, exec_id, stdin=sys.stdin.fileno(),
                                         stdout=sys.stdout.fileno(), stderr=sys.stderr.fileno(), terminal=terminal)
-        pid = spawn_shim(state.agent_socket, container_id, exec_id, console_socket=console_socket)
+        try:
+            pid = spawn_shim(state.agent_socket, container_id, exec_id, console_socket=console_socket)
+        except BaseException:
+            with contextlib.suppress(AgentError), self._agent(state) as agent:
+                agent.signal_process(container_id, signal.SIGKILL, exec_id)  # nobody would stand for it
+            raise
         if pid_file:
             write_pid_file(pid_file, pid)
         with self.store.locked(container_id):
@@ -202,9 +224,12 @@ class Containers:
     def _set_paused(self, container_id: str, paused: bool) -> None:
         with self.store.locked(container_id):
             state = self._running_state(container_id, "pause" if paused else "resume")
+            if (state.status == "paused") == paused:
+                raise StateConflictError(f"container {container_id!r} is {'already' if paused else 'not'} paused")
             with self._agent(state) as agent:
                 (agent.pause_container if paused else agent.resume_container)(container_id)
-            state.status = "paused" if paused else "running"
+            # A created container paused and resumed is still created (not started).
+            state.paused_from, state.status = (state.status, "paused") if paused else ("", state.paused_from)
             self.store.save(state)
 
     def stats(self, container_id: str) -> dict:

@@ -29,6 +29,10 @@ class ContainerExistsError(VmrunError):
     """The container id is already in use."""
 
 
+class StateConflictError(VmrunError):
+    """The container is not in a state that allows the operation."""
+
+
 class BundleError(VmrunError):
     """The OCI bundle is unusable: config.json unreadable or invalid, rootfs missing."""
 
@@ -51,3 +55,11 @@ class VsockError(HypervisorError):
 
 class AgentError(VmrunError):
     """The in-guest agent failed or could not be reached."""
+
+
+class Interrupted(VmrunError):
+    """A stop signal arrived before the work was done: unwind, cleaning up."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum

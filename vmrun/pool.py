@@ -3,8 +3,8 @@ booted (or cloned from the template) and idle; `create` takes one over a local s
 instead of starting a guest, and the pool starts a replacement.
 
 Protocol, one line each way on the unix socket: `TAKE` answers {"daemon_pid", "vm_dir"}
-or {"error"}; `STATUS` answers {"idle", "size"}. A taken daemon is told (SIGUSR1) that it
-is adopted, so it outlives the pool; an idle one goes when the pool goes.
+or {"error"}; `STATUS` answers {"idle", "size"}. The container that takes a guest adopts
+it once recorded, so it outlives the pool; a guest not adopted goes when the pool goes.
 """
 
 from __future__ import annotations
@@ -48,20 +48,30 @@ class Pool:
 
     def idle_count(self) -> int:
         with self._cond:
-            self._idle = [g for g in self._idle if alive(g.daemon_pid)]
+            self._prune()
             return len(self._idle)
+
+    def _prune(self) -> None:
+        """Forget guests that died idle; the filler replaces them."""
+        living = [g for g in self._idle if alive(g.daemon_pid)]
+        if len(living) != len(self._idle):
+            self._idle = living
+            self._cond.notify_all()
 
     def _fill(self) -> None:
         """Keep `size` guests ready (counting those being started)."""
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._stopping or len(self._idle) + self._starting < self.size)
+                # Woken when a guest is taken; the timeout also notices guests that died idle.
+                while not self._cond.wait_for(
+                        lambda: self._stopping or len(self._idle) + self._starting < self.size, timeout=5.0):
+                    self._prune()
                 if self._stopping:
                     return
                 self._starting += 1
             sandbox_id = f"pool-{secrets.token_hex(8)}"
             try:
-                pid = spawn_sandbox_daemon(sandbox_id, "", self.config.boot_timeout, pooled=True)
+                pid = spawn_sandbox_daemon(sandbox_id, "", self.config.boot_timeout)
                 guest = PooledGuest(pid, str(vm_dir_for(self.config, sandbox_id)))
             except VmrunError as exc:
                 log.error("cannot start a guest for the pool: %s", exc)
@@ -77,13 +87,12 @@ class Pool:
 
     def take(self) -> PooledGuest | None:
         with self._cond:
-            while self._idle:
-                guest = self._idle.pop(0)
-                if alive(guest.daemon_pid):
-                    os.kill(guest.daemon_pid, signal.SIGUSR1)  # adopted: outlive the pool
-                    self._cond.notify_all()
-                    return guest
-            return None
+            self._prune()
+            if not self._idle:
+                return None
+            guest = self._idle.pop(0)
+            self._cond.notify_all()  # the filler starts a replacement
+            return guest
 
     def serve(self, socket_path: Path) -> None:
         """Serve until SIGTERM/SIGINT; then stop every idle guest."""
@@ -162,4 +171,8 @@ def take_from_pool(config: Config) -> PooledGuest | None:
     if "daemon_pid" not in reply:
         log.debug("no guest from the pool: %s", reply.get("error"))
         return None
-    return PooledGuest(int(reply["daemon_pid"]), str(reply["vm_dir"]))
+    guest = PooledGuest(int(reply["daemon_pid"]), str(reply["vm_dir"]))
+    if Path(guest.vm_dir).parent != config.vm_dir or guest.daemon_pid <= 0:
+        log.warning("ignoring a pool guest outside %s: %s", config.vm_dir, guest)
+        return None
+    return guest

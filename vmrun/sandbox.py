@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import shutil
 import socket
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,8 +69,25 @@ def boot_files(config: Config) -> BootFiles:
 
 
 def vm_dir_for(config: Config, sandbox_id: str) -> Path:
-    # Hashed and short: unix socket paths must fit in 108 bytes.
-    return config.vm_dir / hashlib.sha256(sandbox_id.encode()).hexdigest()[:16]
+    # Hashed and short: unix socket paths must fit in 108 bytes. The run dir is part of the
+    # hash: sandboxes of two configurations never share a name (nor a clone memory file).
+    key = f"{config.run_dir}\0{sandbox_id}".encode()
+    return config.vm_dir / hashlib.sha256(key).hexdigest()[:16]
+
+
+def clone_memory_path(vm_dir: Path) -> Path:
+    """Where the RAM of the clone living in `vm_dir` is (removed with the sandbox)."""
+    return CLONE_MEMORY_DIR / f"{vm_dir.name}.mem"
+
+
+def _private_clone_memory_dir() -> None:
+    # /dev/shm is world-writable: our directory must be ours alone, and not a symlink.
+    CLONE_MEMORY_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = CLONE_MEMORY_DIR.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise HypervisorError(f"{CLONE_MEMORY_DIR} is not a directory of ours: refusing to use it")
+    if info.st_mode & 0o077:
+        os.chmod(CLONE_MEMORY_DIR, 0o700)
 
 
 def _mounts_under(path: Path) -> list[str]:
@@ -233,8 +252,11 @@ class Sandbox:
         A private copy: vhost-user backends need the clone's RAM shared, and the guest's
         writes must reach neither the template nor a sibling clone.
         """
-        memory = CLONE_MEMORY_DIR / f"{self.dir.name}.mem"
-        CLONE_MEMORY_DIR.mkdir(parents=True, exist_ok=True)
+        # The state first (small): a template replaced meanwhile can then at worst make the
+        # memory copy fail, never pair its RAM with another template's state.
+        shutil.copyfile(template.state, self.dir / "template-state")
+        memory = clone_memory_path(self.dir)
+        _private_clone_memory_dir()
         self._stack.callback(memory.unlink, missing_ok=True)
         copy = HelperProcess("template memory copy", ["cp", "--sparse=always", template.memory, memory],
                              log_path=self.dir / "memory-copy.log")
@@ -253,7 +275,7 @@ class Sandbox:
                                 initrd=files.initrd, console_log=self.console_log, memory_file=memory, incoming=True)
         vm = QemuVM(spec, self.dir / "qmp.sock", self.dir / "qemu.log").start()
         self._stack.callback(vm.close)
-        restore_state(vm, template.state)
+        restore_state(vm, self.dir / "template-state")
         self._mark("clone_restored")
         for index, device in enumerate(devices):
             device.hotplug(vm, hotplug_port_id(index))

@@ -20,36 +20,54 @@ from pathlib import Path
 from vmrun.config import load_config
 from vmrun.errors import VmrunError
 from vmrun.proc import HelperProcess, ReadyPipe
-from vmrun.sandbox import Sandbox, remove_tree_safely
+from vmrun.sandbox import Sandbox, clone_memory_path, remove_tree_safely
+from vmrun.signals import interrupted_by_signals
 from vmrun.state import alive
 
 _STOP_GRACE = 10.0
 
 
-def spawn_sandbox_daemon(sandbox_id: str, hostname: str, boot_timeout: float, pooled: bool = False) -> int:
+def spawn_sandbox_daemon(sandbox_id: str, hostname: str, boot_timeout: float) -> int:
     """Start the daemon for `sandbox_id` and wait until its guest is ready; its pid.
 
-    A pooled daemon waits in a pool of ready guests: it goes when its pool goes, until
-    SIGUSR1 tells it a container adopted it.
+    Until adopted (`adopt_sandbox_daemon`, once its starter has recorded it), the daemon
+    goes when its starter goes: a `create` killed half-way, or a pool that stops, leaves
+    no guest behind that nobody knows of.
     """
     ready = ReadyPipe()
     daemon = HelperProcess(
         "sandbox daemon",
         [sys.executable, "-m", "vmrun.sandbox_daemon", "--id", sandbox_id, "--hostname", hostname,
-         "--ready-fd", str(ready.write_fd), *(["--pooled"] if pooled else [])],
+         "--ready-fd", str(ready.write_fd)],
         pass_fds=(ready.write_fd,),
         die_with_parent=False,  # it outlives this CLI call
     ).start()
     try:
         ready.wait(daemon, boot_timeout + 15)
-    except VmrunError as exc:
+    except BaseException:
         daemon.stop(_STOP_GRACE)
-        raise type(exc)(str(exc)) from None
+        raise
     return daemon.pid
+
+
+def adopt_sandbox_daemon(pid: int) -> None:
+    """Tell the daemon it is recorded: from now on it outlives whoever started it."""
+    os.kill(pid, signal.SIGUSR1)
 
 
 def stop_sandbox_daemon(pid: int, vm_dir: Path) -> None:
     """Ask the daemon to tear its guest down, and wait for it (killing it if need be)."""
+    if pid > 0:
+        _stop_process(pid)
+    if not vm_dir.is_absolute() or not vm_dir.name:
+        return  # never a relative or empty path: that would be the caller's directory
+    # After a kill its helpers die with it, but its mounts and files stay: remove them.
+    if vm_dir.exists():
+        remove_tree_safely(vm_dir)
+    clone_memory_path(vm_dir).unlink(missing_ok=True)
+
+
+def _stop_process(pid: int) -> None:
     try:
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + _STOP_GRACE
@@ -59,9 +77,6 @@ def stop_sandbox_daemon(pid: int, vm_dir: Path) -> None:
             os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    # After a kill its helpers die with it, but its mounts and files stay: remove them.
-    if vm_dir.exists():
-        remove_tree_safely(vm_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,21 +84,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--id", required=True)
     parser.add_argument("--hostname", default="")
     parser.add_argument("--ready-fd", type=int, required=True)
-    parser.add_argument("--pooled", action="store_true")
     args = parser.parse_args(argv)
 
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda *_: stop.set())
-    pool = os.getppid() if args.pooled else 0
+    starter = os.getppid()
 
     def adopted(*_: object) -> None:
-        nonlocal pool
-        pool = 0
+        nonlocal starter
+        starter = 0
 
     signal.signal(signal.SIGUSR1, adopted)
     try:
-        sandbox = Sandbox(args.id, load_config(), hostname=args.hostname).start()
+        with interrupted_by_signals():
+            sandbox = Sandbox(args.id, load_config(), hostname=args.hostname).start()
     except VmrunError as exc:
         ReadyPipe.report(args.ready_fd, str(exc))
         return 1
@@ -95,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         while not stop.wait(0.5):
             if sandbox.vm is None or not sandbox.vm.alive():
                 break
-            if pool and os.getppid() != pool:
-                break  # an idle guest whose pool is gone: nobody will ever use it
+            if starter and os.getppid() != starter:
+                break  # not adopted, and its starter is gone: nobody will ever use it
     finally:
         sandbox.close()
     return 0

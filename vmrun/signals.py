@@ -7,7 +7,7 @@ import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-from vmrun.errors import VmrunError
+from vmrun.errors import Interrupted
 
 # Signals the host process standing for a guest process passes on to it. Not forwarded:
 # SIGKILL/SIGSTOP (cannot be caught), SIGCHLD, SIGWINCH (a terminal resize, handled apart),
@@ -51,21 +51,16 @@ def wait_in_thread(wait: Callable[[], int]) -> int:
 
 
 
-class Interrupted(VmrunError):
-    """A signal asked us to stop before the container ran: unwind, cleaning up."""
-
-    def __init__(self, signum: int):
-        super().__init__(f"interrupted by {signal.Signals(signum).name}")
-        self.exit_code = 128 + signum
-
-
 @contextmanager
 def interrupted_by_signals(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)) -> Iterator[None]:
     """While booting and setting up, a stop signal raises Interrupted instead of killing us,
     so every context manager on the way out undoes what it made."""
 
     def raise_interrupted(signum: int, _frame: object) -> None:
-        raise Interrupted(signum)
+        # Once: a second signal must not break off the clean-up the first one started.
+        for sig in signals:
+            signal.signal(sig, signal.SIG_IGN)
+        raise Interrupted(f"interrupted by {signal.Signals(signum).name}", signum)
 
     previous = {sig: signal.signal(sig, raise_interrupted) for sig in signals}
     try:

@@ -15,7 +15,7 @@ from typing import Iterator
 
 from vmrun.agent.files import write_atomic, write_json_atomic
 from vmrun.agent.linux import pid_exists
-from vmrun.errors import ContainerExistsError, ContainerNotFoundError
+from vmrun.errors import ContainerExistsError, ContainerNotFoundError, VmrunError
 from vmrun.oci import OCI_VERSION, validate_id
 
 DEFAULT_ROOT = Path("/run/vmrun")
@@ -40,6 +40,7 @@ class ContainerState:
     daemon_pid: int = 0  # the sandbox daemon holding the guest, for the owner
     guest_pid: int = 0  # the init process's pid inside the guest
     execs: dict[str, int] = field(default_factory=dict)  # exec id -> its shim's pid
+    paused_from: str = ""  # the status a paused container returns to when resumed
 
     @property
     def owns_guest(self) -> bool:
@@ -126,6 +127,8 @@ class StateStore:
             return ContainerState(**json.loads(path.read_text()))
         except FileNotFoundError:
             raise ContainerNotFoundError(f"container {container_id!r} does not exist") from None
+        except (ValueError, TypeError):
+            raise VmrunError(f"the state of container {container_id!r} is damaged ({path})") from None
 
     def remove(self, container_id: str) -> None:
         shutil.rmtree(self._dir(container_id), ignore_errors=True)

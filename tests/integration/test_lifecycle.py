@@ -57,6 +57,7 @@ def test_create_start_exec_kill_delete(vm_env):
 
     assert vm_env.vmrun("pause", "life").returncode == 0
     assert status(vm_env, "life")["status"] == "paused"
+    assert vm_env.vmrun("pause", "life").returncode != 0
     assert vm_env.vmrun("resume", "life").returncode == 0
     assert status(vm_env, "life")["status"] == "running"
 
@@ -72,8 +73,13 @@ def test_create_start_exec_kill_delete(vm_env):
     assert event["data"]["memory"]["usage"]["usage"] > 0 and event["data"]["pids"]["current"] >= 2
     assert event["data"]["cpu"]["usage"]["total"] > 0
 
-    # Signalling the exec's shim reaches the exec's process in the guest.
+    # Killing the exec's shim takes the exec's process in the guest with it.
+    def sleepers() -> int:
+        return int(vm_env.vmrun("exec", "life", "sh", "-c", "ps -o args | grep -c '^sleep 600'").stdout)
+
+    assert sleepers() == 2  # init (exec'd into sleep 600) and the detached exec
     os.kill(exec_shim, signal.SIGKILL)
+    wait_for(lambda: sleepers() == 1)
     wait_for(lambda: json.loads(vm_env.vmrun("ps", "--format", "json", "life").stdout) == [shim])
 
     refused = vm_env.vmrun("delete", "life")
@@ -121,6 +127,10 @@ def test_init_exit_status_is_the_shim_status(vm_env, script, expected):
 def test_delete_force_of_a_running_container(vm_env):
     bundle = vm_env.bundle("forced", ["sleep", "600"])
     assert vm_env.vmrun("create", "--bundle", str(bundle), "forced", detached=True).returncode == 0
+    # Paused and resumed before it started, it is still only created.
+    assert vm_env.vmrun("pause", "forced").returncode == 0
+    assert vm_env.vmrun("resume", "forced").returncode == 0
+    assert status(vm_env, "forced")["status"] == "created"
     assert vm_env.vmrun("start", "forced").returncode == 0
     assert vm_env.vmrun("delete", "--force", "forced").returncode == 0
     assert vm_env.vmrun("state", "forced").returncode != 0
