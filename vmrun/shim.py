@@ -31,7 +31,7 @@ LOST_STATUS = 128 + signal.SIGKILL
 
 
 def spawn_shim(agent_socket: str, container_id: str, exec_id: str = "", *, console_socket: str = "") -> int:
-    """Start a shim for the guest process, inheriting our stdio; its pid once it relays."""
+    """Start a shim for the guest process; its pid once it relays."""
     ready = ReadyPipe()
     argv = [sys.executable, "-m", "vmrun.shim", "--agent-socket", agent_socket, "--container", container_id,
             "--ready-fd", str(ready.write_fd)]
@@ -39,7 +39,11 @@ def spawn_shim(agent_socket: str, container_id: str, exec_id: str = "", *, conso
         argv += ["--exec-id", exec_id]
     if console_socket:
         argv += ["--console-socket", console_socket]
-    shim = HelperProcess("shim", argv, pass_fds=(ready.write_fd,), die_with_parent=False, inherit_stdio=True)
+    # With a terminal, the process's stdio is the pty; our own stdout is the caller's pipe
+    # for *our* output, which it reads to EOF before it takes the call as done: the shim
+    # must not hold it. Without one, the shim relays the stdio it inherits.
+    shim = HelperProcess("shim", argv, pass_fds=(ready.write_fd,), die_with_parent=False,
+                         inherit_stdio=not console_socket)
     shim.start()
     try:
         ready.wait(shim, _READY_TIMEOUT)
