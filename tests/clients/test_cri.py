@@ -9,16 +9,25 @@ Stubs: tests/clients/cri_env.py generates them from Debian's containerd source p
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 import uuid
 
 import grpc
 import pytest
+from cri_env import (
+    BUSYBOX_IMAGE,
+    RUNTIME_HANDLER,
+    CriEnv,
+    CriSetupError,
+    cri_stubs,
+    mounts_under,
+    processes_mentioning,
+    shim_socket,
+)
 
-from cri_env import BUSYBOX_IMAGE, RUNTIME_HANDLER, CriEnv, CriSetupError, cri_stubs, mounts_under, \
-    processes_mentioning, shim_socket
+from vmrun.config import load_config
+from vmrun.sandbox import vm_dir_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.clients]
 
@@ -130,7 +139,7 @@ def test_pod_lifecycle_in_one_guest(cri):
 
     # ---- one guest for the pod: the sandbox's; the container went into it
     vm_dirs = cri.vm_dirs()
-    assert [d.name for d in vm_dirs] == [hashlib.sha256(pod_id.encode()).hexdigest()[:16]], \
+    assert vm_dirs == [vm_dir_for(load_config(cri.vmrun_config), pod_id)], \
         f"expected exactly the pod sandbox's guest dir, got {vm_dirs}"
     qemus = cri.qemu_processes()
     assert len(qemus) == 1, f"expected one QEMU for the pod, got {qemus}"
