@@ -37,6 +37,7 @@ from types import ModuleType
 import grpc
 
 from images import PAUSE_CMD, write_archives
+from leftovers import mounts_under, processes_mentioning
 
 CACHE_ROOT = Path(os.environ.get("VMRUN_TEST_CACHE", "/var/cache/vmrun-tests"))
 GOGO_PROTO = Path("/usr/share/gocode/src/github.com/gogo/protobuf/gogoproto/gogo.proto")
@@ -169,29 +170,6 @@ def cri_stubs() -> tuple[ModuleType, ModuleType]:
 
 
 # ---------------------------------------------------------------- leftovers
-
-
-def processes_mentioning(text: str, exclude: tuple[int, ...] = ()) -> list[str]:
-    """Processes whose command line or environment contains `text` (not us, not `exclude`)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) in (os.getpid(), *exclude):
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            environ = (proc / "environ").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline or text in environ:
-            found.append(f"{proc.name}: {cmdline[:160]}")
-    return found
-
-
-def mounts_under(path: str | Path) -> list[str]:
-    prefix = str(path).rstrip("/") + "/"
-    with open("/proc/self/mounts") as mounts:
-        points = [line.split()[1] for line in mounts]
-    return [p for p in points if p.startswith(prefix) or p == str(path)]
 
 
 def shim_socket(containerd_address: str, namespace: str, task_id: str) -> Path:

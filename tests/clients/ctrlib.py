@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import images  # noqa: F401 - beside this file (conftest puts this directory on sys.path)
+from leftovers import mounts_under
 
 CLIENTS_DIR = Path(__file__).resolve().parent
 # Next to the interpreter: the console script `pip install -e .` made (not a pyenv shim).
@@ -58,13 +59,6 @@ def _is_zombie(pid: str) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except (OSError, IndexError):
         return True
-
-
-def mounts_under(path: Path) -> list[str]:
-    prefix = str(path).rstrip("/") + "/"
-    with open("/proc/self/mounts") as mounts:
-        points = [line.split()[1].replace("\\040", " ") for line in mounts]
-    return [p for p in points if p.startswith(prefix) or p == str(path)]
 
 
 def _entries(path: Path) -> list[str]:

@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 from images import write_archives
+from leftovers import mounts_under, processes_mentioning
 
 VMRUN_BINARY = Path(sys.executable).parent / "vmrun"
 IMAGE = "localhost/bbx:latest"  # what `podman load` names the docker-archive's "bbx:latest"
@@ -52,29 +53,6 @@ BOOT_TIMEOUT = 240  # seconds for a command that boots a guest: TCG on a loaded 
 
 
 # ---------------------------------------------------------------- leftovers (also docker_env)
-
-
-def processes_mentioning(text: str) -> list[str]:
-    """Processes (not this one) whose command line or environment contains `text`."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            environ = (proc / "environ").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline or text in environ:
-            found.append(f"{proc.name}: {cmdline[:200]}")
-    return found
-
-
-def mounts_under(path: str | Path) -> list[str]:
-    prefix = str(path).rstrip("/") + "/"
-    with open("/proc/self/mounts") as mounts:
-        points = [line.split()[1] for line in mounts]
-    return [p for p in points if p.startswith(prefix) or p == str(path)]
 
 
 def wait_for_no_processes(text: str, timeout: float) -> list[str]:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from guest.build import find_image
+from leftovers import mounts_under, processes_mentioning
 from vmrun.busybox import make_busybox_bundle
 from vmrun.config import Config
 
@@ -27,26 +28,6 @@ def guest_image():
     if image is None:
         pytest.fail("no guest image: run `vmrun image build` (scripts/setup.sh does)")
     return image
-
-
-def _processes_mentioning(text: str) -> list[str]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline:
-            found.append(f"{proc.name}: {cmdline[:120]}")
-    return found
-
-
-def _mounts_under(path: str) -> list[str]:
-    prefix = path.rstrip("/") + "/"
-    with open("/proc/self/mounts") as mounts:
-        return [line.split()[1] for line in mounts if line.split()[1].startswith(prefix)]
 
 
 @dataclass
@@ -97,10 +78,10 @@ def vm_env(guest_image):
     memory_before = set(clone_memory.iterdir()) if clone_memory.exists() else set()
     yield env
     deadline = time.monotonic() + 10
-    while _processes_mentioning(str(run_dir)) and time.monotonic() < deadline:
+    while processes_mentioning(str(run_dir)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    leftovers = _processes_mentioning(str(run_dir))
-    mounts = _mounts_under(str(base))
+    leftovers = processes_mentioning(str(run_dir))
+    mounts = mounts_under(str(base))
     vm_dirs = list((run_dir / "vm").iterdir()) if (run_dir / "vm").exists() else []
     states = list(env.root.iterdir()) if env.root.exists() else []
     for line in leftovers:
