@@ -16,8 +16,9 @@ import uuid
 
 import pytest
 
+from engine_cases import check_exec_stop_rm
 from docker_env import IMAGE, RUN_FLAGS, DockerEnv, DockerSetupError
-from podman_env import VMRUN_BINARY, vm_dirs_in_state
+from podman_env import VMRUN_BINARY
 
 pytestmark = [pytest.mark.integration, pytest.mark.clients]
 
@@ -75,45 +76,7 @@ def test_run_rm_output_and_exit_code(docker):
 
 
 def test_exec_stop_rm(docker):
-    name = f"vmrun-exec-{uuid.uuid4().hex[:8]}"
-    # PID 1 survives SIGTERM (it only says so), so `stop -t 1` has to fall back to SIGKILL.
-    script = "trap 'echo got-TERM' TERM; echo ready; while :; do sleep 1 & wait $!; done"
-    result = docker("run", "-d", "--name", name, *RUN_FLAGS, IMAGE, "sh", "-c", script)
-    assert result.returncode == 0, docker.explain(result)
-    try:
-        deadline = time.monotonic() + 60
-        while "ready" not in (logs := docker("logs", name, timeout=60)).stdout and time.monotonic() < deadline:
-            time.sleep(0.3)
-        assert "ready" in logs.stdout, docker.explain(logs)
-        # The shim ran vmrun with containerd's environment: the private configuration.
-        vm_dirs = vm_dirs_in_state(docker.state)
-        assert len(vm_dirs) == 1 and all(d.startswith(f"{docker.run_dir}/") for d in vm_dirs.values()), vm_dirs
-
-        result = docker("exec", name, "sh", "-c", "echo exec-kernel=$(uname -r); cat /proc/1/cmdline; echo; exit 3")
-        assert result.returncode == 3, docker.explain(result)
-        assert "exec-kernel=" in result.stdout and f"exec-kernel={HOST_KERNEL}" not in result.stdout, \
-            docker.explain(result)
-        assert "trap" in result.stdout, f"exec is not in the container's pid namespace\n{docker.explain(result)}"
-
-        result = docker("exec", "-i", name, "sh", "-c", "read line; echo piped=$line", input="through-stdin\n")
-        assert result.returncode == 0 and "piped=through-stdin" in result.stdout, docker.explain(result)
-
-        started = time.monotonic()
-        result = docker("stop", "-t", "1", name, timeout=120)
-        stop_seconds = time.monotonic() - started
-        assert result.returncode == 0, docker.explain(result)
-        assert stop_seconds >= 1.0, f"stop took {stop_seconds:.2f}s: no grace period?"
-        inspect = docker("inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}", name, timeout=60)
-        assert inspect.stdout.split() == ["exited", "137"], docker.explain(inspect)
-        logs = docker("logs", name, timeout=60)
-        assert "got-TERM" in logs.stdout, f"SIGTERM did not reach PID 1 in the guest\n{docker.explain(logs)}"
-        print(f"docker stop -t 1: {stop_seconds:.1f}s")
-
-        result = docker("rm", name, timeout=120)
-        assert result.returncode == 0, docker.explain(result)
-    finally:
-        if name in docker("ps", "-a", "--format", "{{.Names}}", timeout=60).stdout:
-            docker("rm", "--force", name, timeout=120)
+    check_exec_stop_rm(docker, IMAGE, RUN_FLAGS, ("--force",))
 
 
 def test_exec_tty(docker):

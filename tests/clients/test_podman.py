@@ -14,7 +14,8 @@ import uuid
 
 import pytest
 
-from podman_env import BOOT_TIMEOUT, IMAGE, RUN_FLAGS, VMRUN_BINARY, PodmanEnv, conmon_term_sockets, vm_dirs_in_state
+from engine_cases import check_exec_stop_rm
+from podman_env import BOOT_TIMEOUT, IMAGE, RUN_FLAGS, VMRUN_BINARY, PodmanEnv, conmon_term_sockets
 
 pytestmark = [pytest.mark.integration, pytest.mark.clients]
 
@@ -95,47 +96,7 @@ def test_terminal_input_and_resize(podman):
 
 
 def test_exec_stop_rm(podman):
-    name = f"vmrun-exec-{uuid.uuid4().hex[:8]}"
-    # PID 1 survives SIGTERM (it only says so), so `stop -t 1` has to fall back to SIGKILL.
-    script = "trap 'echo got-TERM' TERM; echo ready; while :; do sleep 1 & wait $!; done"
-    result = podman("run", "-d", "--name", name, *RUN_FLAGS, IMAGE, "sh", "-c", script)
-    assert result.returncode == 0, podman.explain(result)
-    try:
-        deadline = time.monotonic() + 60
-        while "ready" not in (logs := podman("logs", name, timeout=60)).stdout and time.monotonic() < deadline:
-            time.sleep(0.3)
-        assert "ready" in logs.stdout, podman.explain(logs)
-        # create ran with the private configuration (VMRUN_CONFIG through conmon_env_vars).
-        vm_dirs = vm_dirs_in_state(podman.state)
-        assert len(vm_dirs) == 1 and all(d.startswith(f"{podman.run_dir}/") for d in vm_dirs.values()), vm_dirs
-
-        result = podman("exec", name, "sh", "-c", "echo exec-kernel=$(uname -r); cat /proc/1/cmdline; echo; exit 3")
-        assert result.returncode == 3, podman.explain(result)
-        assert f"exec-kernel={HOST_KERNEL}" not in result.stdout and "exec-kernel=" in result.stdout, \
-            podman.explain(result)
-        assert "trap" in result.stdout, f"exec is not in the container's pid namespace\n{podman.explain(result)}"
-
-        result = podman("exec", "-i", name, "sh", "-c", "read line; echo piped=$line", input="through-stdin\n")
-        assert result.returncode == 0 and "piped=through-stdin" in result.stdout, podman.explain(result)
-
-        started = time.monotonic()
-        result = podman("stop", "-t", "1", name, timeout=120)
-        stop_seconds = time.monotonic() - started
-        assert result.returncode == 0, podman.explain(result)
-        assert "resorting to SIGKILL" in result.stderr, podman.explain(result)
-        assert stop_seconds >= 1.0, f"stop took {stop_seconds:.2f}s: no grace period?"
-        inspect = podman("inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}", name, timeout=60)
-        assert inspect.stdout.split() == ["exited", "137"], podman.explain(inspect)
-        logs = podman("logs", name, timeout=60)
-        assert "got-TERM" in logs.stdout, f"SIGTERM did not reach PID 1 in the guest\n{podman.explain(logs)}"
-        print(f"podman stop -t 1: {stop_seconds:.1f}s")
-
-        result = podman("rm", name, timeout=120)
-        assert result.returncode == 0, podman.explain(result)
-        assert name not in podman("ps", "-a", "--format", "{{.Names}}", timeout=60).stdout
-    finally:
-        if name in podman("ps", "-a", "--format", "{{.Names}}", timeout=60).stdout:
-            podman("rm", "--force", "--time", "0", name, timeout=120)
+    check_exec_stop_rm(podman, IMAGE, RUN_FLAGS, ("--force", "--time", "0"))
 
 
 def test_exec_tty(podman):
