@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 
 import vmrun
 from vmrun.config import load_config
-from vmrun.errors import VmrunError
+from vmrun.errors import StateConflictError, VmrunError
 from vmrun.log import setup_logging
-from vmrun.oci import write_default_spec
+from vmrun.oci import load_bundle, write_default_spec
 from vmrun.proc import run
 from vmrun.state import DEFAULT_ROOT, StateStore
 
@@ -114,7 +114,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             raise VmrunError(f"exec: cannot read process file {args.process}: {exc}") from None
     else:
-        spec = json.loads((Path(_store(args).load(args.id).bundle) / "config.json").read_text())
+        spec = load_bundle(_store(args).load(args.id).bundle).spec
         process = exec_process_from_args(spec, args.command, cwd=args.cwd, env=args.env, user=args.user,
                                          tty=args.tty)
     return containers.exec(args.id, process, detach=args.detach, pid_file=args.pid_file or "",
@@ -175,7 +175,7 @@ def cmd_events(args: argparse.Namespace) -> int:
     while True:
         try:
             data = containers.stats(args.id)
-        except VmrunError:
+        except StateConflictError:
             if args.stats:
                 raise
             return 0  # the container stopped: the event stream ends
