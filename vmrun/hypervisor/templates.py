@@ -67,8 +67,9 @@ class TemplateDefinition:
 
 
 def _file_identity(path: Path) -> str:
+    # Nanosecond mtime and inode too: a rebuild in the same second, of the same size, differs.
     stat = path.stat()
-    return f"{path}:{stat.st_size}:{int(stat.st_mtime)}"
+    return f"{path}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}"
 
 
 def fingerprint(definition: TemplateDefinition, qemu: str, kernel: Path, initrd: Path,
