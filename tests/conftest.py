@@ -1,5 +1,18 @@
+import pytest
+
+from guest.build import find_image
+from vmrun.config import Config
 
 
 def pytest_collection_modifyitems(config, items):
     # Integration tests boot guests: run the quick unit tests first.
     items.sort(key=lambda item: "integration" in item.keywords)
+
+
+@pytest.fixture(scope="session")
+def guest_image():
+    """The built guest image every test that boots a guest needs."""
+    image = find_image(Config().image_dir)
+    if image is None:
+        pytest.fail("no guest image: run `vmrun image build` (scripts/setup.sh does)")
+    return image

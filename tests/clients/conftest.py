@@ -52,11 +52,6 @@ def _require_tools() -> None:
         pytest.fail(f"{VMRUN} not found: run `pip install -e .` (scripts/setup.sh does)")
     if not images.BUSYBOX.is_file():
         pytest.fail(f"{images.BUSYBOX} not found: install busybox-static (scripts/setup.sh does)")
-    from guest.build import find_image
-    from vmrun.config import Config
-
-    if find_image(Config().image_dir) is None:
-        pytest.fail("no guest image: run `vmrun image build` (scripts/setup.sh does)")
 
 
 def _write_config(base: Path) -> Path:
@@ -133,7 +128,7 @@ def _clean_containerd_run(ctd: Containerd, namespaces_before: set[str]) -> list[
 
 
 @pytest.fixture(scope="session")
-def containerd():
+def containerd(guest_image):
     _require_tools()
     # Short: unix socket paths (containerd's, vmrun's under run/vm/<hash>/) must fit 108 bytes.
     base = Path(tempfile.mkdtemp(prefix="vc", dir="/tmp"))

@@ -39,12 +39,7 @@ RPC_TIMEOUT = 240  # a cold guest under TCG on a loaded 2-core host
 
 
 @pytest.fixture(scope="module")
-def cri():
-    from guest.build import find_image
-    from vmrun.config import Config
-
-    if find_image(Config().image_dir) is None:
-        pytest.fail("no guest image: run `vmrun image build` (scripts/setup.sh does)")
+def cri(guest_image):
     try:
         api, api_grpc = cri_stubs()
     except CriSetupError as exc:

@@ -24,18 +24,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.clients]
 
 HOST_KERNEL = os.uname().release
 
-# vmrun bug (reproduced with the vmrun CLI alone: `vmrun exec -t <64-char id> tty`):
-# the guest agent binds an exec's console socket at
-# /run/vmrun/bundles/<container id>/exec-<exec id>.sock, where vmrun's exec ids are
-# "exec-" + 16 hex digits; with a 64-character container id (every docker, podman and
-# Kubernetes container) that is 115 bytes, over AF_UNIX's 107.
 @pytest.fixture(scope="module")
-def docker_session():
-    from guest.build import find_image
-    from vmrun.config import Config
-
-    if find_image(Config().image_dir) is None:
-        pytest.fail("no guest image: run `vmrun image build` (scripts/setup.sh does)")
+def docker_session(guest_image):
     if not VMRUN_BINARY.exists():
         pytest.fail(f"{VMRUN_BINARY} missing: pip install -e . (scripts/setup.sh does)")
     try:

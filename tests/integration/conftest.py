@@ -17,18 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from guest.build import find_image
 from leftovers import mounts_under, processes_mentioning
 from vmrun.busybox import make_busybox_bundle
 from vmrun.config import Config
-
-@pytest.fixture(scope="session")
-def guest_image():
-    image = find_image(Config().image_dir)
-    if image is None:
-        pytest.fail("no guest image: run `vmrun image build` (scripts/setup.sh does)")
-    return image
-
 
 @dataclass
 class Env:
