@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -146,7 +147,8 @@ def containerd(guest_image):
                                stderr=subprocess.STDOUT, env={**os.environ, "VMRUN_CONFIG": str(base / "vmrun.toml")},
                                start_new_session=True)
     log.close()
-    ctd = Containerd(base, process, prefix=base.name.lower().replace("_", "-"))
+    # containerd allows no doubled separators in ids, so the prefix is plain hex, not the tmp dir's name.
+    ctd = Containerd(base, process, prefix=f"vc{secrets.token_hex(4)}")
     try:
         def answers() -> bool:
             if process.poll() is not None:
