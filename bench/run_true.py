@@ -40,20 +40,21 @@ def vmrun_phases(log: Path) -> dict[str, float]:
 def breakdown(wall: float, p: dict[str, float]) -> list[tuple[str, float]]:
     guest = p.get("guest_uptime", 0.0)
     cloned = "clone_restored" in p
-    steps = [("vmrun start-up and exit (Python)", wall - p["torn_down"]),
-             ("virtiofsd + vsock backend", p["helpers_started"])]
+    steps = [("vmrun start-up and exit (Python)", wall - p["torn_down"])]
     if cloned:
-        steps += [("RAM copy, QEMU start, state restore", p["clone_restored"] - p["helpers_started"]),
-                  ("hot-plug, resume, agent ready", p["agent_ready"] - p["clone_restored"])]
+        # The helpers start while the RAM is copied and QEMU restores: one step.
+        restored = max(p["helpers_started"], p["clone_restored"])
+        steps += [("helpers ‖ RAM copy, QEMU start, restore", restored),
+                  ("hot-plug, resume, agent ready", p["agent_ready"] - restored)]
     else:
-        steps += [("QEMU start (to QMP)", p["qemu_started"] - p["helpers_started"]),
+        steps += [("virtiofsd + vsock backend", p["helpers_started"]),
+                  ("QEMU start (to QMP)", p["qemu_started"] - p["helpers_started"]),
                   ("firmware, before the kernel clock", p["agent_ready"] - p["qemu_started"] - guest),
                   ("guest kernel + /init", p.get("guest_agent_started", 0.0)),
                   ("agent start (Python, grpc)", guest - p.get("guest_agent_started", 0.0))]
     steps += [
         ("sandbox setup (virtio-fs mount)", p["sandbox_created"] - p["agent_ready"]),
-        ("container create (crun)", p["container_created"] - p["sandbox_created"]),
-        ("container start", p["container_started"] - p["container_created"]),
+        ("container create + start (crun run)", p["container_started"] - p["sandbox_created"]),
         ("/bin/true runs, output drained", p["container_exited"] - p["container_started"]),
         ("teardown", p["torn_down"] - p["container_exited"]),
     ]

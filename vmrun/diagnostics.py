@@ -11,7 +11,7 @@ from vmrun.config import DEFAULT_CONFIG_PATH, Config
 from vmrun.errors import VmrunError
 from vmrun.hypervisor.accel import detect_acceleration
 from vmrun.hypervisor.virtiofsd import find_virtiofsd
-from vmrun.hypervisor.vsock import kernel_vsock_available
+from vmrun.hypervisor.vsock.transports import kernel_vsock_available
 from vmrun.proc import run
 
 

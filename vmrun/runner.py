@@ -63,18 +63,14 @@ def _run_in_guest(config: Config, store: StateStore, bundle: Bundle, state: Cont
         state.vm_dir = str(sandbox.dir)
         store.save(state)
         sandbox.share_container(container_id, bundle)
-        agent.create_container(container_id, guest_spec(bundle.spec, container_id))
-        timings["container_created"] = time.monotonic() - t0
+        # Created and started in one step: the output waits in the guest until relayed.
+        agent.create_container(container_id, guest_spec(bundle.spec, container_id), start=True)
+        state.status = "running"
+        store.save(state)
+        timings["container_started"] = time.monotonic() - t0
         with _raw_terminal(sys.stdin.fileno()) if bundle.terminal else nullcontext():
-
-            def start() -> None:
-                agent.start_container(container_id)
-                state.status = "running"
-                store.save(state)
-                timings["container_started"] = time.monotonic() - t0
-
             code = relay_until_exit(agent, container_id, stdin=sys.stdin.fileno(), stdout=sys.stdout.fileno(),
-                                    stderr=sys.stderr.fileno(), terminal=bundle.terminal, attached=start)
+                                    stderr=sys.stderr.fileno(), terminal=bundle.terminal)
         timings["container_exited"] = time.monotonic() - t0
         state.status = "stopped"
         store.save(state)

@@ -24,7 +24,6 @@ from vmrun.agent.constants import AGENT_PORT, READY_MESSAGE, READY_PORT, READY_P
 from vmrun.config import Config
 from vmrun.errors import BundleError, HypervisorError, ImageError
 from vmrun.hypervisor.accel import Acceleration, detect_acceleration
-from vmrun.hypervisor.devices import QemuDevice
 from vmrun.hypervisor.qemu import BASE_KERNEL_PARAMS, QemuVM, VMSpec, hotplug_port_id
 from vmrun.hypervisor.templates import (
     Template,
@@ -35,7 +34,7 @@ from vmrun.hypervisor.templates import (
     template_vm_spec,
 )
 from vmrun.hypervisor.virtiofsd import Virtiofsd, find_virtiofsd
-from vmrun.hypervisor.vsock import make_transport
+from vmrun.hypervisor.vsock.transports import make_transport
 from vmrun.oci import Bundle, is_bind_mount
 from vmrun.proc import HelperProcess
 
@@ -182,24 +181,37 @@ class Sandbox:
         # The clone's RAM copy runs while the helpers start.
         memory_copy = self._copy_template_memory(template) if template else None
 
+        # The helpers start while a clone's QEMU restores (it needs them only to hot-plug);
+        # a booting QEMU connects to them at once, so it waits for them.
         virtiofsd = Virtiofsd(find_virtiofsd(self.config.virtiofsd), self.dir / "virtiofsd.sock",
                               self.shared_dir, self.dir / "virtiofsd.log")
-        self._stack.enter_context(virtiofsd)
+        self._stack.push(virtiofsd)
+        virtiofsd.launch()
         cid = 3 + int(self.dir.name[:7], 16)  # < 2**28, unique enough per host for kernel vsock
         transport = make_transport(self.dir, cid)
-        self._stack.enter_context(transport)
+        self._stack.push(transport)
+        transport.launch()
         # A cold-booted guest gets its own ready port (with kernel vsock, host ports are
         # shared by every guest); a clone keeps its template's command line.
         ready_port = READY_PORT if template else READY_PORT_BASE + cid
         ready_listener = transport.listen(ready_port)
         self._stack.callback(ready_listener.close)
-        self._mark("helpers_started")
+
+        def wait_for_helpers() -> None:
+            virtiofsd.wait_started()
+            transport.wait_started()
+            self._mark("helpers_started")
 
         devices = [virtiofsd.device(SHARED_FS_TAG), transport.device()]
         if template is not None:
             assert memory_copy is not None
-            self.vm = self._restore_clone(template, files, acceleration, devices, memory_copy)
+            self.vm = self._restore_clone(template, files, acceleration, memory_copy)
+            wait_for_helpers()
+            for index, device in enumerate(devices):
+                device.hotplug(self.vm, hotplug_port_id(index))
+            self.vm.resume()
         else:
+            wait_for_helpers()
             params = f"{BASE_KERNEL_PARAMS} vmrun.agent_port={AGENT_PORT} vmrun.ready_port={ready_port}"
             spec = VMSpec(
                 name=f"vmrun-{self.sandbox_id[:32]}",
@@ -264,8 +276,8 @@ class Sandbox:
         return copy, memory
 
     def _restore_clone(self, template: Template, files: BootFiles, acceleration: Acceleration,
-                       devices: list[QemuDevice], memory_copy: tuple[HelperProcess, Path]) -> QemuVM:
-        """Restore the template into the clone's copy of its RAM; hot-plug our devices; resume."""
+                       memory_copy: tuple[HelperProcess, Path]) -> QemuVM:
+        """Restore the template, paused, into the clone's copy of its RAM."""
         copy, memory = memory_copy
         if copy.wait(60) != 0:
             raise HypervisorError(f"cannot copy the template's memory: {copy.log_tail(1) or 'cp failed'}")
@@ -277,9 +289,6 @@ class Sandbox:
         self._stack.callback(vm.close)
         restore_state(vm, self.dir / "template-state")
         self._mark("clone_restored")
-        for index, device in enumerate(devices):
-            device.hotplug(vm, hotplug_port_id(index))
-        vm.resume()
         log.debug("cloned %s from template %s", self.sandbox_id, definition.name)
         return vm
 

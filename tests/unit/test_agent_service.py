@@ -51,7 +51,7 @@ class FakeCrun:
     def __init__(self) -> None:
         self.deleted: list[tuple[str, bool]] = []
 
-    def create(self, container_id, bundle, stdio, console_socket) -> Child:
+    def create(self, container_id, bundle, stdio, console_socket, start=False) -> Child:
         return Child(1 << 22)  # never signalled: these tests do not kill it
 
     def delete(self, container_id: str, force: bool = False) -> None:

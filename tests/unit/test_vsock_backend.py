@@ -561,7 +561,7 @@ def test_qemu_disconnect_closes_host_sockets_and_stops(tmp_path):
 
 def test_hybrid_transport_connect_and_listen_through_the_backend_process(tmp_path):
     from vmrun.errors import VsockError
-    from vmrun.hypervisor.vsock import HybridVsock
+    from vmrun.hypervisor.vsock.hybrid import HybridVsock
 
     with HybridVsock(tmp_path, CID) as transport:
         guest = FakeGuest(transport.socket_path)

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
-import vmrun.hypervisor.vsock as vsock
+import vmrun.hypervisor.vsock.transports as transports
 from vmrun.errors import VsockError
-from vmrun.hypervisor.vsock import HybridVsock, KernelVsock, make_transport
+from vmrun.hypervisor.vsock.hybrid import HybridVsock
+from vmrun.hypervisor.vsock.kernel import KernelVsock
+from vmrun.hypervisor.vsock.transports import make_transport
 
 
 def test_hybrid_qemu_args_and_hotplug_attributes(tmp_path):
@@ -85,20 +87,20 @@ def test_kernel_vsock_connect_failure_is_a_vsock_error():
 
 
 def test_make_transport_prefers_the_kernel(tmp_path, monkeypatch):
-    monkeypatch.setattr(vsock, "kernel_vsock_available", lambda: True)
+    monkeypatch.setattr(transports, "kernel_vsock_available", lambda: True)
     t = make_transport(tmp_path, 9)
     assert isinstance(t, KernelVsock) and t.guest_cid == 9
-    monkeypatch.setattr(vsock, "kernel_vsock_available", lambda: False)
+    monkeypatch.setattr(transports, "kernel_vsock_available", lambda: False)
     t = make_transport(tmp_path, 9)
     assert isinstance(t, HybridVsock) and t.run_dir == tmp_path and t.guest_cid == 9
 
 
 def test_kernel_vsock_available_needs_an_openable_device(tmp_path):
-    assert not vsock.kernel_vsock_available(str(tmp_path / "missing"))
+    assert not transports.kernel_vsock_available(str(tmp_path / "missing"))
     dev = tmp_path / "dev"
     dev.write_bytes(b"")
-    assert vsock.kernel_vsock_available(str(dev))
+    assert transports.kernel_vsock_available(str(dev))
     dev.chmod(0o000)
     # root opens it anyway; others must not
     import os
-    assert vsock.kernel_vsock_available(str(dev)) == (os.geteuid() == 0)
+    assert transports.kernel_vsock_available(str(dev)) == (os.geteuid() == 0)

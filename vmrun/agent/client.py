@@ -75,8 +75,9 @@ class AgentClient:
     def destroy_sandbox(self, sandbox_id: str) -> None:
         self._call("DestroySandbox", pb.DestroySandboxRequest(sandbox_id=sandbox_id))
 
-    def create_container(self, container_id: str, guest_spec: dict) -> int:
-        request = pb.CreateContainerRequest(container_id=container_id, spec_json=json.dumps(guest_spec).encode())
+    def create_container(self, container_id: str, guest_spec: dict, start: bool = False) -> int:
+        request = pb.CreateContainerRequest(container_id=container_id, spec_json=json.dumps(guest_spec).encode(),
+                                            start=start)
         return self._call("CreateContainer", request).pid
 
     def start_container(self, container_id: str) -> None:

@@ -58,9 +58,13 @@ class Crun:
         # Registered as soon as it is known: the process may already have exited.
         return self._spawner.reaper.watch(int(pid_file.read_text().strip()))
 
-    def create(self, container_id: str, bundle: Path, stdio: Stdio, console_socket: Path | None) -> Child:
+    def create(self, container_id: str, bundle: Path, stdio: Stdio, console_socket: Path | None,
+               start: bool = False) -> Child:
+        """crun create; with `start`, crun run --detach: one crun process fewer, which under
+        TCG is a tenth of a second."""
         pid_file = bundle / "init.pid"
-        args = ["create", "--bundle", str(bundle), "--pid-file", str(pid_file)]
+        command = ["run", "--detach"] if start else ["create"]
+        args = [*command, "--bundle", str(bundle), "--pid-file", str(pid_file)]
         if console_socket is not None:
             args += ["--console-socket", str(console_socket)]
         self._with_stdio([*args, container_id], bundle / "crun.log", stdio)

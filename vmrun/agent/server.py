@@ -7,6 +7,7 @@ every orphan in the guest.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import sys
@@ -23,6 +24,8 @@ from vmrun.agent.processes import Reaper
 from vmrun.agent.service import AgentService
 
 _HOST_CID = 2
+# A lost connection request is retried after this, not after the kernel's 2 s.
+_CONNECT_TIMEOUT = 0.5
 
 
 def _log(message: str) -> None:
@@ -50,19 +53,45 @@ def _boot_report() -> str:
     return f"uptime={uptime} agent_started={os.environ.get('VMRUN_INIT_DONE', '0')}"
 
 
+def _vsock_device_ready() -> bool:
+    """Whether the guest has its vsock CID (where /dev/vsock cannot tell, assume so)."""
+    try:
+        with open("/dev/vsock", "rb") as dev:
+            raw = fcntl.ioctl(dev, socket.IOCTL_VM_SOCKETS_GET_LOCAL_CID, bytes(4))
+    except OSError:
+        return True
+    return int.from_bytes(raw, sys.byteorder) != socket.VMADDR_CID_ANY
+
+
 def _announce_ready(port: int) -> None:
     """Connect to the host's ready port until it answers: the device may come late."""
-    delay = 0.005
     while True:
+        # A connect made while the driver is still probing goes out from CID "any", which
+        # the host drops, and then hangs for the 2 s vsock connect timeout: wait for the CID.
+        if not _vsock_device_ready():
+            time.sleep(0.005)
+            continue
         try:
             with socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM) as conn:
+                conn.settimeout(_CONNECT_TIMEOUT)
                 conn.connect((_HOST_CID, port))
                 message = f"{vmrun.__version__} {_boot_report()}"
                 conn.sendall(READY_MESSAGE + b" " + message.encode() + b"\n")
             return
         except OSError:
-            time.sleep(delay)
-            delay = min(delay * 2, 0.1)
+            time.sleep(0.01)
+
+
+def _warm_up(calls: int) -> None:
+    """Serve a few concurrent calls before a template is saved: its clones then start with
+    the gRPC server's worker threads running and its first-call paths already taken."""
+    from vmrun.agent import agent_pb2 as pb
+
+    with grpc.insecure_channel(f"unix:{AGENT_UNIX_SOCKET}") as channel:
+        stub = agent_pb2_grpc.AgentStub(channel)
+        pending = [stub.Health.future(pb.Empty()) for _ in range(calls)]
+        for call in pending:
+            call.result(timeout=30)
 
 
 def main() -> None:
@@ -81,6 +110,8 @@ def main() -> None:
     server.add_insecure_port(f"unix:{AGENT_UNIX_SOCKET}")
     server.start()
     SocketBridge(_vsock_listener(agent_port), _dial_agent, "vsock-agent").start()
+    if params.get("template") == "1":
+        _warm_up(calls=8)
     # A template is saved once this line is on the console; its clones get vsock later.
     _log("listening")
     _announce_ready(ready_port)

@@ -410,7 +410,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         try:
             init = self._launch(
                 terminal,
-                lambda stdio, console: self._crun.create(container_id, bundle, stdio, console),
+                lambda stdio, console: self._crun.create(container_id, bundle, stdio, console, request.start),
                 # crun created the container: without its terminal it is of no use.
                 lambda _child: self._crun.delete(container_id, force=True),
             )

@@ -62,7 +62,7 @@ class TemplateDefinition:
 
     def kernel_command_line(self) -> str:
         # Fixed for the template and every clone: a clone cannot change its command line.
-        return f"{BASE_KERNEL_PARAMS} vmrun.agent_port={AGENT_PORT} vmrun.ready_port={READY_PORT} " \
+        return f"{BASE_KERNEL_PARAMS} vmrun.agent_port={AGENT_PORT} vmrun.ready_port={READY_PORT} vmrun.template=1 " \
                f"{self.kernel_params}".strip()
 
 

@@ -50,13 +50,21 @@ class Virtiofsd(HelperProcess):
         return QemuDevice("vhost-user-fs-pci", "virtiofs0", {"tag": tag}, backend_socket=self.socket_path)
 
     def start(self) -> "Virtiofsd":
+        self.launch()
+        self.wait_started()
+        return self
+
+    def launch(self) -> "Virtiofsd":
+        """Start virtiofsd without waiting for it to listen (work can overlap its start)."""
         super().start()
+        return self
+
+    def wait_started(self) -> None:
         try:
             self.wait_for_path(self.socket_path, _START_TIMEOUT)
         except Exception as exc:
             self.stop()
             raise HypervisorError(str(exc)) from None
-        return self
 
     def stop(self, grace: float = 3.0) -> None:
         super().stop(grace)

@@ -23,9 +23,17 @@ class VsockTransport(ABC):
 
     guest_cid: int
 
-    @abstractmethod
     def start(self) -> None:
-        """Start whatever host-side helper the device needs."""
+        """Start whatever host-side helper the device needs, and wait until it serves."""
+        self.launch()
+        self.wait_started()
+
+    @abstractmethod
+    def launch(self) -> None:
+        """Start the host-side helper without waiting for it (work can overlap its start)."""
+
+    def wait_started(self) -> None:
+        """Wait until what `launch()` started serves (a backend QEMU can connect to)."""
 
     @abstractmethod
     def device(self) -> QemuDevice:

@@ -41,7 +41,7 @@ class HybridVsock(VsockTransport):
 
     # --- VsockTransport --------------------------------------------------------------------
 
-    def start(self) -> None:
+    def launch(self) -> None:
         if self._helper is not None and self._helper.alive():
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -59,6 +59,11 @@ class HybridVsock(VsockTransport):
         except CommandError as exc:
             raise VsockError(str(exc)) from exc
         self._helper = helper
+
+    def wait_started(self) -> None:
+        helper = self._helper
+        if helper is None:
+            raise VsockError("vsock: the backend was not launched")
         # The backend makes its socket path appear only once it is listening.
         try:
             helper.wait_for_path(self.socket_path, START_TIMEOUT)

@@ -20,7 +20,7 @@ class KernelVsock(VsockTransport):
         self.device_id = device_id  # for a QMP device_add / device_del
         self._listeners: list[socket.socket] = []
 
-    def start(self) -> None:
+    def launch(self) -> None:
         pass  # the kernel is the backend; QEMU opens /dev/vhost-vsock itself
 
     def device(self) -> QemuDevice:
