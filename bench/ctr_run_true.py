@@ -32,7 +32,7 @@ def main() -> int:
     containerd = None
     try:
         vmrun_config = work / "vmrun.toml"
-        vmrun_config.write_text(f'run_dir = "{work}/run"\ntemplates_dir = "{work}/templates"\n')
+        vmrun_config.write_text(f'run_dir = "{work}/run"\ntemplates_dir = "{work}/templates"\ntemplate = ""\n')
         env = {**os.environ, "VMRUN_CONFIG": str(vmrun_config)}
         (work / "config.toml").write_text(f"""version = 2
 root = "{work}/root"
@@ -73,7 +73,7 @@ state = "{work}/state"
                 ("ctr run --rm, vmrun (cold boot)", *ctr_run(VMRUN, "v1"))]
         made = subprocess.run([VMRUN, "template", "create"], capture_output=True, env=env)
         if made.returncode == 0:
-            vmrun_config.write_text(vmrun_config.read_text() + 'template = "default"\n')
+            vmrun_config.write_text(vmrun_config.read_text().replace('template = ""', 'template = "default"'))
             rows.append(("ctr run --rm, vmrun (template)", *ctr_run(VMRUN, "v2")))
         vmrun_config.write_text(vmrun_config.read_text() + f'pool_socket = "{work}/pool.sock"\npool_size = 1\n')
         pool = subprocess.Popen([VMRUN, "pool", "serve"], env=env, stdout=subprocess.DEVNULL,

@@ -66,7 +66,7 @@ def main() -> int:
     try:
         bundle = make_busybox_bundle(work / "bundle", ["/bin/true"])
         config = work / "vmrun.toml"
-        config.write_text(f'run_dir = "{work}/run"\ntemplates_dir = "{work}/templates"\n')
+        config.write_text(f'run_dir = "{work}/run"\ntemplates_dir = "{work}/templates"\ntemplate = ""\n')
         env = {**os.environ, "VMRUN_CONFIG": str(config)}
         rows: list[tuple[str, float, int]] = []
         runc = shutil.which("runc")
@@ -80,7 +80,7 @@ def main() -> int:
             if name == "from template":
                 seconds, made = timed([*VMRUN, "template", "create"], env)
                 rows.append(("vmrun template create", seconds, made.returncode))
-                config.write_text(config.read_text() + 'template = "default"\n')
+                config.write_text(config.read_text().replace('template = ""', 'template = "default"'))
             log = work / f"{vmrun_id}.log"
             seconds, result = timed([*VMRUN, "--root", str(work / "state"), "--debug", "--log", str(log),
                                      "--log-format", "json", "run", "--bundle", str(bundle), vmrun_id], env)

@@ -29,14 +29,14 @@ def available_mib() -> float:
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="vmrun-row", dir="/tmp"))
     config = work / "vmrun.toml"
-    config.write_text(f'run_dir = "{work}/run"\ntemplates_dir = "{work}/templates"\n')
+    config.write_text(f'run_dir = "{work}/run"\ntemplates_dir = "{work}/templates"\ntemplate = ""\n')
     env = {**os.environ, "VMRUN_CONFIG": str(config)}
     cli = [*VMRUN, "--root", str(work / "state")]
     started: list[str] = []
     try:
         bundle = make_busybox_bundle(work / "bundle", ["sleep", "3600"])
         subprocess.run([*VMRUN, "template", "create"], env=env, check=True, capture_output=True)
-        config.write_text(config.read_text() + 'template = "default"\n')
+        config.write_text(config.read_text().replace('template = ""', 'template = "default"'))
         before = available_mib()
         times = []
         for i in range(COUNT):

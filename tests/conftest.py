@@ -1,3 +1,7 @@
+import shutil
+import tempfile
+from pathlib import Path
+
 import pytest
 
 from guest.build import find_image
@@ -16,3 +20,12 @@ def guest_image():
     if image is None:
         pytest.fail("no guest image: run `vmrun image build` (scripts/setup.sh does)")
     return image
+
+
+@pytest.fixture(scope="session")
+def vm_templates_dir():
+    """A templates_dir for the session's client tests: their sandboxes clone the default
+    template (templating is on by default), which the first of them builds."""
+    path = Path(tempfile.mkdtemp(prefix="vmrun-templates-", dir="/var/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

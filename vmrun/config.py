@@ -37,9 +37,9 @@ class Config:
     acceleration: str = "auto"
     # Where each sandbox keeps its sockets and logs (short: unix socket paths are limited).
     run_dir: Path = Path("/run/vmrun-sandboxes")
-    # VM templating: the template new sandboxes restore from ("" boots every guest), and
-    # where templates are saved (definitions are vmtemplates/NAME.toml).
-    template: str = ""
+    # VM templating: the template new sandboxes restore from, built on first use ("" boots
+    # every guest), and where templates are saved (definitions are vmtemplates/NAME.toml).
+    template: str = "default"
     templates_dir: Path = Path("/var/lib/vmrun/templates")
     # A pool of ready guests (`vmrun pool serve`): create takes one from this socket when
     # it is set, and boots or clones when the pool is empty or gone.

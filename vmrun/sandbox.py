@@ -22,49 +22,21 @@ from vmrun.agent.bridge import SocketBridge
 from vmrun.agent.client import AgentClient
 from vmrun.agent.constants import AGENT_PORT, READY_MESSAGE, READY_PORT, READY_PORT_BASE, SHARED_FS_TAG
 from vmrun.config import Config
-from vmrun.errors import BundleError, HypervisorError, ImageError
+from vmrun.bootfiles import BootFiles, boot_files
+from vmrun.errors import BundleError, HypervisorError
 from vmrun.hypervisor.accel import Acceleration, detect_acceleration
 from vmrun.hypervisor.qemu import BASE_KERNEL_PARAMS, QemuVM, VMSpec, hotplug_port_id
-from vmrun.hypervisor.templates import (
-    Template,
-    TemplateDefinition,
-    TemplateStore,
-    fingerprint,
-    restore_state,
-    template_vm_spec,
-)
+from vmrun.hypervisor.templates import Template, TemplateDefinition, restore_state, template_vm_spec
 from vmrun.hypervisor.virtiofsd import Virtiofsd, find_virtiofsd
 from vmrun.hypervisor.vsock.transports import make_transport
 from vmrun.oci import Bundle, is_bind_mount
 from vmrun.proc import HelperProcess
+from vmrun.templating import TemplateLease, lease_template
 
 log = logging.getLogger("vmrun.sandbox")
 
 # A clone's RAM: a file mapped share=on, in memory (tmpfs), removed with the sandbox.
 CLONE_MEMORY_DIR = Path("/dev/shm/vmrun")
-
-
-@dataclass(frozen=True)
-class BootFiles:
-    kernel: Path
-    initrd: Path
-
-
-def boot_files(config: Config) -> BootFiles:
-    """The guest kernel and initrd: configured explicitly, or the built image."""
-    if config.kernel or config.initrd:
-        files = BootFiles(Path(config.kernel), Path(config.initrd))
-    else:
-        from guest.build import find_image
-
-        image = find_image(config.image_dir)
-        if image is None:
-            raise ImageError(f"no guest image in {config.image_dir}: run `vmrun image build` first")
-        files = BootFiles(image.kernel, image.initrd)
-    for path in (files.kernel, files.initrd):
-        if not path.is_file():
-            raise ImageError(f"guest image file {path} is missing: run `vmrun image build`")
-    return files
 
 
 def vm_dir_for(config: Config, sandbox_id: str) -> Path:
@@ -157,6 +129,7 @@ class Sandbox:
         self.vm: QemuVM | None = None
         self.agent: AgentClient | None = None
         self.template_definition: TemplateDefinition | None = None
+        self._lease: TemplateLease | None = None
 
     def _mark(self, phase: str) -> None:
         self.timings[phase] = time.monotonic() - self._t0
@@ -177,7 +150,11 @@ class Sandbox:
         self._stack.callback(remove_tree_safely, self.dir)
         self.shared_dir.mkdir()
         acceleration = detect_acceleration(self.config.acceleration, self.config.run_dir)
-        template = self._usable_template(files, acceleration)
+        self._lease = lease_template(self.config, files, acceleration)
+        template = self._lease.template if self._lease else None
+        if self._lease:
+            self._stack.callback(self._lease.release)
+            self.template_definition = self._lease.definition
         # The clone's RAM copy runs while the helpers start.
         memory_copy = self._copy_template_memory(template) if template else None
 
@@ -243,29 +220,12 @@ class Sandbox:
         self.kernel_release = self.agent.create_sandbox(self.sandbox_id, self.hostname, SHARED_FS_TAG)
         self._mark("sandbox_created")
 
-    def _usable_template(self, files: BootFiles, acceleration: Acceleration) -> Template | None:
-        """The configured template if clones may restore it; else None (and we boot)."""
-        if not self.config.template:
-            return None
-        definition = TemplateDefinition.load(self.config.template)
-        template = TemplateStore(self.config.templates_dir).get(definition.name)
-        expected = fingerprint(definition, self.config.qemu, files.kernel, files.initrd, acceleration)
-        reason = template.usable_for(expected) if template else "it does not exist"
-        if reason:
-            log.warning("not cloning template %r (%s): booting; `vmrun template create %s` makes it anew",
-                        definition.name, reason, definition.name)
-            return None
-        self.template_definition = definition
-        return template
-
     def _copy_template_memory(self, template: Template) -> tuple[HelperProcess, Path]:
         """Start copying the template's RAM into the clone's own file (sparse, in tmpfs).
 
         A private copy: vhost-user backends need the clone's RAM shared, and the guest's
         writes must reach neither the template nor a sibling clone.
         """
-        # The state first (small): a template replaced meanwhile can then at worst make the
-        # memory copy fail, never pair its RAM with another template's state.
         shutil.copyfile(template.state, self.dir / "template-state")
         memory = clone_memory_path(self.dir)
         _private_clone_memory_dir()
@@ -281,6 +241,8 @@ class Sandbox:
         copy, memory = memory_copy
         if copy.wait(60) != 0:
             raise HypervisorError(f"cannot copy the template's memory: {copy.log_tail(1) or 'cp failed'}")
+        if self._lease:
+            self._lease.release()  # copied: the template may be replaced now
         definition = self.template_definition
         assert definition is not None
         spec = template_vm_spec(definition, qemu=self.config.qemu, acceleration=acceleration, kernel=files.kernel,

@@ -55,8 +55,9 @@ def _require_tools() -> None:
         pytest.fail(f"{images.BUSYBOX} not found: install busybox-static (scripts/setup.sh does)")
 
 
-def _write_config(base: Path) -> Path:
-    (base / "vmrun.toml").write_text(f'run_dir = "{base / "run"}"\nboot_timeout = 120\n')
+def _write_config(base: Path, templates_dir: Path) -> Path:
+    (base / "vmrun.toml").write_text(f'run_dir = "{base / "run"}"\nboot_timeout = 120\n'
+                                     f'templates_dir = "{templates_dir}"\n')
     (base / "cni").mkdir()
     config = base / "containerd.toml"
     config.write_text(f"""\
@@ -129,11 +130,11 @@ def _clean_containerd_run(ctd: Containerd, namespaces_before: set[str]) -> list[
 
 
 @pytest.fixture(scope="session")
-def containerd(guest_image):
+def containerd(guest_image, vm_templates_dir):
     _require_tools()
     # Short: unix socket paths (containerd's, vmrun's under run/vm/<hash>/) must fit 108 bytes.
     base = Path(tempfile.mkdtemp(prefix="vc", dir="/tmp"))
-    config = _write_config(base)
+    config = _write_config(base, vm_templates_dir)
     images_dir = base / "images"
     images_dir.mkdir()
     layer = images.layer_tar()

@@ -224,6 +224,7 @@ state = "{base}/state"
 class CriEnv:
     api: ModuleType
     api_grpc: ModuleType
+    templates_dir: Path  # vmrun's: the session's, so the template is built once
     base: Path | None = field(init=False, default=None)
     netns: str = field(init=False, default="")
     containerd: subprocess.Popen | None = field(init=False, default=None)
@@ -275,7 +276,8 @@ class CriEnv:
         _run(["ip", "-n", self.netns, "link", "set", "lo", "up"])
         for sub in ("cni", "pods", "images"):
             (self.base / sub).mkdir()
-        self.vmrun_config.write_text(f'run_dir = "{self.run_dir}"\nboot_timeout = 120\nlog_level = "debug"\n')
+        self.vmrun_config.write_text(f'run_dir = "{self.run_dir}"\nboot_timeout = 120\nlog_level = "debug"\n'
+                                     f'templates_dir = "{self.templates_dir}"\n')
         config = self.base / "containerd.toml"
         config.write_text(_config_toml(self.base, self.runtime_root))
         env = {**os.environ, "VMRUN_CONFIG": str(self.vmrun_config)}

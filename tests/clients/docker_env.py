@@ -133,7 +133,7 @@ class _Daemon:
 class DockerEnv:
     """A private containerd + dockerd in a network namespace of their own."""
 
-    def __init__(self) -> None:
+    def __init__(self, templates_dir: Path) -> None:
         self.root = docker_root()
         self.dockerd = self.root / "usr" / "sbin" / "dockerd"
         self.docker = self.root / "usr" / "bin" / "docker"
@@ -150,7 +150,8 @@ class DockerEnv:
         self.images = self.base / "images"
         for path in (self.ctd_dir, self.images, self.base / "cli"):
             path.mkdir(parents=True)
-        self.vmrun_config.write_text(f'run_dir = "{self.run_dir}"\nboot_timeout = 120\n')
+        self.vmrun_config.write_text(f'run_dir = "{self.run_dir}"\nboot_timeout = 120\n'
+                                     f'templates_dir = "{templates_dir}"\n')
         self.containerd: _Daemon | None = None
         self.daemon: _Daemon | None = None
         self.netns_made = False

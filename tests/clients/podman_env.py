@@ -188,7 +188,7 @@ class Terminal:
 class PodmanEnv:
     """podman with private storage and configuration, its runtime "vmrun" = our vmrun."""
 
-    def __init__(self) -> None:
+    def __init__(self, templates_dir: Path) -> None:
         # Short: vmrun's unix sockets live under run_dir.
         self.base = Path(tempfile.mkdtemp(prefix="vpm-", dir="/tmp"))
         self.run_dir = self.base / "run"  # vmrun's run_dir
@@ -203,7 +203,8 @@ class PodmanEnv:
         self.images = self.base / "images"
         for path in (self.tmpdir, self.cni_dir, self.images):
             path.mkdir(parents=True)
-        self.vmrun_config.write_text(f'run_dir = "{self.run_dir}"\nboot_timeout = 120\n')
+        self.vmrun_config.write_text(f'run_dir = "{self.run_dir}"\nboot_timeout = 120\n'
+                                     f'templates_dir = "{templates_dir}"\n')
         self.runtime.write_text(
             "#!/bin/sh\n"
             "# podman's cleanup process drops --runtime-flag: set vmrun's --root for every call.\n"

@@ -39,12 +39,12 @@ RPC_TIMEOUT = 240  # a cold guest under TCG on a loaded 2-core host
 
 
 @pytest.fixture(scope="module")
-def cri(guest_image):
+def cri(guest_image, vm_templates_dir):
     try:
         api, api_grpc = cri_stubs()
     except CriSetupError as exc:
         pytest.fail(f"cannot generate the CRI v1 stubs: {exc}")
-    env = CriEnv(api, api_grpc)
+    env = CriEnv(api, api_grpc, vm_templates_dir)
     try:
         env.start()
     except BaseException:

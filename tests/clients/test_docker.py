@@ -25,11 +25,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.clients]
 HOST_KERNEL = os.uname().release
 
 @pytest.fixture(scope="module")
-def docker_session(guest_image):
+def docker_session(guest_image, vm_templates_dir):
     if not VMRUN_BINARY.exists():
         pytest.fail(f"{VMRUN_BINARY} missing: pip install -e . (scripts/setup.sh does)")
     try:
-        env = DockerEnv()
+        env = DockerEnv(vm_templates_dir)
     except DockerSetupError as exc:  # no archive to download docker.io from, and no cached copy
         pytest.skip(f"dockerd unavailable: {exc}")
     try:

@@ -22,13 +22,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.clients]
 HOST_KERNEL = os.uname().release
 
 @pytest.fixture(scope="module")
-def podman_session(guest_image):
+def podman_session(guest_image, vm_templates_dir):
     for tool in ("podman", "conmon"):
         if not any(os.access(os.path.join(d, tool), os.X_OK) for d in ("/usr/bin", "/usr/local/bin")):
             pytest.fail(f"{tool} is not installed: run scripts/setup.sh")
     if not VMRUN_BINARY.exists():
         pytest.fail(f"{VMRUN_BINARY} missing: pip install -e . (scripts/setup.sh does)")
-    env = PodmanEnv()
+    env = PodmanEnv(vm_templates_dir)
     try:
         env.load_image()
     except BaseException:

@@ -63,7 +63,8 @@ def vm_env(guest_image):
     base = Path(tempfile.mkdtemp(prefix="vmrun-t", dir="/tmp"))
     run_dir = base / "run"
     config_path = base / "vmrun.toml"
-    config_path.write_text(f'run_dir = "{run_dir}"\nboot_timeout = 120\n')
+    # Cold boots here (templating, the default, has its own tests and the client tests).
+    config_path.write_text(f'run_dir = "{run_dir}"\nboot_timeout = 120\ntemplate = ""\n')
     env = Env(base, config_path, base / "state")
     clone_memory = Path("/dev/shm/vmrun")
     memory_before = set(clone_memory.iterdir()) if clone_memory.exists() else set()

@@ -12,15 +12,31 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
+def templating_on(vm_env) -> None:
+    """Templating as configured by default, with templates in the test's private dir."""
+    templates = vm_env.base / "templates"
+    vm_env.config_path.write_text(vm_env.config_path.read_text().replace('template = ""\n', "")
+                                  + f'templates_dir = "{templates}"\n')
+
+
 @pytest.fixture
 def templated(vm_env):
-    """vm_env with templating on, templates in a private dir, and the default template made."""
-    templates = vm_env.base / "templates"
-    vm_env.config_path.write_text(vm_env.config_path.read_text()
-                                  + f'template = "default"\ntemplates_dir = "{templates}"\n')
+    """vm_env with templating on and the default template made."""
+    templating_on(vm_env)
     created = vm_env.vmrun("template", "create")
     assert created.returncode == 0, created.stderr
     return vm_env
+
+
+def test_the_first_sandbox_builds_the_missing_template(vm_env):
+    templating_on(vm_env)
+    assert vm_env.vmrun("template", "list").stdout == b""
+    bundle = vm_env.bundle("first", ["echo", "first-ok"])
+    result = vm_env.vmrun("--debug", "run", "--bundle", str(bundle), "first")
+    assert result.returncode == 0 and result.stdout == b"first-ok\n", result.stderr
+    assert b"building template 'default' (it does not exist)" in result.stderr
+    assert b"cloned first from template default" in result.stderr
+    assert vm_env.vmrun("template", "list").stdout.split()[:2] == [b"default", b"usable"]
 
 
 def digest(path) -> str:
@@ -59,16 +75,18 @@ def test_five_concurrent_clones(templated):
         assert result.stdout == b"clone-ok\n" and b"from template default" in result.stderr
 
 
-def test_a_stale_template_is_refused_and_the_guest_boots(templated):
+def test_a_stale_template_is_rebuilt_before_it_is_cloned(templated):
     record_path = templated.base / "templates" / "default" / "record.json"
     record = json.loads(record_path.read_text())
     record["fingerprint"]["kernel"] = "/boot/some-other-kernel:1:1"
     record_path.write_text(json.dumps(record))
     assert b"stale: it was built from another kernel" in templated.vmrun("template", "list").stdout
-    bundle = templated.bundle("stale", ["echo", "booted"])
+    bundle = templated.bundle("stale", ["echo", "cloned"])
     result = templated.vmrun("--debug", "run", "--bundle", str(bundle), "stale")
-    assert result.returncode == 0 and result.stdout == b"booted\n"
-    assert b"not cloning template 'default' (it was built from another kernel)" in result.stderr
+    assert result.returncode == 0 and result.stdout == b"cloned\n", result.stderr
+    assert b"building template 'default' (it was built from another kernel)" in result.stderr
+    assert b"cloned stale from template default" in result.stderr
+    assert templated.vmrun("template", "list").stdout.split()[:2] == [b"default", b"usable"]
 
 
 def test_template_rm(templated):

@@ -6,10 +6,17 @@ backend) can map a clone's memory; with QEMU's x-ignore-shared the saved state h
 device state, and each clone gets a sparse copy of the RAM file. vhost-user devices
 block migration, so templates have none: clones get theirs hot-plugged on spare PCIe
 root ports before they resume.
+
+Concurrency: a clone holds its template's lock shared while it copies the template's
+files; replacing or removing a template takes that lock exclusively, so a clone copies
+one whole template, never half of one and half of its successor. Builders of one
+template take its build lock in turn, so concurrent sandboxes build it once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shlex
@@ -19,6 +26,7 @@ import tomllib
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 import vmrun
 from vmrun.agent.constants import AGENT_PORT, READY_PORT
@@ -125,6 +133,27 @@ class TemplateStore:
     def __init__(self, root: Path):
         self.root = root
 
+    @contextlib.contextmanager
+    def _locked(self, name: str, kind: str, shared: bool) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / f".{name}.{kind}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def in_use(self, name: str) -> contextlib.AbstractContextManager[None]:
+        """Held (shared) while a clone reads the template: it is not replaced meanwhile."""
+        return self._locked(name, "lock", shared=True)
+
+    def _replacing(self, name: str) -> contextlib.AbstractContextManager[None]:
+        return self._locked(name, "lock", shared=False)
+
+    def building(self, name: str) -> contextlib.AbstractContextManager[None]:
+        """Held while one builds the template: others wait, then find it built."""
+        return self._locked(name, "build", shared=False)
+
     def get(self, name: str) -> Template | None:
         template = Template(self.root / name)
         return template if template.record_path.exists() else None
@@ -135,10 +164,15 @@ class TemplateStore:
         return [Template(p) for p in sorted(self.root.iterdir()) if (p / "record.json").exists()]
 
     def remove(self, name: str) -> bool:
+        """Remove a template, once no clone is copying it."""
+        with self._replacing(name):
+            return self._remove_unlocked(name)
+
+    def _remove_unlocked(self, name: str) -> bool:
         path = self.root / name
         if not path.exists():
             return False
-        # Rename first: a clone starting now either finds the whole template or none.
+        # Renamed, then deleted: a crash midway leaves no half template under its name.
         doomed = self.root / f".{name}.removing-{os.getpid()}"
         path.rename(doomed)
         shutil.rmtree(doomed)
@@ -172,9 +206,9 @@ class TemplateStore:
                 "save_seconds": round(save_seconds, 3),
             }, indent=2))
             final = self.root / definition.name
-            if final.exists():
-                self.remove(definition.name)
-            staging.rename(final)
+            with self._replacing(definition.name):
+                self._remove_unlocked(definition.name)
+                staging.rename(final)
             return Template(final)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,70 @@
+"""TemplateStore's locking: a template is not replaced or removed while a clone copies it."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+from vmrun.hypervisor.templates import Template, TemplateStore
+
+
+def make_template(store: TemplateStore, name: str, content: str) -> Template:
+    path = store.root / name
+    path.mkdir(parents=True)
+    (path / "memory").write_text(content)
+    (path / "state").write_text(content)
+    (path / "record.json").write_text(json.dumps({"name": name, "fingerprint": {}}))
+    return Template(path)
+
+
+def test_remove_waits_until_no_clone_copies_the_template(tmp_path):
+    store = TemplateStore(tmp_path)
+    make_template(store, "default", "v1")
+    removed = threading.Event()
+
+    with store.in_use("default"):
+        remover = threading.Thread(target=lambda: store.remove("default") and removed.set())
+        remover.start()
+        time.sleep(0.3)
+        # Still there, whole, while the clone holds it.
+        assert not removed.is_set()
+        assert (tmp_path / "default" / "memory").read_text() == "v1"
+    remover.join(5)
+    assert removed.is_set() and store.get("default") is None
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith((".lock", ".build"))] == []
+
+
+def test_clones_share_the_template(tmp_path):
+    store = TemplateStore(tmp_path)
+    make_template(store, "default", "v1")
+    entered = threading.Event()
+
+    def second_clone() -> None:
+        with store.in_use("default"):
+            entered.set()
+
+    with store.in_use("default"):
+        other = threading.Thread(target=second_clone)
+        other.start()
+        assert entered.wait(5), "a second clone must not wait for the first"
+    other.join(5)
+
+
+def test_builders_take_turns(tmp_path):
+    store = TemplateStore(tmp_path)
+    order: list[str] = []
+
+    def build(name: str) -> None:
+        with store.building("default"):
+            order.append(f"{name} start")
+            time.sleep(0.2)
+            order.append(f"{name} end")
+
+    threads = [threading.Thread(target=build, args=(n,)) for n in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(5)
+    assert len(order) == 4 and order[0].split()[0] == order[1].split()[0]
+    assert order[2].split()[0] == order[3].split()[0]
