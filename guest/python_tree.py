@@ -34,8 +34,8 @@ DIST_PACKAGES = "usr/lib/python3/dist-packages"
 STDLIB_DROP_TOP = frozenset(
     {
         "test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data",
-        "distutils", "venv", "sqlite3", "curses", "__phello__", "turtle.py", "__hello__.py",
-        "antigravity.py", "this.py", "ssl.py", "_distutils_system_mod.py", "sitecustomize.py",
+        "distutils", "venv", "curses", "__phello__", "turtle.py", "__hello__.py",
+        "antigravity.py", "this.py", "_distutils_system_mod.py", "sitecustomize.py",
         "EXTERNALLY-MANAGED", "LICENSE.txt", "idle.py",
     }
 )  # fmt: skip
@@ -44,7 +44,7 @@ STDLIB_DROP_TOP_PATTERNS = (re.compile(r"config-3\.11.*"), re.compile(r"site-pac
 # Extension modules (lib-dynload) to drop: missing libraries, tests, audio, terminal UI.
 DYNLOAD_DROP = frozenset(
     {
-        "_ssl", "_hashlib", "_sqlite3", "_curses", "_curses_panel", "_dbm", "_gdbm",
+        "_hashlib", "_curses", "_curses_panel", "_dbm", "_gdbm",
         "_decimal", "nis", "readline", "_tkinter", "_ctypes_test", "_testbuffer", "_testcapi",
         "_testclinic", "_testimportmultiple", "_testinternalcapi", "_testmultiphase",
         "_xxtestfuzz", "xxlimited", "xxlimited_35", "ossaudiodev", "audioop", "xxsubtype",
@@ -116,7 +116,7 @@ def install_python(staging: Path, root: Path) -> None:
 
 # -- wheels -------------------------------------------------------------------------------------
 
-WHEEL_DISTRIBUTIONS = ("grpcio", "protobuf", "typing_extensions")
+WHEEL_DISTRIBUTIONS = ("grpcio", "protobuf", "typing_extensions", "pyroute2")
 WHEEL_PLATFORMS = (
     "manylinux2014_x86_64",
     "manylinux_2_17_x86_64",

@@ -17,6 +17,7 @@ from vmrun.errors import ConfigError
 DEFAULT_CONFIG_PATH = Path("/etc/vmrun/vmrun.toml")
 ACCELERATIONS = ("auto", "kvm", "tcg")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+NETWORK_MODELS = ("tcfilter", "none")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ class Config:
     # VM templating: the template new sandboxes restore from, built on first use ("" boots
     # every guest), and where templates are saved (definitions are vmtemplates/NAME.toml).
     template: str = "default"
+    # How a pod's CNI interfaces reach the guest: "tcfilter" (a tap mirrored to each veth
+    # with tc) or "none" (the tap only).
+    network_model: str = "tcfilter"
     templates_dir: Path = Path("/var/lib/vmrun/templates")
     # A pool of ready guests (`vmrun pool serve`): create takes one from this socket when
     # it is set, and boots or clones when the pool is empty or gone.
@@ -91,6 +95,8 @@ def config_from_dict(data: dict, source: str = "config") -> Config:
     config = Config(**values)
     if config.acceleration not in ACCELERATIONS:
         raise ConfigError(f"{source}: acceleration must be one of {', '.join(ACCELERATIONS)}")
+    if config.network_model not in NETWORK_MODELS:
+        raise ConfigError(f"{source}: network_model must be one of {', '.join(NETWORK_MODELS)}")
     if config.log_level not in LOG_LEVELS:
         raise ConfigError(f"{source}: log_level must be one of {', '.join(LOG_LEVELS)}")
     if config.vcpus < 1 or config.memory_mib < 64:

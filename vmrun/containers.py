@@ -20,7 +20,7 @@ from pathlib import Path
 from vmrun.agent.client import AgentClient
 from vmrun.config import Config
 from vmrun.errors import AgentError, ContainerNotFoundError, StateConflictError, VmrunError
-from vmrun.oci import Bundle, guest_spec, load_bundle, validate_id
+from vmrun.oci import Bundle, guest_spec, load_bundle, network_namespace_path, validate_id
 from vmrun.pod import placement
 from vmrun.pool import take_from_pool
 from vmrun.sandbox import share_container_files, unshare_container_files, vm_dir_for
@@ -101,14 +101,16 @@ class Containers:
             undo.callback(self.store.remove, container_id)
             if owns_guest:
                 hostname = bundle.spec.get("hostname", "")
-                pooled = take_from_pool(self.config)
+                netns = network_namespace_path(bundle.spec)
+                # Pooled guests have no way yet to take a pod's network: those boot or clone.
+                pooled = None if netns else take_from_pool(self.config)
                 if pooled is not None:
                     state.vm_dir, state.daemon_pid = pooled.vm_dir, pooled.daemon_pid
                 else:
                     # Recorded before it boots: if we die meanwhile, delete cleans it up.
                     state.vm_dir = str(vm_dir_for(self.config, container_id))
                     self.store.save(state)
-                    state.daemon_pid = spawn_sandbox_daemon(container_id, hostname, self.config.boot_timeout)
+                    state.daemon_pid = spawn_sandbox_daemon(container_id, hostname, self.config.boot_timeout, netns)
                 undo.callback(stop_sandbox_daemon, state.daemon_pid, Path(state.vm_dir))
                 self.store.save(state)
                 adopt_sandbox_daemon(state.daemon_pid)

@@ -53,6 +53,10 @@ class VsockError(HypervisorError):
     """The vsock transport failed to connect or broke."""
 
 
+class NetworkError(VmrunError):
+    """The pod's network namespace could not be carried into the guest."""
+
+
 class AgentError(VmrunError):
     """The in-guest agent failed or could not be reached."""
 

@@ -94,6 +94,15 @@ def guest_mount_source(container_id: str, index: int) -> str:
 _NAMESPACE_PATH = re.compile(r"^/proc/(\d+)/ns/(\w+)$")
 
 
+def network_namespace_path(spec: dict) -> str:
+    """The pod's network namespace (CNI's) the spec joins; "" for none or a new one."""
+    linux = spec.get("linux")
+    for namespace in (linux.get("namespaces", []) if isinstance(linux, dict) else []):
+        if isinstance(namespace, dict) and namespace.get("type") == "network":
+            return str(namespace.get("path") or "")
+    return ""
+
+
 def guest_spec(spec: dict, container_id: str, guest_pids: dict[int, int] | None = None) -> dict:
     """The spec crun gets inside the guest.
 

@@ -12,7 +12,7 @@ from contextlib import contextmanager, nullcontext
 from typing import Iterator
 
 from vmrun.config import Config
-from vmrun.oci import Bundle, guest_spec, load_bundle, validate_id
+from vmrun.oci import Bundle, guest_spec, load_bundle, network_namespace_path, validate_id
 from vmrun.sandbox import Sandbox
 from vmrun.state import ContainerState, StateStore, write_pid_file
 from vmrun.signals import interrupted_by_signals
@@ -62,6 +62,9 @@ def _run_in_guest(config: Config, store: StateStore, bundle: Bundle, state: Cont
         agent = sandbox.agent
         state.vm_dir = str(sandbox.dir)
         store.save(state)
+        netns = network_namespace_path(bundle.spec)
+        if netns:
+            sandbox.attach_network(netns)
         sandbox.share_container(container_id, bundle)
         # Created and started in one step: the output waits in the guest until relayed.
         agent.create_container(container_id, guest_spec(bundle.spec, container_id), start=True)

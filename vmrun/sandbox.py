@@ -23,17 +23,23 @@ from vmrun.agent.client import AgentClient
 from vmrun.agent.constants import AGENT_PORT, READY_MESSAGE, READY_PORT, READY_PORT_BASE, SHARED_FS_TAG
 from vmrun.config import Config
 from vmrun.bootfiles import BootFiles, boot_files
-from vmrun.errors import BundleError, HypervisorError
+from vmrun.errors import BundleError, HypervisorError, NetworkError
 from vmrun.hypervisor.accel import Acceleration, detect_acceleration
+from vmrun.hypervisor.devices import TapNic
 from vmrun.hypervisor.qemu import BASE_KERNEL_PARAMS, QemuVM, VMSpec, hotplug_port_id
 from vmrun.hypervisor.templates import Template, TemplateDefinition, restore_state, template_vm_spec
 from vmrun.hypervisor.virtiofsd import Virtiofsd, find_virtiofsd
 from vmrun.hypervisor.vsock.transports import make_transport
+from vmrun.network.tcfilter import PodNetwork
 from vmrun.oci import Bundle, is_bind_mount
 from vmrun.proc import HelperProcess
 from vmrun.templating import TemplateLease, lease_template
 
 log = logging.getLogger("vmrun.sandbox")
+
+# Spare PCIe root ports of a booted guest, for NICs hot-plugged into it (a clone has its
+# template's).
+COLD_BOOT_HOTPLUG_PORTS = 4
 
 # A clone's RAM: a file mapped share=on, in memory (tmpfs), removed with the sandbox.
 CLONE_MEMORY_DIR = Path("/dev/shm/vmrun")
@@ -130,6 +136,7 @@ class Sandbox:
         self.agent: AgentClient | None = None
         self.template_definition: TemplateDefinition | None = None
         self._lease: TemplateLease | None = None
+        self._next_hotplug_port = 0
 
     def _mark(self, phase: str) -> None:
         self.timings[phase] = time.monotonic() - self._t0
@@ -180,6 +187,8 @@ class Sandbox:
             self._mark("helpers_started")
 
         devices = [virtiofsd.device(SHARED_FS_TAG), transport.device()]
+        # Later devices (NICs) are hot-plugged on the ports these leave free.
+        self._next_hotplug_port = len(devices) if template is not None else 0
         if template is not None:
             assert memory_copy is not None
             self.vm = self._restore_clone(template, files, acceleration, memory_copy)
@@ -201,6 +210,7 @@ class Sandbox:
                 kernel_params=f"{params} {self.config.kernel_params}".strip(),
                 console_log=self.console_log,
                 device_args=[arg for device in devices for arg in device.command_line()],
+                hotplug_ports=COLD_BOOT_HOTPLUG_PORTS,
             )
             log.debug("booting %s with %s (%s)", self.sandbox_id, acceleration.name, acceleration.reason)
             self.vm = QemuVM(spec, self.dir / "qmp.sock", self.dir / "qemu.log").start()
@@ -292,6 +302,24 @@ class Sandbox:
                 self.guest_timings[key] = float(value)
             except ValueError:
                 continue
+
+    def attach_network(self, netns_path: str) -> list[str]:
+        """Carry the interfaces of the pod's network namespace into the guest (hot-plugged
+        NICs); until close. The guest's names for them."""
+        assert self.vm is not None and self.agent is not None
+        network = PodNetwork(netns_path, self.config.network_model)
+        self._stack.callback(network.close)
+        names = []
+        for number, endpoint in enumerate(network.open()):
+            if self._next_hotplug_port >= self.vm.spec.hotplug_ports:
+                raise NetworkError(f"no PCIe port left for {endpoint.interface.name}: the guest has "
+                                   f"{self.vm.spec.hotplug_ports}")
+            nic = TapNic(f"nic{number}", endpoint.interface.mac)
+            nic.hotplug(self.vm, hotplug_port_id(self._next_hotplug_port), endpoint.tap_fd)
+            self._next_hotplug_port += 1
+            network.release_tap(endpoint)
+            names.append(self.agent.configure_interface(endpoint.interface).name)
+        return names
 
     def share_container(self, container_id: str, bundle: Bundle) -> None:
         """Share the container's files with the guest until the sandbox closes."""

@@ -27,7 +27,7 @@ from vmrun.state import alive
 _STOP_GRACE = 10.0
 
 
-def spawn_sandbox_daemon(sandbox_id: str, hostname: str, boot_timeout: float) -> int:
+def spawn_sandbox_daemon(sandbox_id: str, hostname: str, boot_timeout: float, netns: str = "") -> int:
     """Start the daemon for `sandbox_id` and wait until its guest is ready; its pid.
 
     Until adopted (`adopt_sandbox_daemon`, once its starter has recorded it), the daemon
@@ -38,7 +38,7 @@ def spawn_sandbox_daemon(sandbox_id: str, hostname: str, boot_timeout: float) ->
     daemon = HelperProcess(
         "sandbox daemon",
         [sys.executable, "-m", "vmrun.sandbox_daemon", "--id", sandbox_id, "--hostname", hostname,
-         "--ready-fd", str(ready.write_fd)],
+         "--netns", netns, "--ready-fd", str(ready.write_fd)],
         pass_fds=(ready.write_fd,),
         die_with_parent=False,  # it outlives this CLI call
     ).start()
@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vmrun-sandbox-daemon")
     parser.add_argument("--id", required=True)
     parser.add_argument("--hostname", default="")
+    parser.add_argument("--netns", default="", help="the pod's network namespace, carried into the guest")
     parser.add_argument("--ready-fd", type=int, required=True)
     args = parser.parse_args(argv)
 
@@ -99,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with interrupted_by_signals():
             sandbox = Sandbox(args.id, load_config(), hostname=args.hostname).start()
+            try:
+                if args.netns:
+                    sandbox.attach_network(args.netns)
+            except BaseException:
+                sandbox.close()
+                raise
     except VmrunError as exc:
         ReadyPipe.report(args.ready_fd, str(exc))
         return 1

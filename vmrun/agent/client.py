@@ -12,6 +12,7 @@ import grpc
 from vmrun.agent import agent_pb2 as pb
 from vmrun.agent import agent_pb2_grpc
 from vmrun.errors import AgentError
+from vmrun.network.scan import PodInterface
 
 # Output chunks can be large; stdin chunks are bounded by the sender.
 _CHANNEL_OPTIONS = [
@@ -132,6 +133,27 @@ class AgentClient:
 
     def stats(self, container_id: str) -> pb.StatsContainerResponse:
         return self._call("StatsContainer", pb.ContainerRequest(container_id=container_id))
+
+    def configure_interface(self, interface: PodInterface) -> pb.Interface:
+        """Give the guest's NIC with the interface's MAC its name, MTU, addresses, routes and
+        neighbours; what the guest then has."""
+        configured = self._call("UpdateInterface", pb.UpdateInterfaceRequest(interface=pb.Interface(
+            name=interface.name, mac=interface.mac, mtu=interface.mtu,
+            addresses=[pb.IPAddress(address=a.address, prefix_length=a.prefix_len) for a in interface.addresses])))
+        routes = [pb.Route(destination=f"{r.destination}/{r.prefix_len}" if r.destination else "",
+                           gateway=r.gateway, device=configured.name, scope=r.scope) for r in interface.routes]
+        if routes:
+            self._call("UpdateRoutes", pb.UpdateRoutesRequest(routes=pb.Routes(routes=routes)))
+        if interface.neighbors:
+            self._call("AddNeighbors", pb.AddNeighborsRequest(neighbors=[
+                pb.Neighbor(address=n.address, mac=n.mac, device=configured.name) for n in interface.neighbors]))
+        return configured
+
+    def remove_interface(self, mac: str) -> None:
+        self._call("RemoveInterface", pb.RemoveInterfaceRequest(mac=mac))
+
+    def list_routes(self) -> list[pb.Route]:
+        return list(self._call("ListRoutes", pb.Empty()).routes)
 
     def list_processes(self, container_id: str) -> list[pb.ProcessInfo]:
         return list(self._call("ListProcesses", pb.ContainerRequest(container_id=container_id)).processes)

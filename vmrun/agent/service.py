@@ -24,6 +24,7 @@ import vmrun
 from vmrun.agent import agent_pb2 as pb
 from vmrun.agent import agent_pb2_grpc
 from vmrun.agent import linux
+from vmrun.agent import network
 from vmrun.agent.constants import BUNDLES_DIR, CONSOLES_DIR, SHARED_DIR
 from vmrun.agent.crun import Crun, CrunError, Stdio, write_json
 from vmrun.agent.processes import Child, Reaper, Spawner, exit_status
@@ -134,6 +135,7 @@ T = TypeVar("T")
 _STATUS_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (network.NetworkConfigError, grpc.StatusCode.FAILED_PRECONDITION),
     (CrunError, grpc.StatusCode.FAILED_PRECONDITION),
     (OSError, grpc.StatusCode.INTERNAL),
 )
@@ -610,6 +612,34 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             pids_current=stats["pids_current"],
             cgroup_stats_json=json.dumps(stats).encode(),
         )
+
+    # ---- networking ----
+
+    @_rpc
+    def UpdateInterface(self, request: pb.UpdateInterfaceRequest, context: grpc.ServicerContext) -> pb.Interface:
+        return network.update_interface(request.interface)
+
+    @_rpc
+    def RemoveInterface(self, request: pb.RemoveInterfaceRequest, context: grpc.ServicerContext) -> pb.Empty:
+        network.remove_interface(request.mac)
+        return pb.Empty()
+
+    @_rpc
+    def UpdateRoutes(self, request: pb.UpdateRoutesRequest, context: grpc.ServicerContext) -> pb.Routes:
+        return network.update_routes(request.routes)
+
+    @_rpc
+    def AddNeighbors(self, request: pb.AddNeighborsRequest, context: grpc.ServicerContext) -> pb.Empty:
+        network.add_neighbors(list(request.neighbors))
+        return pb.Empty()
+
+    @_rpc
+    def ListInterfaces(self, request: pb.Empty, context: grpc.ServicerContext) -> pb.Interfaces:
+        return network.list_interfaces()
+
+    @_rpc
+    def ListRoutes(self, request: pb.Empty, context: grpc.ServicerContext) -> pb.Routes:
+        return network.list_routes()
 
     # ---- the guest ----
 

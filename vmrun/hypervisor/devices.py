@@ -12,6 +12,10 @@ class QMPTarget(Protocol):
     def qmp(self, command: str, **arguments: object) -> object: ...
 
 
+class FdQMPTarget(QMPTarget, Protocol):
+    def add_fd(self, fd: int, name: str) -> None: ...
+
+
 @dataclass(frozen=True)
 class QemuDevice:
     driver: str
@@ -43,3 +47,18 @@ class QemuDevice:
                 "data": {"addr": {"type": "unix", "data": {"path": str(self.backend_socket)}}, "server": False},
             })
         vm.qmp("device_add", driver=self.driver, bus=bus, **self._all_properties())
+
+
+@dataclass(frozen=True)
+class TapNic:
+    """A virtio-net NIC on a tap that we opened (QEMU gets the fd, never the tap's name:
+    the tap lives in the pod's network namespace, QEMU in ours)."""
+
+    id: str
+    mac: str
+
+    def hotplug(self, vm: FdQMPTarget, bus: str, tap_fd: int) -> None:
+        netdev = f"{self.id}-net"
+        vm.add_fd(tap_fd, netdev)
+        vm.qmp("netdev_add", type="tap", id=netdev, fd=netdev)
+        vm.qmp("device_add", driver="virtio-net-pci", id=self.id, bus=bus, netdev=netdev, mac=self.mac)

@@ -137,6 +137,16 @@ class QemuVM:
     def pause(self) -> None:
         self.qmp("stop")
 
+    def add_fd(self, fd: int, name: str) -> None:
+        """Hand QEMU a copy of `fd` (SCM_RIGHTS) under `name`, for a device that needs it."""
+        if self._qmp is None:
+            raise HypervisorError("QEMU is not running")
+        try:
+            self._qmp.send_fd_scm(fd)
+        except (*_QMP_FAILURES, OSError) as exc:
+            raise HypervisorError(f"cannot pass QEMU an fd: {exc}") from None
+        self.qmp("getfd", fdname=name)
+
     def resume(self) -> None:
         self.qmp("cont")
 

@@ -1,0 +1,52 @@
+"""Running a function inside a network namespace, in a thread of its own.
+
+setns(CLONE_NEWNET) moves only the calling thread: the function runs in a short-lived
+thread that joins the namespace, so the rest of the process stays where it was. Netlink
+sockets and taps opened there belong to that namespace for good, whoever uses them later.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from typing import Callable, TypeVar
+
+from vmrun.errors import NetworkError
+
+T = TypeVar("T")
+
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _join(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise NetworkError(f"network namespace {path}: {exc.strerror}") from None
+    try:
+        if _libc.setns(fd, _CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise NetworkError(f"cannot enter network namespace {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def run_in_netns(path: str, function: Callable[[], T]) -> T:
+    """`function()`, run in the network namespace at `path`; its result or its exception."""
+    outcome: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            _join(path)
+            outcome["value"] = function()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="netns")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["value"]  # type: ignore[return-value]

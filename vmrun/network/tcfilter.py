@@ -1,0 +1,130 @@
+"""Taps beside a pod's veths, mirrored to them with tc (Kata's tcfilter model).
+
+Each veth gets an ingress qdisc whose matchall filter redirects every packet to the egress
+of the tap, and the tap the same towards the veth: what reaches the pod goes to the guest's
+NIC, what the guest sends leaves through the veth. The taps are not persistent: each
+lives while an fd of it is open (ours until QEMU holds its own), so a guest that dies
+takes its taps with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import struct
+from dataclasses import dataclass
+
+from vmrun.errors import NetworkError
+from vmrun.network.netns import run_in_netns
+from vmrun.network.scan import PodInterface, scan_interfaces
+
+log = logging.getLogger("vmrun.network")
+
+_TUNSETIFF = 0x400454CA
+_IFF_TAP = 0x0002
+_IFF_NO_PI = 0x1000
+_IFF_VNET_HDR = 0x4000  # QEMU's virtio-net then passes offloads (GSO, checksums) through
+_INGRESS_PARENT = 0xFFFF0000
+_ETH_P_ALL = 0x0003
+
+
+@dataclass
+class TapEndpoint:
+    """A pod interface and the tap that carries it to the guest."""
+
+    interface: PodInterface
+    tap_name: str
+    tap_index: int
+    tap_fd: int  # ours: closed once QEMU has its own copy
+
+
+def _open_tap(name: str) -> int:
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH", name.encode(), _IFF_TAP | _IFF_NO_PI | _IFF_VNET_HDR))
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _redirect(ipr: object, source: int, target: int) -> None:
+    ipr.tc("add", "ingress", source)  # type: ignore[attr-defined]
+    # u32 matching every packet (not matchall, which some kernels lack), as Kata does.
+    ipr.tc("add-filter", "u32", source, parent=_INGRESS_PARENT,  # type: ignore[attr-defined]
+           protocol=_ETH_P_ALL, keys=["0x0/0x0+0"], target=0x10001,  # a class id u32 requires; unused
+           action={"kind": "mirred", "direction": "egress", "action": "redirect", "ifindex": target})
+
+
+def _drop_ingress(ipr: object, index: int) -> None:
+    # Removing the ingress qdisc removes its filters too.
+    with contextlib.suppress(Exception):  # gone already (the device, or the qdisc)
+        ipr.tc("del", "ingress", index)  # type: ignore[attr-defined]
+
+
+class PodNetwork:
+    """The taps and tc mirrors vmrun made in one pod's namespace; `close()` removes them
+    (a namespace that vanished meanwhile is no error: what was in it is gone too)."""
+
+    def __init__(self, netns_path: str, model: str):
+        self.netns_path = netns_path
+        self.model = model
+        self.endpoints: list[TapEndpoint] = []
+
+    def open(self) -> list[TapEndpoint]:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        try:
+            run_in_netns(self.netns_path, self._make_endpoints)
+        except NetlinkError as exc:
+            self.close()
+            raise NetworkError(f"pod network in {self.netns_path}: netlink: "
+                               f"{os.strerror(exc.code) if exc.code else exc}") from None
+        except BaseException:
+            self.close()
+            raise
+        return self.endpoints
+
+    def _make_endpoints(self) -> None:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            for number, interface in enumerate(scan_interfaces(ipr)):
+                name = f"tap{number}_vmrun"
+                try:
+                    fd = _open_tap(name)
+                except OSError as exc:
+                    raise NetworkError(f"cannot make tap {name} for {interface.name}: {exc.strerror}") from None
+                endpoint = TapEndpoint(interface, name, ipr.link_lookup(ifname=name)[0], fd)
+                self.endpoints.append(endpoint)
+                ipr.link("set", index=endpoint.tap_index, mtu=interface.mtu, state="up")
+                if self.model == "tcfilter":
+                    _redirect(ipr, interface.index, endpoint.tap_index)
+                    _redirect(ipr, endpoint.tap_index, interface.index)
+                log.debug("pod interface %s (%s) -> %s", interface.name, interface.mac, name)
+
+    def release_tap(self, endpoint: TapEndpoint) -> None:
+        """Close our fd of the tap (QEMU holds its own now)."""
+        if endpoint.tap_fd >= 0:
+            os.close(endpoint.tap_fd)
+            endpoint.tap_fd = -1
+
+    def close(self) -> None:
+        if self.model == "tcfilter" and self.endpoints:
+            try:
+                run_in_netns(self.netns_path, self._remove_mirrors)
+            except NetworkError as exc:
+                log.debug("pod network teardown: %s", exc)  # the namespace is gone
+        for endpoint in self.endpoints:
+            self.release_tap(endpoint)
+        self.endpoints = []
+
+    def _remove_mirrors(self) -> None:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            for endpoint in self.endpoints:
+                _drop_ingress(ipr, endpoint.interface.index)
+                _drop_ingress(ipr, endpoint.tap_index)
