@@ -230,6 +230,26 @@ def cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_network_add(args: argparse.Namespace) -> int:
+    for name in _containers(args).network_add(args.id, args.netns or ""):
+        print(name)
+    return 0
+
+
+def cmd_network_rm(args: argparse.Namespace) -> int:
+    _containers(args).network_rm(args.id, args.interface)
+    return 0
+
+
+def cmd_network_ls(args: argparse.Namespace) -> int:
+    interfaces = _containers(args).network_ls(args.id)
+    if args.format == "json":
+        print(json.dumps(interfaces))
+    for entry in interfaces if args.format == "table" else []:
+        print(f"{entry['name']:<16}{entry['mac']:<20}{entry['tap']:<16}{' '.join(entry['addresses'])}")
+    return 0
+
+
 def cmd_template_create(args: argparse.Namespace) -> int:
     from vmrun.templating import create_template
 
@@ -404,6 +424,21 @@ def build_parser() -> argparse.ArgumentParser:
     env = commands.add_parser("env", help="the effective configuration")
     env.set_defaults(handler=cmd_env)
 
+    network = commands.add_parser("network", help="the pod interfaces of a running container's guest")
+    network_commands = network.add_subparsers(dest="network_command", metavar="NETWORK_COMMAND", required=True)
+    network_add = network_commands.add_parser(
+        "add", help="plug the pod interfaces the guest lacks (after another CNI ADD, say)")
+    network_add.add_argument("--netns", help="the pod's network namespace (default: the one its spec joins)")
+    network_add.add_argument("id")
+    network_add.set_defaults(handler=cmd_network_add)
+    network_rm = network_commands.add_parser("rm", help="unplug a pod interface from the guest")
+    network_rm.add_argument("id")
+    network_rm.add_argument("interface")
+    network_rm.set_defaults(handler=cmd_network_rm)
+    network_ls = network_commands.add_parser("ls", help="the pod interfaces plugged into the guest")
+    network_ls.add_argument("--format", "-f", choices=("table", "json"), default="table")
+    network_ls.add_argument("id")
+    network_ls.set_defaults(handler=cmd_network_ls)
     template = commands.add_parser("template", help="VM templates sandboxes restore from instead of booting")
     template_commands = template.add_subparsers(dest="template_command", metavar="TEMPLATE_COMMAND", required=True)
     template_create = template_commands.add_parser("create", help="boot a template's guest and save it")

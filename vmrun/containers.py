@@ -20,6 +20,8 @@ from pathlib import Path
 from vmrun.agent.client import AgentClient
 from vmrun.config import Config
 from vmrun.errors import AgentError, ContainerNotFoundError, StateConflictError, VmrunError
+from vmrun.control import CONTROL_SOCKET, control_call
+from vmrun.network.netns import check_netns
 from vmrun.oci import Bundle, guest_spec, load_bundle, network_namespace_path, validate_id
 from vmrun.pod import placement
 from vmrun.pool import take_from_pool
@@ -102,8 +104,9 @@ class Containers:
             if owns_guest:
                 hostname = bundle.spec.get("hostname", "")
                 netns = network_namespace_path(bundle.spec)
-                # Pooled guests have no way yet to take a pod's network: those boot or clone.
-                pooled = None if netns else take_from_pool(self.config)
+                if netns:
+                    check_netns(netns)
+                pooled = take_from_pool(self.config)
                 if pooled is not None:
                     state.vm_dir, state.daemon_pid = pooled.vm_dir, pooled.daemon_pid
                 else:
@@ -117,6 +120,9 @@ class Containers:
                 if pooled is not None:
                     with self._agent(state) as agent:
                         agent.refresh_guest(hostname)
+                    if netns:
+                        # The daemon holding the pooled guest's QEMU plugs the pod's NICs.
+                        control_call(Path(state.vm_dir) / CONTROL_SOCKET, "network-add", netns=netns)
             shared = Path(state.vm_dir) / "shared"
             share_container_files(shared, container_id, bundle)
             undo.callback(unshare_container_files, shared, container_id)
@@ -209,6 +215,29 @@ class Containers:
             state.execs[exec_id] = pid
             self.store.save(state)
         return 0
+
+    # ---- the pod's network (as `kata-runtime kata-network` did) ----
+
+    def _control_socket(self, container_id: str) -> tuple[ContainerState, Path]:
+        state = self._running_state(container_id, "change the network of")
+        return state, Path(state.vm_dir) / CONTROL_SOCKET
+
+    def network_add(self, container_id: str, netns: str = "") -> list[str]:
+        """Plug the pod interfaces that the guest lacks (say, a second CNI ADD); their names."""
+        state, control = self._control_socket(container_id)
+        netns = netns or network_namespace_path(load_bundle(state.bundle).spec)
+        if not netns:
+            raise VmrunError(f"container {container_id!r} joins no network namespace: give --netns")
+        check_netns(netns)
+        return list(control_call(control, "network-add", netns=netns))  # type: ignore[arg-type]
+
+    def network_rm(self, container_id: str, interface: str) -> None:
+        _, control = self._control_socket(container_id)
+        control_call(control, "network-rm", name=interface)
+
+    def network_ls(self, container_id: str) -> list[dict]:
+        _, control = self._control_socket(container_id)
+        return list(control_call(control, "network-ls"))  # type: ignore[arg-type]
 
     # ---- inspection and control ----
 

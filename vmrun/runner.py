@@ -12,6 +12,7 @@ from contextlib import contextmanager, nullcontext
 from typing import Iterator
 
 from vmrun.config import Config
+from vmrun.network.netns import check_netns
 from vmrun.oci import Bundle, guest_spec, load_bundle, network_namespace_path, validate_id
 from vmrun.sandbox import Sandbox
 from vmrun.state import ContainerState, StateStore, write_pid_file
@@ -38,6 +39,9 @@ def run_container(config: Config, store: StateStore, bundle_dir: str, container_
     """Boot a guest, run the bundle's process in it, relay stdio; its exit status."""
     validate_id(container_id)
     bundle = load_bundle(bundle_dir)
+    netns = network_namespace_path(bundle.spec)
+    if netns:
+        check_netns(netns)
     # This process holds the guest (as a sandbox daemon would) and stands for the container.
     state = ContainerState(container_id, str(bundle.path), str(bundle.rootfs), "creating", pid=os.getpid(),
                            annotations=bundle.spec.get("annotations") or {}, sandbox_id=container_id,

@@ -22,15 +22,16 @@ from vmrun.agent.bridge import SocketBridge
 from vmrun.agent.client import AgentClient
 from vmrun.agent.constants import AGENT_PORT, READY_MESSAGE, READY_PORT, READY_PORT_BASE, SHARED_FS_TAG
 from vmrun.config import Config
+from vmrun.control import CONTROL_SOCKET, ControlServer
 from vmrun.bootfiles import BootFiles, boot_files
 from vmrun.errors import BundleError, HypervisorError, NetworkError
 from vmrun.hypervisor.accel import Acceleration, detect_acceleration
-from vmrun.hypervisor.devices import TapNic
 from vmrun.hypervisor.qemu import BASE_KERNEL_PARAMS, QemuVM, VMSpec, hotplug_port_id
 from vmrun.hypervisor.templates import Template, TemplateDefinition, restore_state, template_vm_spec
 from vmrun.hypervisor.virtiofsd import Virtiofsd, find_virtiofsd
 from vmrun.hypervisor.vsock.transports import make_transport
-from vmrun.network.tcfilter import PodNetwork
+from vmrun.network.attachment import NetworkAttachment
+from vmrun.network.netns import check_netns
 from vmrun.oci import Bundle, is_bind_mount
 from vmrun.proc import HelperProcess
 from vmrun.templating import TemplateLease, lease_template
@@ -137,6 +138,7 @@ class Sandbox:
         self.template_definition: TemplateDefinition | None = None
         self._lease: TemplateLease | None = None
         self._next_hotplug_port = 0
+        self.network: NetworkAttachment | None = None
 
     def _mark(self, phase: str) -> None:
         self.timings[phase] = time.monotonic() - self._t0
@@ -228,6 +230,12 @@ class Sandbox:
         self.agent = AgentClient(str(self.agent_socket))
         self._stack.callback(self.agent.close)
         self.kernel_release = self.agent.create_sandbox(self.sandbox_id, self.hostname, SHARED_FS_TAG)
+        control = ControlServer(self.dir / CONTROL_SOCKET, {
+            "network-add": lambda request: self.attach_network(str(request.get("netns", ""))),
+            "network-rm": lambda request: self._network_or_fail().remove(str(request.get("name", ""))),
+            "network-ls": lambda request: self.network.interfaces() if self.network else [],
+        })
+        self._stack.callback(control.close)
         self._mark("sandbox_created")
 
     def _copy_template_memory(self, template: Template) -> tuple[HelperProcess, Path]:
@@ -305,21 +313,21 @@ class Sandbox:
 
     def attach_network(self, netns_path: str) -> list[str]:
         """Carry the interfaces of the pod's network namespace into the guest (hot-plugged
-        NICs); until close. The guest's names for them."""
+        NICs), until close; again later, those CNI added since. The guest's new names."""
         assert self.vm is not None and self.agent is not None
-        network = PodNetwork(netns_path, self.config.network_model)
-        self._stack.callback(network.close)
-        names = []
-        for number, endpoint in enumerate(network.open()):
-            if self._next_hotplug_port >= self.vm.spec.hotplug_ports:
-                raise NetworkError(f"no PCIe port left for {endpoint.interface.name}: the guest has "
-                                   f"{self.vm.spec.hotplug_ports}")
-            nic = TapNic(f"nic{number}", endpoint.interface.mac)
-            nic.hotplug(self.vm, hotplug_port_id(self._next_hotplug_port), endpoint.tap_fd)
-            self._next_hotplug_port += 1
-            network.release_tap(endpoint)
-            names.append(self.agent.configure_interface(endpoint.interface).name)
-        return names
+        check_netns(netns_path)
+        if self.network is None:
+            ports = [hotplug_port_id(i) for i in range(self._next_hotplug_port, self.vm.spec.hotplug_ports)]
+            self.network = NetworkAttachment(self.vm, self.agent, netns_path, self.config.network_model, ports)
+            self._stack.callback(self.network.close)
+        elif self.network.netns_path != netns_path:
+            raise NetworkError(f"the pod's network is {self.network.netns_path}, not {netns_path}")
+        return self.network.add_new()
+
+    def _network_or_fail(self) -> NetworkAttachment:
+        if self.network is None:
+            raise NetworkError("the sandbox has no pod network")
+        return self.network
 
     def share_container(self, container_id: str, bundle: Bundle) -> None:
         """Share the container's files with the guest until the sandbox closes."""

@@ -112,3 +112,142 @@ def test_container_serves_and_fetches_over_the_pod_network(vm_env, pod_netns, tm
     assert "ingress" not in subprocess.run(["tc", "-n", pod, "qdisc", "show", "dev", "eth0"],
                                            capture_output=True, text=True).stdout
     assert f"{POD_IP}/24" in ip("-n", pod, "-o", "addr", "show", "dev", "eth0")
+
+
+def test_scan_sees_what_cni_left(pod_netns):
+    from pyroute2 import IPRoute
+
+    from vmrun.network.netns import run_in_netns
+    from vmrun.network.scan import scan_interfaces
+
+    pod, _ = pod_netns
+    ip("-n", pod, "route", "add", "198.19.0.0/16", "via", PEER_IP)
+    ip("-n", pod, "neigh", "add", "198.18.0.9", "lladdr", "02:00:00:00:00:09", "dev", "eth0", "nud", "permanent")
+    ip("-n", pod, "link", "set", "eth0", "mtu", "1400")
+
+    def scan():
+        with IPRoute() as ipr:
+            return scan_interfaces(ipr)
+
+    (eth0,) = run_in_netns(f"/run/netns/{pod}", scan)
+    assert (eth0.name, eth0.mtu) == ("eth0", 1400)
+    assert eth0.mac == ip("-n", pod, "-o", "link", "show", "eth0").split("link/ether ")[1].split()[0]
+    assert [(a.address, a.prefix_len) for a in eth0.addresses] == [(POD_IP, 24)]
+    routes = {(r.destination, r.prefix_len, r.gateway) for r in eth0.routes}
+    # The kernel's own route for 198.18.0.0/24 is not carried: the guest's kernel makes it.
+    assert routes == {("", 0, PEER_IP), ("198.19.0.0", 16, PEER_IP)}
+    assert [(n.address, n.mac) for n in eth0.neighbors] == [("198.18.0.9", "02:00:00:00:00:09")]
+
+
+def test_pod_network_teardown_leaves_only_what_cni_made(pod_netns):
+    from vmrun.network.tcfilter import PodNetwork
+
+    pod, _ = pod_netns
+    before = ip("-n", pod, "-o", "link", "show")
+    network = PodNetwork(f"/run/netns/{pod}", "tcfilter")
+    (endpoint,) = network.open()
+    assert endpoint.interface.name == "eth0" and endpoint.tap_name in ip("-n", pod, "-o", "link", "show")
+    filters = subprocess.run(["tc", "-n", pod, "filter", "show", "dev", "eth0", "ingress"],
+                             capture_output=True, text=True).stdout
+    assert f"Egress Redirect to device {endpoint.tap_name}" in filters
+    network.close()
+    # The tap went with its last fd, the qdisc and filters with close().
+    assert ip("-n", pod, "-o", "link", "show") == before
+    assert "ingress" not in subprocess.run(["tc", "-n", pod, "qdisc", "show", "dev", "eth0"],
+                                           capture_output=True, text=True).stdout
+
+
+def test_a_missing_netns_is_a_one_line_error_and_leaves_nothing(vm_env):
+    bundle = vm_env.bundle("nonet", ["true"])
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["linux"]["namespaces"] = [ns for ns in spec["linux"]["namespaces"] if ns["type"] != "network"]
+    spec["linux"]["namespaces"].append({"type": "network", "path": "/run/netns/vmrun-no-such-ns"})
+    (bundle / "config.json").write_text(json.dumps(spec))
+    result = vm_env.vmrun("run", "--bundle", str(bundle), "nonet")
+    assert result.returncode == 1
+    assert result.stderr.decode().strip().splitlines() == [
+        "vmrun: network namespace /run/netns/vmrun-no-such-ns: No such file or directory"]
+    assert vm_env.vmrun("list", "-q").stdout == b""
+
+
+def pod_bundle(vm_env, name: str, pod: str, args: list[str]):
+    bundle = vm_env.bundle(name, args)
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["linux"]["namespaces"] = [ns for ns in spec["linux"]["namespaces"] if ns["type"] != "network"]
+    spec["linux"]["namespaces"].append({"type": "network", "path": f"/run/netns/{pod}"})
+    (bundle / "config.json").write_text(json.dumps(spec))
+    return bundle, spec
+
+
+def test_hosts_hostname_and_resolv_conf_reach_the_container(vm_env, pod_netns, tmp_path):
+    pod, _ = pod_netns
+    files = {"hosts": "198.18.0.2 web.pod.test web\n", "hostname": "web\n",
+             "resolv.conf": "nameserver 198.18.0.53\nsearch pod.test\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    bundle, spec = pod_bundle(vm_env, "etc", pod, ["sh", "-c",
+                              "cat /etc/hosts /etc/hostname /etc/resolv.conf; hostname"])
+    spec["hostname"] = "web"
+    spec["mounts"] += [{"destination": f"/etc/{name}", "type": "bind", "source": str(tmp_path / name),
+                        "options": ["rbind", "ro"]} for name in files]
+    (bundle / "config.json").write_text(json.dumps(spec))
+    result = vm_env.vmrun("run", "--bundle", str(bundle), "etc")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode() == "".join(files.values()) + "web\n"
+
+
+def test_a_netns_that_vanished_mid_run_does_not_break_the_teardown(vm_env, pod_netns):
+    pod, _ = pod_netns
+    bundle, _ = pod_bundle(vm_env, "gone", pod, ["sh", "-c", "echo up; read x"])
+    run = vm_env.popen("run", "--bundle", str(bundle), "gone", stdin=subprocess.PIPE,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert run.stdout.readline() == b"up\n", run.stderr.read()
+        ip("netns", "del", pod)  # CNI's DEL came first: the namespace (and its veth) are gone
+        run.stdin.write(b"bye\n")
+        run.stdin.close()
+        assert run.wait(60) == 0, run.stderr.read()
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+
+
+def test_interfaces_are_hot_added_and_removed(vm_env, pod_netns):
+    pod, peer = pod_netns
+    bundle, _ = pod_bundle(vm_env, "hot", pod, ["sh", "-c", "echo serving; exec httpd -f -p 8080 -h /www"])
+    (bundle / "rootfs" / "www").mkdir()
+    (bundle / "rootfs" / "www" / "index.html").write_text("hot\n")
+    run = vm_env.popen("run", "--bundle", str(bundle), "hot", stdin=subprocess.DEVNULL,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert run.stdout.readline() == b"serving\n", run.stderr.read()
+        # A second CNI ADD: net1 with 198.18.1.2/24, its peer 198.18.1.1/24.
+        ip("-n", pod, "link", "add", "net1", "type", "veth", "peer", "name", "peer1", "netns", peer)
+        ip("-n", pod, "addr", "add", "198.18.1.2/24", "dev", "net1")
+        ip("-n", peer, "addr", "add", "198.18.1.1/24", "dev", "peer1")
+        ip("-n", pod, "link", "set", "net1", "up")
+        ip("-n", peer, "link", "set", "peer1", "up")
+
+        added = vm_env.vmrun("network", "add", "hot")
+        assert added.returncode == 0 and added.stdout == b"net1\n", added.stderr
+        assert fetch(peer, "http://198.18.1.2:8080/index.html") == "hot\n"
+        listing = json.loads(vm_env.vmrun("network", "ls", "-f", "json", "hot").stdout)
+        assert sorted((e["name"], e["addresses"][0]) for e in listing) == [
+            ("eth0", f"{POD_IP}/24"), ("net1", "198.18.1.2/24")]
+        again = vm_env.vmrun("network", "add", "hot")
+        assert again.returncode == 0 and again.stdout == b""  # nothing new to plug
+
+        removed = vm_env.vmrun("network", "rm", "hot", "net1")
+        assert removed.returncode == 0, removed.stderr
+        assert [e["name"] for e in json.loads(vm_env.vmrun("network", "ls", "-f", "json", "hot").stdout)] == ["eth0"]
+        assert "tap1_vmrun" not in ip("-n", pod, "-o", "link", "show")
+        assert "ingress" not in subprocess.run(["tc", "-n", pod, "qdisc", "show", "dev", "net1"],
+                                               capture_output=True, text=True).stdout
+        # eth0 still carries the pod.
+        assert fetch(peer, f"http://{POD_IP}:8080/index.html") == "hot\n"
+        unknown = vm_env.vmrun("network", "rm", "hot", "net7")
+        assert unknown.returncode == 1 and b"no pod interface 'net7'" in unknown.stderr
+    finally:
+        vm_env.vmrun("kill", "hot", "KILL")
+        run.wait(60)

@@ -34,6 +34,7 @@ def test_named_file_missing_is_an_error(monkeypatch, tmp_path):
     ({"memory_mib": 8}, "memory_mib"),
     ({"run_dir": 3}, "path"),
     ({"log_level": "loud"}, "log_level"),
+    ({"network_model": "macvtap"}, "network_model must be one of tcfilter, none"),
 ])
 def test_bad_settings(data, message):
     with pytest.raises(ConfigError, match=message):

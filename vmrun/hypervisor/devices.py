@@ -57,8 +57,12 @@ class TapNic:
     id: str
     mac: str
 
+    @property
+    def netdev_id(self) -> str:
+        return f"{self.id}-net"
+
     def hotplug(self, vm: FdQMPTarget, bus: str, tap_fd: int) -> None:
-        netdev = f"{self.id}-net"
+        netdev = self.netdev_id
         vm.add_fd(tap_fd, netdev)
         vm.qmp("netdev_add", type="tap", id=netdev, fd=netdev)
         vm.qmp("device_add", driver="virtio-net-pci", id=self.id, bus=bus, netdev=netdev, mac=self.mac)

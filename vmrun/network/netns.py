@@ -8,6 +8,7 @@ sockets and taps opened there belong to that namespace for good, whoever uses th
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import threading
 from typing import Callable, TypeVar
@@ -17,14 +18,32 @@ from vmrun.errors import NetworkError
 T = TypeVar("T")
 
 _CLONE_NEWNET = 0x40000000
+_NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3)
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _join(path: str) -> None:
+def _open_netns(path: str) -> int:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise NetworkError(f"network namespace {path}: {exc.strerror}") from None
+    try:
+        kind = fcntl.ioctl(fd, _NS_GET_NSTYPE)
+    except OSError:
+        kind = -1
+    if kind != _CLONE_NEWNET:
+        os.close(fd)
+        raise NetworkError(f"{path} is not a network namespace")
+    return fd
+
+
+def check_netns(path: str) -> None:
+    """A clear error now, before a guest boots, if `path` is no network namespace."""
+    os.close(_open_netns(path))
+
+
+def _join(path: str) -> None:
+    fd = _open_netns(path)
     try:
         if _libc.setns(fd, _CLONE_NEWNET) != 0:
             err = ctypes.get_errno()

@@ -15,6 +15,7 @@ import logging
 import os
 import struct
 from dataclasses import dataclass
+from typing import Callable
 
 from vmrun.errors import NetworkError
 from vmrun.network.netns import run_in_netns
@@ -72,33 +73,65 @@ class PodNetwork:
         self.netns_path = netns_path
         self.model = model
         self.endpoints: list[TapEndpoint] = []
+        self._taps_made = 0
 
     def open(self) -> list[TapEndpoint]:
-        from pyroute2.netlink.exceptions import NetlinkError
-
+        """Endpoints for every veth in the namespace; `close()` undoes them all."""
         try:
-            run_in_netns(self.netns_path, self._make_endpoints)
-        except NetlinkError as exc:
-            self.close()
-            raise NetworkError(f"pod network in {self.netns_path}: netlink: "
-                               f"{os.strerror(exc.code) if exc.code else exc}") from None
+            return self.add_new()
         except BaseException:
             self.close()
             raise
-        return self.endpoints
 
-    def _make_endpoints(self) -> None:
+    def add_new(self) -> list[TapEndpoint]:
+        """Endpoints for the veths that have none yet (CNI may add interfaces later); on a
+        failure, those made by this call are undone."""
+        made: list[TapEndpoint] = []
+        try:
+            self._in_netns(lambda: self._make_endpoints(made))
+        except BaseException:
+            for endpoint in made:
+                self.remove(endpoint)
+            raise
+        return made
+
+    def remove(self, endpoint: TapEndpoint) -> None:
+        """Undo one endpoint: its mirrors, and our fd of its tap."""
+        if endpoint in self.endpoints:
+            self.endpoints.remove(endpoint)
+        if self.model == "tcfilter":
+            try:
+                self._in_netns(lambda: self._remove_mirrors([endpoint]))
+            except NetworkError as exc:
+                log.debug("pod network teardown: %s", exc)  # the namespace is gone
+        self.release_tap(endpoint)
+
+    def _in_netns(self, function: Callable[[], object]) -> None:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        try:
+            run_in_netns(self.netns_path, function)
+        except NetlinkError as exc:
+            raise NetworkError(f"pod network in {self.netns_path}: netlink: "
+                               f"{os.strerror(exc.code) if exc.code else exc}") from None
+
+    def _make_endpoints(self, made: list[TapEndpoint]) -> None:
         from pyroute2 import IPRoute
 
+        attached = {endpoint.interface.index for endpoint in self.endpoints}
         with IPRoute() as ipr:
-            for number, interface in enumerate(scan_interfaces(ipr)):
-                name = f"tap{number}_vmrun"
+            for interface in scan_interfaces(ipr):
+                if interface.index in attached:
+                    continue
+                name = f"tap{self._taps_made}_vmrun"
+                self._taps_made += 1
                 try:
                     fd = _open_tap(name)
                 except OSError as exc:
                     raise NetworkError(f"cannot make tap {name} for {interface.name}: {exc.strerror}") from None
                 endpoint = TapEndpoint(interface, name, ipr.link_lookup(ifname=name)[0], fd)
                 self.endpoints.append(endpoint)
+                made.append(endpoint)
                 ipr.link("set", index=endpoint.tap_index, mtu=interface.mtu, state="up")
                 if self.model == "tcfilter":
                     _redirect(ipr, interface.index, endpoint.tap_index)
@@ -112,19 +145,20 @@ class PodNetwork:
             endpoint.tap_fd = -1
 
     def close(self) -> None:
-        if self.model == "tcfilter" and self.endpoints:
+        endpoints, self.endpoints = self.endpoints, []
+        if self.model == "tcfilter" and endpoints:
             try:
-                run_in_netns(self.netns_path, self._remove_mirrors)
+                self._in_netns(lambda: self._remove_mirrors(endpoints))
             except NetworkError as exc:
                 log.debug("pod network teardown: %s", exc)  # the namespace is gone
-        for endpoint in self.endpoints:
+        for endpoint in endpoints:
             self.release_tap(endpoint)
-        self.endpoints = []
 
-    def _remove_mirrors(self) -> None:
+    @staticmethod
+    def _remove_mirrors(endpoints: list[TapEndpoint]) -> None:
         from pyroute2 import IPRoute
 
         with IPRoute() as ipr:
-            for endpoint in self.endpoints:
+            for endpoint in endpoints:
                 _drop_ingress(ipr, endpoint.interface.index)
                 _drop_ingress(ipr, endpoint.tap_index)

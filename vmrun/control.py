@@ -1,0 +1,101 @@
+"""A sandbox's control socket: how `vmrun network` (or a `create` that took a pooled
+guest) reaches the process that holds the guest's QEMU.
+
+One JSON request per connection, one JSON reply: {"ok": true, "result": ...} or
+{"ok": false, "error": "one line"}. The socket lives in the sandbox's private directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+from pathlib import Path
+from typing import Callable
+
+from vmrun.errors import VmrunError
+
+log = logging.getLogger("vmrun.control")
+
+CONTROL_SOCKET = "control.sock"
+_MAX_REQUEST = 64 * 1024
+
+Handler = Callable[[dict], object]
+
+
+class ControlError(VmrunError):
+    """The sandbox refused or failed a control request (its message says why)."""
+
+
+def _read_line(conn: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\n") and len(data) < _MAX_REQUEST:
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+class ControlServer:
+    """Serves `handlers` (by op name) on `path` until closed."""
+
+    def __init__(self, path: Path, handlers: dict[str, Handler]):
+        self.path = path
+        self._handlers = handlers
+        path.unlink(missing_ok=True)
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(path))
+        self._listener.listen(8)
+        threading.Thread(target=self._accept_loop, name="control", daemon=True).start()
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), name="control-conn", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                request = json.loads(_read_line(conn) or b"null")
+                handler = self._handlers.get(request.get("op")) if isinstance(request, dict) else None
+                if handler is None:
+                    reply = {"ok": False, "error": f"unknown control request {request!r}"[:200]}
+                else:
+                    reply = {"ok": True, "result": handler(request)}
+            except VmrunError as exc:
+                reply = {"ok": False, "error": str(exc)}
+            except Exception as exc:  # noqa: BLE001 - the caller hears of it; we keep serving
+                log.exception("control request failed")
+                reply = {"ok": False, "error": f"internal error: {exc!r}"}
+            try:
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._listener.close()
+        self.path.unlink(missing_ok=True)
+
+
+def control_call(path: Path, op: str, timeout: float = 120.0, **arguments: object) -> object:
+    """Ask the sandbox at control socket `path` to do `op`; its result, or ControlError."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(timeout)
+        try:
+            conn.connect(str(path))
+            conn.sendall(json.dumps({"op": op, **arguments}).encode() + b"\n")
+            reply = json.loads(_read_line(conn) or b"null")
+        except (OSError, ValueError) as exc:
+            raise ControlError(f"cannot reach the sandbox at {path}: {exc}") from None
+    if not isinstance(reply, dict) or not reply.get("ok"):
+        raise ControlError(str(reply.get("error") if isinstance(reply, dict) else "no reply"))
+    return reply.get("result")
