@@ -10,6 +10,7 @@ APT_PACKAGES=(
   runc                                 # bench: the baseline vmrun is compared with
   lz4 cpio kmod binutils               # the guest image builder
   iproute2
+  containernetworking-plugins          # tests: the CRI pod network (bridge, host-local, loopback)
   containerd                           # tests/clients: containerd + ctr drive vmrun as a real client
   dpkg-dev golang-github-gogo-protobuf-dev  # tests/clients/test_cri.py: `apt-get source containerd` (CRI api.proto) + gogo.proto
   podman conmon                        # tests/clients: podman + conmon drive vmrun as a real client

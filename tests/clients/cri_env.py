@@ -21,6 +21,7 @@ import fcntl
 import glob
 import hashlib
 import importlib
+import json
 import os
 import re
 import secrets
@@ -220,6 +221,23 @@ state = "{base}/state"
 """
 
 
+# The pod network: a bridge in containerd's netns, pods in 198.18.8.0/24 (test-only range).
+POD_SUBNET_GATEWAY = "198.18.8.1"
+
+
+def cni_bridge_conf(base: Path) -> dict:
+    """The bridge plugin, its IPAM state under `base` (not /var/lib/cni)."""
+    return {
+        "cniVersion": "1.0.0",
+        "name": "vmrun-test",
+        "plugins": [{
+            "type": "bridge", "bridge": "vmrunbr0", "isGateway": True, "ipMasq": False,
+            "ipam": {"type": "host-local", "dataDir": str(base / "ipam"), "routes": [{"dst": "0.0.0.0/0"}],
+                     "ranges": [[{"subnet": "198.18.8.0/24", "gateway": POD_SUBNET_GATEWAY}]]},
+        }],
+    }
+
+
 @dataclass
 class CriEnv:
     api: ModuleType
@@ -276,6 +294,8 @@ class CriEnv:
         _run(["ip", "-n", self.netns, "link", "set", "lo", "up"])
         for sub in ("cni", "pods", "images"):
             (self.base / sub).mkdir()
+        # Pods that ask for a network get one from the bridge plugin, inside our netns.
+        (self.base / "cni" / "10-vmrun-test.conflist").write_text(json.dumps(cni_bridge_conf(self.base)))
         self.vmrun_config.write_text(f'run_dir = "{self.run_dir}"\nboot_timeout = 120\nlog_level = "debug"\n'
                                      f'templates_dir = "{self.templates_dir}"\n')
         config = self.base / "containerd.toml"

@@ -10,6 +10,8 @@ Stubs: tests/clients/cri_env.py generates them from Debian's containerd source p
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 import uuid
 
@@ -184,3 +186,55 @@ def test_pod_lifecycle_in_one_guest(cri):
 
     step.wait_for("the pod's guest, shim and mounts to go", clean, timeout=60)
     print(f"\nCRI timings: {step.report()}; total {time.monotonic() - started:.1f}s")
+
+
+def fetch_in_netns(netns: str, url: str, timeout: float = 60) -> str:
+    code = ("import sys, time, urllib.request\n"
+            f"deadline = time.time() + {timeout}\n"
+            "while True:\n"
+            "    try:\n"
+            f"        print(urllib.request.urlopen({url!r}, timeout=5).read().decode(), end='')\n"
+            "        break\n"
+            "    except OSError as exc:\n"
+            "        if time.time() > deadline: sys.exit(f'fetch failed: {exc}')\n"
+            "        time.sleep(0.2)\n")
+    result = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", code],
+                            capture_output=True, text=True, timeout=timeout + 10)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_pod_ip_from_the_cni_bridge_serves_from_the_guest(cri):
+    """A pod on CNI's bridge network: its IP is on the guest's eth0, and it serves there."""
+    api = cri.api
+    step = Steps(cri)
+    pod_config = api.PodSandboxConfig(
+        metadata=api.PodSandboxMetadata(name="vmrun-web", uid=str(uuid.uuid4()), namespace="default"),
+        log_directory=str(cri.log_dir), linux=api.LinuxPodSandboxConfig())
+    pod_id = step("RunPodSandbox", api.RunPodSandboxRequest(config=pod_config,
+                                                            runtime_handler=RUNTIME_HANDLER)).pod_sandbox_id
+    try:
+        pod_ip = step("PodSandboxStatus", api.PodSandboxStatusRequest(pod_sandbox_id=pod_id)).status.network.ip
+        assert pod_ip.startswith("198.18.8."), pod_ip
+        container_id = step("CreateContainer", api.CreateContainerRequest(
+            pod_sandbox_id=pod_id, sandbox_config=pod_config,
+            config=api.ContainerConfig(
+                metadata=api.ContainerMetadata(name="web"),
+                image=api.ImageSpec(image=f"docker.io/library/{BUSYBOX_IMAGE}"),
+                command=["sh", "-c", "mkdir -p /tmp/www && echo pod-web > /tmp/www/index.html && "
+                                     "exec httpd -f -p 8080 -h /tmp/www"],
+                log_path="web.log", linux=api.LinuxContainerConfig()))).container_id
+        step("StartContainer", api.StartContainerRequest(container_id=container_id))
+        addresses = step("ExecSync", api.ExecSyncRequest(container_id=container_id,
+                                                         cmd=["ip", "-o", "-4", "addr", "show"], timeout=60))
+        assert f"inet {pod_ip}/24" in addresses.stdout.decode(), addresses
+        # From the node (containerd's netns, where the bridge is): the pod's IP answers.
+        assert fetch_in_netns(cri.netns, f"http://{pod_ip}:8080/index.html") == "pod-web\n"
+        step("StopContainer", api.StopContainerRequest(container_id=container_id, timeout=5))
+        step("RemoveContainer", api.RemoveContainerRequest(container_id=container_id))
+    finally:
+        step("StopPodSandbox", api.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+        step("RemovePodSandbox", api.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+    containerd_pid = cri.containerd.pid
+    step.wait_for("the pod's guest to go", lambda: not processes_mentioning(
+        str(cri.base), exclude=(containerd_pid,)) and not cri.vm_dirs(), timeout=60)
