@@ -77,9 +77,14 @@ class Pool:
                 log.error("cannot start a guest for the pool: %s", exc)
                 guest = None
             with self._cond:
-                self._starting -= 1
-                if guest is not None:
+                stopping = self._stopping
+                if guest is not None and not stopping:
                     self._idle.append(guest)
+            if guest is not None and stopping:
+                # Started while the pool was stopping: it goes too, before serve() returns.
+                stop_sandbox_daemon(guest.daemon_pid, Path(guest.vm_dir))
+            with self._cond:
+                self._starting -= 1
                 self._cond.notify_all()
             if guest is None:
                 time.sleep(_RETRY_DELAY)
@@ -123,6 +128,9 @@ class Pool:
                 self._cond.notify_all()
             for guest in idle:
                 stop_sandbox_daemon(guest.daemon_pid, Path(guest.vm_dir))
+            with self._cond:
+                # A guest still starting is stopped by the filler once it is up.
+                self._cond.wait_for(lambda: self._starting == 0, timeout=self.config.boot_timeout + 30)
 
     def _answer(self, conn: socket.socket) -> None:
         conn.settimeout(_CLIENT_TIMEOUT)

@@ -10,8 +10,6 @@ Stubs: tests/clients/cri_env.py generates them from Debian's containerd source p
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 import uuid
 
@@ -27,6 +25,7 @@ from cri_env import (
     processes_mentioning,
     shim_socket,
 )
+from netns_http import fetch_in_netns
 
 from vmrun.config import load_config
 from vmrun.sandbox import vm_dir_for
@@ -186,22 +185,6 @@ def test_pod_lifecycle_in_one_guest(cri):
 
     step.wait_for("the pod's guest, shim and mounts to go", clean, timeout=60)
     print(f"\nCRI timings: {step.report()}; total {time.monotonic() - started:.1f}s")
-
-
-def fetch_in_netns(netns: str, url: str, timeout: float = 60) -> str:
-    code = ("import sys, time, urllib.request\n"
-            f"deadline = time.time() + {timeout}\n"
-            "while True:\n"
-            "    try:\n"
-            f"        print(urllib.request.urlopen({url!r}, timeout=5).read().decode(), end='')\n"
-            "        break\n"
-            "    except OSError as exc:\n"
-            "        if time.time() > deadline: sys.exit(f'fetch failed: {exc}')\n"
-            "        time.sleep(0.2)\n")
-    result = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", code],
-                            capture_output=True, text=True, timeout=timeout + 10)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
 
 
 def test_pod_ip_from_the_cni_bridge_serves_from_the_guest(cri):

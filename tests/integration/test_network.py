@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import secrets
+import signal
 import subprocess
 import sys
 import time
 
 import pytest
+from netns_http import fetch_in_netns
 
 pytestmark = pytest.mark.integration
 
@@ -51,23 +53,6 @@ def in_netns(ns: str, *argv: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen(["ip", "netns", "exec", ns, *argv], **kwargs)
 
 
-def fetch(ns: str, url: str, timeout: float = 60) -> str:
-    """GET `url` from inside `ns`, retrying while the server comes up."""
-    code = ("import sys, time, urllib.request\n"
-            f"deadline = time.time() + {timeout}\n"
-            "while True:\n"
-            "    try:\n"
-            f"        print(urllib.request.urlopen({url!r}, timeout=5).read().decode(), end='')\n"
-            "        break\n"
-            "    except OSError as exc:\n"
-            "        if time.time() > deadline: sys.exit(f'fetch failed: {exc}')\n"
-            "        time.sleep(0.2)\n")
-    result = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", code],
-                            capture_output=True, text=True, timeout=timeout + 10)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
 def test_container_serves_and_fetches_over_the_pod_network(vm_env, pod_netns, tmp_path):
     pod, peer = pod_netns
     served = tmp_path / "served"
@@ -97,7 +82,7 @@ def test_container_serves_and_fetches_over_the_pod_network(vm_env, pod_netns, tm
         assert "from the peer" in lines
         assert any(f"inet {POD_IP}/24" in line and "eth0" in line for line in lines), lines
         # The peer reaches the guest at the pod's address.
-        assert fetch(peer, f"http://{POD_IP}:8080/index.html") == "from the guest\n"
+        assert fetch_in_netns(peer, f"http://{POD_IP}:8080/index.html") == "from the guest\n"
         # While it runs: a tap beside eth0, mirrored both ways.
         assert "tap0_vmrun" in ip("-n", pod, "-o", "link", "show")
         assert "ingress" in subprocess.run(["tc", "-n", pod, "qdisc", "show", "dev", "eth0"],
@@ -231,7 +216,7 @@ def test_interfaces_are_hot_added_and_removed(vm_env, pod_netns):
 
         added = vm_env.vmrun("network", "add", "hot")
         assert added.returncode == 0 and added.stdout == b"net1\n", added.stderr
-        assert fetch(peer, "http://198.18.1.2:8080/index.html") == "hot\n"
+        assert fetch_in_netns(peer, "http://198.18.1.2:8080/index.html") == "hot\n"
         listing = json.loads(vm_env.vmrun("network", "ls", "-f", "json", "hot").stdout)
         assert sorted((e["name"], e["addresses"][0]) for e in listing) == [
             ("eth0", f"{POD_IP}/24"), ("net1", "198.18.1.2/24")]
@@ -245,9 +230,51 @@ def test_interfaces_are_hot_added_and_removed(vm_env, pod_netns):
         assert "ingress" not in subprocess.run(["tc", "-n", pod, "qdisc", "show", "dev", "net1"],
                                                capture_output=True, text=True).stdout
         # eth0 still carries the pod.
-        assert fetch(peer, f"http://{POD_IP}:8080/index.html") == "hot\n"
+        assert fetch_in_netns(peer, f"http://{POD_IP}:8080/index.html") == "hot\n"
         unknown = vm_env.vmrun("network", "rm", "hot", "net7")
         assert unknown.returncode == 1 and b"no pod interface 'net7'" in unknown.stderr
     finally:
         vm_env.vmrun("kill", "hot", "KILL")
         run.wait(60)
+
+
+def test_a_pooled_guest_takes_the_pod_network(vm_env, pod_netns):
+    from test_pool import pool_idle, wait_for
+
+    pod, peer = pod_netns
+    vm_env.config_path.write_text(vm_env.config_path.read_text()
+                                  + f'pool_socket = "{vm_env.base}/pool.sock"\npool_size = 1\n')
+    bundle, _ = pod_bundle(vm_env, "pooledweb", pod, ["httpd", "-f", "-p", "8080", "-h", "/www"])
+    (bundle / "rootfs" / "www").mkdir()
+    (bundle / "rootfs" / "www" / "index.html").write_text("pooled\n")
+    pool = vm_env.popen("pool", "serve", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                        stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: pool_idle(vm_env) == 1)
+        assert vm_env.vmrun("create", "--bundle", str(bundle), "pw", detached=True).returncode == 0
+        assert vm_env.vmrun("start", "pw").returncode == 0
+        # Handed out by the pool, then given the pod's eth0 through the daemon's control socket.
+        addresses = vm_env.vmrun("exec", "pw", "ip", "-o", "-4", "addr", "show", "eth0")
+        assert f"inet {POD_IP}/24" in addresses.stdout.decode(), addresses
+        assert fetch_in_netns(peer, f"http://{POD_IP}:8080/index.html") == "pooled\n"
+    finally:
+        vm_env.vmrun("delete", "--force", "pw")
+        pool.send_signal(signal.SIGTERM)
+        pool.communicate(timeout=60)
+    assert "tap0_vmrun" not in ip("-n", pod, "-o", "link", "show")
+
+
+def test_the_none_model_makes_the_tap_only(pod_netns):
+    from vmrun.network.tcfilter import PodNetwork
+
+    pod, _ = pod_netns
+    network = PodNetwork(f"/run/netns/{pod}", "none")
+    try:
+        (endpoint,) = network.open()
+        flags = ip("-n", pod, "-o", "link", "show", endpoint.tap_name).split("<")[1].split(">")[0]
+        assert "UP" in flags.split(",")
+        assert "ingress" not in subprocess.run(["tc", "-n", pod, "qdisc", "show", "dev", "eth0"],
+                                               capture_output=True, text=True).stdout
+    finally:
+        network.close()
+    assert endpoint.tap_name not in ip("-n", pod, "-o", "link", "show")

@@ -84,9 +84,12 @@ def _announce_ready(port: int) -> None:
 
 def _warm_up(calls: int) -> None:
     """Serve a few concurrent calls before a template is saved: its clones then start with
-    the gRPC server's worker threads running and its first-call paths already taken."""
+    the gRPC server's worker threads running and its first-call paths already taken, and
+    with pyroute2 loaded for their pods' networks."""
     from vmrun.agent import agent_pb2 as pb
+    from vmrun.agent import network
 
+    network.preload()
     with grpc.insecure_channel(f"unix:{AGENT_UNIX_SOCKET}") as channel:
         stub = agent_pb2_grpc.AgentStub(channel)
         pending = [stub.Health.future(pb.Empty()) for _ in range(calls)]
