@@ -48,6 +48,9 @@ class VMSpec:
     memory_file: Path | None = None
     # Empty PCIe root ports, for devices hot-plugged later (a clone's own devices).
     hotplug_ports: int = 0
+    # virtio-balloon free page reporting: the guest hands back memory it freed, and QEMU
+    # punches it out of the RAM file (a template's file shrinks to what the guest uses).
+    free_page_reporting: bool = False
     # Wait for migrate-incoming (a clone restoring a template's state).
     incoming: bool = False
 
@@ -77,6 +80,8 @@ def qemu_command(spec: VMSpec, qmp_socket: Path) -> list[str]:
         "-chardev", f"socket,id=qmp,path={qmp_socket}",
         "-mon", "chardev=qmp,mode=control",
     ]
+    if spec.free_page_reporting:
+        args += ["-device", "virtio-balloon-pci,free-page-reporting=on"]
     for index in range(spec.hotplug_ports):
         args += ["-device", f"pcie-root-port,id={hotplug_port_id(index)},bus=pcie.0,chassis={index + 1}"]
     if spec.incoming:

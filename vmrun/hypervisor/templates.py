@@ -271,6 +271,7 @@ def template_vm_spec(definition: TemplateDefinition, *, qemu: str, acceleration:
         memory_file=memory_file,
         hotplug_ports=definition.hotplug_ports,
         incoming=incoming,
+        free_page_reporting=True,
     )
 
 
