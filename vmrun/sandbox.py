@@ -20,7 +20,7 @@ from pathlib import Path
 from vmrun.agent import linux
 from vmrun.agent.bridge import SocketBridge
 from vmrun.agent.client import AgentClient
-from vmrun.agent.constants import AGENT_PORT, READY_MESSAGE, READY_PORT, READY_PORT_BASE, SHARED_FS_TAG
+from vmrun.agent.constants import AGENT_PORT, READY_MESSAGE, SHARED_FS_TAG, ready_port
 from vmrun.config import Config
 from vmrun.control import CONTROL_SOCKET, ControlServer
 from vmrun.bootfiles import BootFiles, boot_files
@@ -177,10 +177,8 @@ class Sandbox:
         transport = make_transport(self.dir, cid)
         self._stack.push(transport)
         transport.launch()
-        # A cold-booted guest gets its own ready port (with kernel vsock, host ports are
-        # shared by every guest); a clone keeps its template's command line.
-        ready_port = READY_PORT if template else READY_PORT_BASE + cid
-        ready_listener = transport.listen(ready_port)
+        # Its own ready port, by its CID: with kernel vsock, host ports are shared by all guests.
+        ready_listener = transport.listen(ready_port(cid))
         self._stack.callback(ready_listener.close)
 
         def wait_for_helpers() -> None:
@@ -200,7 +198,7 @@ class Sandbox:
             self.vm.resume()
         else:
             wait_for_helpers()
-            params = f"{BASE_KERNEL_PARAMS} vmrun.agent_port={AGENT_PORT} vmrun.ready_port={ready_port}"
+            params = f"{BASE_KERNEL_PARAMS} vmrun.agent_port={AGENT_PORT}"
             spec = VMSpec(
                 name=f"vmrun-{self.sandbox_id[:32]}",
                 qemu=self.config.qemu,

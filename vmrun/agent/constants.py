@@ -1,11 +1,15 @@
 """Facts the host and the in-guest agent agree on."""
 
 # vsock ports. The agent serves gRPC on AGENT_PORT; once it listens, it connects to the
-# host's ready port (vmrun.ready_port= on the kernel command line, READY_PORT_BASE + the
-# guest's CID) and says READY, so the host never dials a guest that is not listening.
+# host's ready port and says READY, so the host never dials a guest that is not listening.
+# The ready port is READY_PORT_BASE + the guest's CID: with kernel vsock the host's ports
+# are shared by every guest, and a clone learns its CID only once its device is plugged.
 AGENT_PORT = 1024
-READY_PORT = 1025  # the agent's default when the command line names none
 READY_PORT_BASE = 1 << 30
+
+
+def ready_port(guest_cid: int) -> int:
+    return READY_PORT_BASE + guest_cid
 READY_MESSAGE = b"READY"
 
 # virtio-fs tag of the sandbox's shared directory and where the agent mounts it.

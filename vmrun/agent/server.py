@@ -1,7 +1,7 @@
 """The in-guest agent: `python3 -m vmrun.agent.server`, started by the guest's /init.
 
 It serves gRPC on a unix socket, bridges vsock port AGENT_PORT to it, then tells the host
-it is ready by connecting to the host's READY_PORT. It runs as PID 1, so it also reaps
+it is ready by connecting to the host's ready port (by its CID). It runs as PID 1, so it also reaps
 every orphan in the guest.
 """
 
@@ -19,7 +19,7 @@ import grpc
 import vmrun
 from vmrun.agent import agent_pb2_grpc, linux
 from vmrun.agent.bridge import SocketBridge
-from vmrun.agent.constants import AGENT_PORT, AGENT_UNIX_SOCKET, READY_MESSAGE, READY_PORT
+from vmrun.agent.constants import AGENT_PORT, AGENT_UNIX_SOCKET, READY_MESSAGE, ready_port
 from vmrun.agent.processes import Reaper
 from vmrun.agent.service import AgentService
 
@@ -53,28 +53,29 @@ def _boot_report() -> str:
     return f"uptime={uptime} agent_started={os.environ.get('VMRUN_INIT_DONE', '0')}"
 
 
-def _vsock_device_ready() -> bool:
-    """Whether the guest has its vsock CID (where /dev/vsock cannot tell, assume so)."""
+def _local_cid() -> int:
+    """The guest's vsock CID; VMADDR_CID_ANY while its device is not ready."""
     try:
         with open("/dev/vsock", "rb") as dev:
             raw = fcntl.ioctl(dev, socket.IOCTL_VM_SOCKETS_GET_LOCAL_CID, bytes(4))
     except OSError:
-        return True
-    return int.from_bytes(raw, sys.byteorder) != socket.VMADDR_CID_ANY
+        return socket.VMADDR_CID_ANY
+    return int.from_bytes(raw, sys.byteorder)
 
 
-def _announce_ready(port: int) -> None:
+def _announce_ready() -> None:
     """Connect to the host's ready port until it answers: the device may come late."""
     while True:
-        # A connect made while the driver is still probing goes out from CID "any", which
-        # the host drops, and then hangs for the 2 s vsock connect timeout: wait for the CID.
-        if not _vsock_device_ready():
+        # Our CID names the port; and a connect made while the driver is still probing goes
+        # out from CID "any", which the host drops, then hangs for the 2 s connect timeout.
+        cid = _local_cid()
+        if cid == socket.VMADDR_CID_ANY:
             time.sleep(0.005)
             continue
         try:
             with socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM) as conn:
                 conn.settimeout(_CONNECT_TIMEOUT)
-                conn.connect((_HOST_CID, port))
+                conn.connect((_HOST_CID, ready_port(cid)))
                 message = f"{vmrun.__version__} {_boot_report()}"
                 conn.sendall(READY_MESSAGE + b" " + message.encode() + b"\n")
             return
@@ -100,7 +101,6 @@ def _warm_up(calls: int) -> None:
 def main() -> None:
     params = linux.kernel_cmdline()
     agent_port = int(params.get("agent_port", AGENT_PORT))
-    ready_port = int(params.get("ready_port", READY_PORT))
     if os.getpid() != 1:
         linux.become_subreaper()
     reaper = Reaper().start()
@@ -117,7 +117,7 @@ def main() -> None:
         _warm_up(calls=8)
     # A template is saved once this line is on the console; its clones get vsock later.
     _log("listening")
-    _announce_ready(ready_port)
+    _announce_ready()
     _log(f"ready on vsock port {agent_port}")
     server.wait_for_termination()
 

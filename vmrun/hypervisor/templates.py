@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Iterator
 
 import vmrun
-from vmrun.agent.constants import AGENT_PORT, READY_PORT
+from vmrun.agent.constants import AGENT_PORT
 from vmrun.errors import ConfigError, HypervisorError
 from vmrun.hypervisor.accel import Acceleration
 from vmrun.hypervisor.qemu import BASE_KERNEL_PARAMS, QemuVM, VMSpec
@@ -70,7 +70,7 @@ class TemplateDefinition:
 
     def kernel_command_line(self) -> str:
         # Fixed for the template and every clone: a clone cannot change its command line.
-        return f"{BASE_KERNEL_PARAMS} vmrun.agent_port={AGENT_PORT} vmrun.ready_port={READY_PORT} vmrun.template=1 " \
+        return f"{BASE_KERNEL_PARAMS} vmrun.agent_port={AGENT_PORT} vmrun.template=1 " \
                f"{self.kernel_params}".strip()
 
 
