@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import stat
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +22,9 @@ from vmrun.agent import linux
 from vmrun.agent.bridge import SocketBridge
 from vmrun.agent.client import AgentClient
 from vmrun.agent.constants import AGENT_PORT, READY_MESSAGE, SHARED_FS_TAG, ready_port
+from vmrun.bootfiles import BootFiles, boot_files
 from vmrun.config import Config
 from vmrun.control import CONTROL_SOCKET, ControlServer
-from vmrun.bootfiles import BootFiles, boot_files
 from vmrun.errors import BundleError, HypervisorError, NetworkError
 from vmrun.hypervisor.accel import Acceleration, detect_acceleration
 from vmrun.hypervisor.qemu import BASE_KERNEL_PARAMS, QemuVM, VMSpec, hotplug_port_id
@@ -139,6 +140,7 @@ class Sandbox:
         self._lease: TemplateLease | None = None
         self._next_hotplug_port = 0
         self.network: NetworkAttachment | None = None
+        self._network_lock = threading.Lock()
 
     def _mark(self, phase: str) -> None:
         self.timings[phase] = time.monotonic() - self._t0
@@ -314,13 +316,15 @@ class Sandbox:
         NICs), until close; again later, those CNI added since. The guest's new names."""
         assert self.vm is not None and self.agent is not None
         check_netns(netns_path)
-        if self.network is None:
-            ports = [hotplug_port_id(i) for i in range(self._next_hotplug_port, self.vm.spec.hotplug_ports)]
-            self.network = NetworkAttachment(self.vm, self.agent, netns_path, self.config.network_model, ports)
-            self._stack.callback(self.network.close)
-        elif self.network.netns_path != netns_path:
-            raise NetworkError(f"the pod's network is {self.network.netns_path}, not {netns_path}")
-        return self.network.add_new()
+        with self._network_lock:  # the control socket serves requests concurrently
+            if self.network is None:
+                ports = [hotplug_port_id(i) for i in range(self._next_hotplug_port, self.vm.spec.hotplug_ports)]
+                self.network = NetworkAttachment(self.vm, self.agent, netns_path, self.config.network_model, ports)
+                self._stack.callback(self.network.close)
+            elif self.network.netns_path != netns_path:
+                raise NetworkError(f"the pod's network is {self.network.netns_path}, not {netns_path}")
+            network = self.network
+        return network.add_new()
 
     def _network_or_fail(self) -> NetworkAttachment:
         if self.network is None:

@@ -3,6 +3,7 @@ configured by the agent; interfaces come and go while the guest runs (`vmrun net
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass
@@ -68,8 +69,14 @@ class NetworkAttachment:
             raise
         self._network.release_tap(endpoint)  # QEMU holds the tap now
         attached = AttachedNic(endpoint, nic, port, endpoint.interface.name)
+        try:
+            configured = self._agent.configure_interface(endpoint.interface)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the agent's error is the one to report
+                self._unplug(attached)
+            self._free_ports.insert(0, port)
+            raise
         self._nics.append(attached)
-        configured = self._agent.configure_interface(endpoint.interface)
         attached.guest_name = getattr(configured, "name", "") or attached.guest_name
         return attached
 
