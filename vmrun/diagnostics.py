@@ -53,6 +53,15 @@ def _image(config: Config) -> Finding:
                    f"{image.key} ({image.size_bytes / 2**20:.1f} MiB, kernel {release}) in {config.image_dir}")
 
 
+def _pod_network(config: Config) -> Finding:
+    """A pod's interfaces reach its guest through taps, made on /dev/net/tun."""
+    try:
+        os.close(os.open("/dev/net/tun", os.O_RDWR))
+    except OSError as exc:
+        return Finding("pod network", False, f"/dev/net/tun: {exc.strerror} (pods cannot get their network)")
+    return Finding("pod network", True, f"{config.network_model} model (taps on /dev/net/tun)")
+
+
 def check(config: Config) -> list[Finding]:
     acceleration = detect_acceleration(config.acceleration, config.run_dir)
     vsock = ("kernel vhost-vsock (/dev/vhost-vsock)" if kernel_vsock_available()
@@ -63,6 +72,7 @@ def check(config: Config) -> list[Finding]:
         _qemu(config),
         _virtiofsd(config),
         _image(config),
+        _pod_network(config),
     ]
 
 

@@ -67,3 +67,4 @@ def test_check_reports_what_is_missing(tmp_path):
     assert result.returncode == 1
     lines = {line.split()[1]: line.split()[0] for line in result.stdout.splitlines()}
     assert lines["QEMU"] == "MISSING" and lines["guest"] == "MISSING" and lines["acceleration"] == "ok"
+    assert lines["pod"] == "ok"  # /dev/net/tun opens here
