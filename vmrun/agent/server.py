@@ -1,8 +1,8 @@
 """The in-guest agent: `python3 -m vmrun.agent.server`, started by the guest's /init.
 
 It serves gRPC on a unix socket, bridges vsock port AGENT_PORT to it, then tells the host
-it is ready by connecting to the host's ready port (by its CID). It runs as PID 1, so it also reaps
-every orphan in the guest.
+it is ready by connecting to the host's ready port (which its CID names). It runs as
+PID 1, so it also reaps every orphan in the guest.
 """
 
 from __future__ import annotations

@@ -165,6 +165,8 @@ class TemplateStore:
 
     def remove(self, name: str) -> bool:
         """Remove a template, once no clone is copying it."""
+        if not (self.root / name).exists():
+            return False  # and no lock file made for a template that never was
         with self._replacing(name):
             return self._remove_unlocked(name)
 
