@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+from vmrun.agent.bridge import close_listener
 from vmrun.errors import VmrunError
 
 log = logging.getLogger("vmrun.control")
@@ -78,11 +79,7 @@ class ControlServer:
                 pass
 
     def close(self) -> None:
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._listener.close()
+        close_listener(self._listener)
         self.path.unlink(missing_ok=True)
 
 

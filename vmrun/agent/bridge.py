@@ -14,6 +14,16 @@ from typing import Callable
 _CHUNK = 256 * 1024
 
 
+def close_listener(listener: socket.socket) -> None:
+    """Close a listening socket; shutdown() first wakes a thread blocked in its accept(),
+    which close() alone does not."""
+    try:
+        listener.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    listener.close()
+
+
 def _pump(src: socket.socket, dst: socket.socket) -> None:
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
@@ -82,12 +92,7 @@ class SocketBridge:
         with self._lock:
             self._closed = True
             sockets = list(self._sockets)
-        try:
-            # shutdown() wakes a thread blocked in accept(); close() alone does not.
-            self._listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._listener.close()
+        close_listener(self._listener)
         for sock in sockets:
             try:
                 sock.shutdown(socket.SHUT_RDWR)

@@ -25,6 +25,7 @@ from vmrun.agent import agent_pb2 as pb
 from vmrun.agent import agent_pb2_grpc
 from vmrun.agent import linux
 from vmrun.agent import network
+from vmrun.agent.bridge import close_listener
 from vmrun.agent.constants import BUNDLES_DIR, CONSOLES_DIR, SHARED_DIR
 from vmrun.agent.crun import Crun, CrunError, Stdio, write_json
 from vmrun.agent.processes import Child, Reaper, Spawner, exit_status
@@ -215,11 +216,7 @@ class _ConsoleReceiver:
         return self.master
 
     def close(self) -> None:
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._listener.close()
+        close_listener(self._listener)
         self.path.unlink(missing_ok=True)
 
 
