@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
+import secrets
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
+
+from vmrun.sandbox import clone_memory_path
 
 pytestmark = pytest.mark.integration
 
@@ -102,3 +107,34 @@ def test_clones_draw_different_random_bytes(templated):
     bundle = templated.bundle("rng", ["sh", "-c", "head -c 16 /dev/urandom | od -An -tx1"])
     outputs = [templated.vmrun("run", "--bundle", str(bundle), f"rng{i}").stdout for i in range(2)]
     assert len(outputs[0].split()) == 16 and outputs[0] != outputs[1]
+
+
+def test_a_write_in_one_clones_memory_is_not_in_the_next(templated):
+    token = secrets.token_hex(16)
+    written = token[::-1]  # what the guest writes; the spec (also in guest memory) has only `token`
+
+    def start(name: str, script: str) -> subprocess.Popen:
+        bundle = templated.bundle(name, ["sh", "-c", script])
+        process = templated.popen("run", "--bundle", str(bundle), name, stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert process.stdout.readline() == b"up\n", process.stderr.read()
+        return process
+
+    def in_memory_of(name: str, data: bytes) -> bool:
+        vm_dir = Path(json.loads((templated.root / name / "state.json").read_text())["vm_dir"])
+        with open(clone_memory_path(vm_dir), "rb") as ram, mmap.mmap(ram.fileno(), 0, prot=mmap.PROT_READ) as view:
+            return view.find(data) != -1
+
+    first = start("first", f"echo {token} | rev > /dev/shm/x; echo up; sleep 600")
+    try:
+        second = start("second", "echo up; sleep 600")
+        try:
+            # The write is in the first clone's RAM (so the check below can fail), not the second's.
+            assert in_memory_of("first", written.encode())
+            assert not in_memory_of("second", written.encode())
+        finally:
+            templated.vmrun("kill", "second", "KILL")
+            second.wait(60)
+    finally:
+        templated.vmrun("kill", "first", "KILL")
+        first.wait(60)
