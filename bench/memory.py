@@ -21,6 +21,9 @@ from pathlib import Path
 
 from vmrun.busybox import make_busybox_bundle
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from leftovers import scan_processes  # noqa: E402
+
 VMRUN = [sys.executable, "-m", "vmrun.cli"]
 
 
@@ -36,22 +39,13 @@ def pod_processes(marker: str) -> dict[str, int]:
     roles = {"qemu-system": "QEMU", "virtiofsd": "virtiofsd", "vsock.vhost_user": "vsock backend",
              "sandbox_daemon": "sandbox daemon", "vmrun.shim": "shim"}
     found = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            environ = (proc / "environ").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if marker not in cmdline and marker not in environ:
-            continue
+    for pid, cmdline in scan_processes(marker):
         # The program: argv[0], or the module of `python -m MODULE`.
         argv = cmdline.split()
         program = argv[argv.index("-m") + 1] if "-m" in argv[:3] else argv[0]
         for key, role in roles.items():
             if key in program:
-                found[int(proc.name)] = role
+                found[pid] = role
     return found
 
 

@@ -1,8 +1,5 @@
 """vmrun's guest image builder: a Debian cloud kernel plus an initramfs with the agent.
 
-Public API: `build_image`, `find_image` and `GuestImage` (see guest.build).
+`guest.build.build_image` builds it; `guest.image_cache.find_image` finds the current one
+(without importing the builder).
 """
-
-from guest.build import GuestImage, build_image, find_image
-
-__all__ = ["GuestImage", "build_image", "find_image"]

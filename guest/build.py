@@ -27,13 +27,13 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from vmrun.errors import ImageError
-
 from guest import cpio, debs, kernel, python_tree, rootfs
+from guest.image_cache import GuestImage, find_image, load_image  # noqa: F401 - find_image: public here too
+from vmrun.errors import ImageError
 
 BUILDER_VERSION = 1
 GUEST_DIR = Path(__file__).resolve().parent
@@ -80,18 +80,6 @@ KEY_RE = re.compile(r"[0-9a-f]{16}")
 KEEP_IMAGES = 2
 
 Log = Callable[[str], None]
-
-
-@dataclass
-class GuestImage:
-    kernel: Path  # what QEMU boots with -kernel
-    initrd: Path
-    key: str  # cache key
-    manifest: dict = field(repr=False)  # what it was built from: see _build
-
-    @property
-    def size_bytes(self) -> int:
-        return self.kernel.stat().st_size + self.initrd.stat().st_size
 
 
 # -- the cache key ---------------------------------------------------------------------------
@@ -188,28 +176,6 @@ def make_plan(cache_dir: Path, log: Log) -> Plan:
 # -- the cache -----------------------------------------------------------------------------------
 
 
-def _load(image_dir: Path) -> GuestImage | None:
-    try:
-        manifest = json.loads((image_dir / "manifest.json").read_text())
-        kernel_file = image_dir / manifest["files"]["kernel"]
-        initrd_file = image_dir / manifest["files"]["initrd"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if not kernel_file.is_file() or not initrd_file.is_file():
-        return None
-    return GuestImage(kernel_file, initrd_file, image_dir.name, manifest)
-
-
-def find_image(cache_dir: Path) -> GuestImage | None:
-    """The current built image, or None. Reads only the pointer and the manifest."""
-    current = Path(cache_dir) / "current"
-    try:
-        target = os.readlink(current)
-    except OSError:
-        return None
-    return _load(Path(cache_dir) / target)
-
-
 def _point_current(cache_dir: Path, key: str) -> None:
     current = cache_dir / "current"
     try:
@@ -265,7 +231,7 @@ def build_image(
     cache_dir.mkdir(parents=True, exist_ok=True)
     plan = make_plan(cache_dir, log)
     if not force:
-        cached = _load(cache_dir / plan.key)
+        cached = load_image(cache_dir / plan.key)
         if cached is not None:
             _point_current(cache_dir, plan.key)
             seconds = time.monotonic() - start
@@ -275,7 +241,7 @@ def build_image(
         raise ImageError("building the guest image needs root (it runs chroot)")
     with _locked(cache_dir):
         if not force:  # another build may have finished while we waited for the lock
-            cached = _load(cache_dir / plan.key)
+            cached = load_image(cache_dir / plan.key)
             if cached is not None:
                 _point_current(cache_dir, plan.key)
                 return cached, True, time.monotonic() - start
@@ -294,7 +260,7 @@ def build_image(
         finally:
             shutil.rmtree(work, ignore_errors=True)
         _prune_images(cache_dir, plan.key)
-    image = _load(cache_dir / plan.key)
+    image = load_image(cache_dir / plan.key)
     if image is None:
         raise ImageError(f"the image built in {cache_dir / plan.key} cannot be read back")
     seconds = time.monotonic() - start

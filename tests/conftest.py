@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from guest.build import find_image
+from guest.image_cache import find_image
 from vmrun.config import Config
 
 

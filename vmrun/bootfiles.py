@@ -20,7 +20,7 @@ def boot_files(config: Config) -> BootFiles:
     if config.kernel or config.initrd:
         files = BootFiles(Path(config.kernel), Path(config.initrd))
     else:
-        from guest.build import find_image
+        from guest.image_cache import find_image
 
         image = find_image(config.image_dir)
         if image is None:

@@ -43,7 +43,7 @@ def _image(config: Config) -> Finding:
         return Finding("guest image", not missing,
                        f"configured kernel {config.kernel}, initrd {config.initrd}"
                        + (f"; missing: {', '.join(missing)}" if missing else ""))
-    from guest.build import find_image
+    from guest.image_cache import find_image
 
     image = find_image(config.image_dir)
     if image is None:

@@ -41,7 +41,7 @@ def run_container(config: Config, store: StateStore, bundle_dir: str, container_
     bundle = load_bundle(bundle_dir)
     netns = network_namespace_path(bundle.spec)
     if netns:
-        check_netns(netns)
+        check_netns(netns)  # before a guest boots for nothing
     # This process holds the guest (as a sandbox daemon would) and stands for the container.
     state = ContainerState(container_id, str(bundle.path), str(bundle.rootfs), "creating", pid=os.getpid(),
                            annotations=bundle.spec.get("annotations") or {}, sandbox_id=container_id,
@@ -52,12 +52,12 @@ def run_container(config: Config, store: StateStore, bundle_dir: str, container_
             write_pid_file(pid_file, os.getpid())
         # Until the process runs, a stop signal unwinds (and so cleans up) instead of killing us.
         with interrupted_by_signals():
-            return _run_in_guest(config, store, bundle, state)
+            return _run_in_guest(config, store, bundle, state, netns)
     finally:
         store.remove(container_id)
 
 
-def _run_in_guest(config: Config, store: StateStore, bundle: Bundle, state: ContainerState) -> int:
+def _run_in_guest(config: Config, store: StateStore, bundle: Bundle, state: ContainerState, netns: str) -> int:
     container_id = state.id
     t0 = time.monotonic()
     timings: dict[str, float] = {}
@@ -66,7 +66,6 @@ def _run_in_guest(config: Config, store: StateStore, bundle: Bundle, state: Cont
         agent = sandbox.agent
         state.vm_dir = str(sandbox.dir)
         store.save(state)
-        netns = network_namespace_path(bundle.spec)
         if netns:
             sandbox.attach_network(netns)
         sandbox.share_container(container_id, bundle)

@@ -28,11 +28,10 @@ from vmrun.control import CONTROL_SOCKET, ControlServer
 from vmrun.errors import BundleError, HypervisorError, NetworkError
 from vmrun.hypervisor.accel import Acceleration, detect_acceleration
 from vmrun.hypervisor.qemu import BASE_KERNEL_PARAMS, QemuVM, VMSpec, hotplug_port_id
-from vmrun.hypervisor.templates import Template, TemplateDefinition, restore_state, template_vm_spec
+from vmrun.hypervisor.templates import Template, restore_state, template_vm_spec
 from vmrun.hypervisor.virtiofsd import Virtiofsd, find_virtiofsd
 from vmrun.hypervisor.vsock.transports import make_transport
 from vmrun.network.attachment import NetworkAttachment
-from vmrun.network.netns import check_netns
 from vmrun.oci import Bundle, is_bind_mount
 from vmrun.proc import HelperProcess
 from vmrun.templating import TemplateLease, lease_template
@@ -136,9 +135,7 @@ class Sandbox:
         self._t0 = time.monotonic()
         self.vm: QemuVM | None = None
         self.agent: AgentClient | None = None
-        self.template_definition: TemplateDefinition | None = None
-        self._lease: TemplateLease | None = None
-        self._next_hotplug_port = 0
+        self._nic_ports: list[str] = []
         self.network: NetworkAttachment | None = None
         self._network_lock = threading.Lock()
 
@@ -161,13 +158,11 @@ class Sandbox:
         self._stack.callback(remove_tree_safely, self.dir)
         self.shared_dir.mkdir()
         acceleration = detect_acceleration(self.config.acceleration, self.config.run_dir)
-        self._lease = lease_template(self.config, files, acceleration)
-        template = self._lease.template if self._lease else None
-        if self._lease:
-            self._stack.callback(self._lease.release)
-            self.template_definition = self._lease.definition
+        lease = lease_template(self.config, files, acceleration)
+        if lease is not None:
+            self._stack.callback(lease.release)
         # The clone's RAM copy runs while the helpers start.
-        memory_copy = self._copy_template_memory(template) if template else None
+        memory_copy = self._copy_template_memory(lease.template) if lease else None
 
         # The helpers start while a clone's QEMU restores (it needs them only to hot-plug);
         # a booting QEMU connects to them at once, so it waits for them.
@@ -189,11 +184,8 @@ class Sandbox:
             self._mark("helpers_started")
 
         devices = [virtiofsd.device(SHARED_FS_TAG), transport.device()]
-        # Later devices (NICs) are hot-plugged on the ports these leave free.
-        self._next_hotplug_port = len(devices) if template is not None else 0
-        if template is not None:
-            assert memory_copy is not None
-            self.vm = self._restore_clone(template, files, acceleration, memory_copy)
+        if lease is not None and memory_copy is not None:
+            self.vm = self._restore_clone(lease, files, acceleration, memory_copy)
             wait_for_helpers()
             for index, device in enumerate(devices):
                 device.hotplug(self.vm, hotplug_port_id(index))
@@ -217,6 +209,9 @@ class Sandbox:
             log.debug("booting %s with %s (%s)", self.sandbox_id, acceleration.name, acceleration.reason)
             self.vm = QemuVM(spec, self.dir / "qmp.sock", self.dir / "qemu.log").start()
             self._stack.callback(self.vm.close)
+        # NICs are hot-plugged on the ports a clone's own devices leave free.
+        first_free = len(devices) if lease is not None else 0
+        self._nic_ports = [hotplug_port_id(i) for i in range(first_free, self.vm.spec.hotplug_ports)]
         self._mark("qemu_started")
 
         self._wait_ready(ready_listener)
@@ -253,16 +248,14 @@ class Sandbox:
         self._stack.enter_context(copy)
         return copy, memory
 
-    def _restore_clone(self, template: Template, files: BootFiles, acceleration: Acceleration,
+    def _restore_clone(self, lease: TemplateLease, files: BootFiles, acceleration: Acceleration,
                        memory_copy: tuple[HelperProcess, Path]) -> QemuVM:
         """Restore the template, paused, into the clone's copy of its RAM."""
         copy, memory = memory_copy
         if copy.wait(60) != 0:
             raise HypervisorError(f"cannot copy the template's memory: {copy.log_tail(1) or 'cp failed'}")
-        if self._lease:
-            self._lease.release()  # copied: the template may be replaced now
-        definition = self.template_definition
-        assert definition is not None
+        lease.release()  # copied: the template may be replaced now
+        definition = lease.definition
         spec = template_vm_spec(definition, qemu=self.config.qemu, acceleration=acceleration, kernel=files.kernel,
                                 initrd=files.initrd, console_log=self.console_log, memory_file=memory, incoming=True)
         vm = QemuVM(spec, self.dir / "qmp.sock", self.dir / "qemu.log").start()
@@ -315,11 +308,10 @@ class Sandbox:
         """Carry the interfaces of the pod's network namespace into the guest (hot-plugged
         NICs), until close; again later, those CNI added since. The guest's new names."""
         assert self.vm is not None and self.agent is not None
-        check_netns(netns_path)
         with self._network_lock:  # the control socket serves requests concurrently
             if self.network is None:
-                ports = [hotplug_port_id(i) for i in range(self._next_hotplug_port, self.vm.spec.hotplug_ports)]
-                self.network = NetworkAttachment(self.vm, self.agent, netns_path, self.config.network_model, ports)
+                self.network = NetworkAttachment(self.vm, self.agent, netns_path, self.config.network_model,
+                                                 self._nic_ports)
                 self._stack.callback(self.network.close)
             elif self.network.netns_path != netns_path:
                 raise NetworkError(f"the pod's network is {self.network.netns_path}, not {netns_path}")

@@ -66,28 +66,36 @@ def lease_template(config: Config, files: BootFiles, acceleration: Acceleration)
     definition = TemplateDefinition.load(config.template)
     expected = fingerprint(definition, config.qemu, files.kernel, files.initrd, acceleration)
     store = TemplateStore(config.templates_dir)
-    for attempt in range(2):
-        hold = contextlib.ExitStack()
-        hold.enter_context(store.in_use(definition.name))
+    lease, reason = _hold_if_usable(store, definition, expected)
+    if lease is not None:
+        return lease
+    with store.building(definition.name):
+        # Another sandbox may have built it while we waited for the build lock.
         template = store.get(definition.name)
-        reason = template.usable_for(expected) if template else "it does not exist"
-        if template is not None and not reason:
-            return TemplateLease(template, definition, hold)
+        if template is None or template.usable_for(expected):
+            log.info("building template %r (%s)", definition.name, reason)
+            try:
+                _build(config, store, definition, expected, files, acceleration)
+            except VmrunError as exc:
+                log.warning("cannot build template %r (%s): booting instead", definition.name, exc)
+                return None
+    lease, reason = _hold_if_usable(store, definition, expected)
+    if lease is None:
+        log.warning("template %r is still unusable (%s): booting", definition.name, reason)
+    return lease
+
+
+def _hold_if_usable(store: TemplateStore, definition: TemplateDefinition,
+                    expected: dict) -> tuple[TemplateLease | None, str]:
+    """The template, held, if clones may restore it; else None and why not."""
+    hold = contextlib.ExitStack()
+    hold.enter_context(store.in_use(definition.name))
+    template = store.get(definition.name)
+    reason = template.usable_for(expected) if template else "it does not exist"
+    if template is None or reason:
         hold.close()
-        if attempt:
-            break
-        with store.building(definition.name):
-            # Another sandbox may have built it while we waited for the build lock.
-            template = store.get(definition.name)
-            if template is None or template.usable_for(expected):
-                log.info("building template %r (%s)", definition.name, reason)
-                try:
-                    _build(config, store, definition, expected, files, acceleration)
-                except VmrunError as exc:
-                    log.warning("cannot build template %r (%s): booting instead", definition.name, exc)
-                    return None
-    log.warning("template %r is still unusable (%s): booting", definition.name, reason)
-    return None
+        return None, reason
+    return TemplateLease(template, definition, hold), ""
 
 
 def describe_templates(config: Config) -> list[str]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import images  # noqa: F401 - beside this file (conftest puts this directory on sys.path)
-from leftovers import mounts_under
+from leftovers import mounts_under, wait_for  # noqa: F401 - wait_for: also for the tests
 
 CLIENTS_DIR = Path(__file__).resolve().parent
 # Next to the interpreter: the console script `pip install -e .` made (not a pyenv shim).
@@ -29,15 +29,6 @@ BOOT_TIMEOUT = 180  # one ctr call that boots a guest under TCG, on a loaded 2-c
 
 # ---- small helpers ----
 
-def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1, message: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{message}: not met within {timeout:.0f}s")
-        time.sleep(interval)
 
 
 def _cmdline(pid: str) -> str:

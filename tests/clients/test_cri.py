@@ -25,6 +25,7 @@ from cri_env import (
     processes_mentioning,
     shim_socket,
 )
+from leftovers import client_session, wait_for
 from netns_http import fetch_in_netns
 
 from vmrun.config import load_config
@@ -46,16 +47,7 @@ def cri(guest_image, vm_templates_dir):
     except CriSetupError as exc:
         pytest.fail(f"cannot generate the CRI v1 stubs: {exc}")
     env = CriEnv(api, api_grpc, vm_templates_dir)
-    try:
-        env.start()
-    except BaseException:
-        problems = env.close()
-        if problems:
-            print("\n".join(problems))
-        raise
-    yield env
-    problems = env.close()
-    assert not problems, "\n".join(problems)
+    yield from client_session(env, env.start)
 
 
 class Steps:
@@ -75,14 +67,10 @@ class Steps:
         return response
 
     def wait_for(self, what: str, predicate, timeout: float = 30.0):
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                pytest.fail(f"timed out waiting for {what}\n{self.env.diagnostics()}")
-            time.sleep(0.2)
+        try:
+            return wait_for(predicate, timeout, interval=0.2, message=f"waiting for {what}")
+        except AssertionError as exc:
+            pytest.fail(f"{exc}\n{self.env.diagnostics()}")
 
     def report(self) -> str:
         return ", ".join(f"{name} {seconds:.2f}s" for name, seconds in self.timings)

@@ -17,6 +17,7 @@ import uuid
 import pytest
 
 from engine_cases import check_exec_stop_rm
+from leftovers import client_session
 from docker_env import IMAGE, RUN_FLAGS, DockerEnv, DockerSetupError
 from podman_env import VMRUN_BINARY
 
@@ -32,17 +33,7 @@ def docker_session(guest_image, vm_templates_dir):
         env = DockerEnv(vm_templates_dir)
     except DockerSetupError as exc:  # no archive to download docker.io from, and no cached copy
         pytest.skip(f"dockerd unavailable: {exc}")
-    try:
-        env.start()
-        env.load_image()
-    except BaseException:
-        problems = env.close()
-        if problems:
-            print("\n".join(problems))
-        raise
-    yield env
-    problems = env.close()
-    assert not problems, "\n".join(problems)
+    yield from client_session(env, env.start, env.load_image)
 
 
 @pytest.fixture

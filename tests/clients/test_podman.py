@@ -15,6 +15,7 @@ import uuid
 import pytest
 
 from engine_cases import check_exec_stop_rm
+from leftovers import client_session
 from podman_env import BOOT_TIMEOUT, IMAGE, RUN_FLAGS, VMRUN_BINARY, PodmanEnv, conmon_term_sockets
 
 pytestmark = [pytest.mark.integration, pytest.mark.clients]
@@ -29,14 +30,7 @@ def podman_session(guest_image, vm_templates_dir):
     if not VMRUN_BINARY.exists():
         pytest.fail(f"{VMRUN_BINARY} missing: pip install -e . (scripts/setup.sh does)")
     env = PodmanEnv(vm_templates_dir)
-    try:
-        env.load_image()
-    except BaseException:
-        env.close()
-        raise
-    yield env
-    problems = env.close()
-    assert not problems, "\n".join(problems)
+    yield from client_session(env, env.load_image)
 
 
 @pytest.fixture

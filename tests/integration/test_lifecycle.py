@@ -7,19 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
+from leftovers import wait_for
 
 pytestmark = pytest.mark.integration
 
 
-def wait_for(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
 
 
 def status(vm_env, container_id):

@@ -130,7 +130,7 @@ def test_pod_network_teardown_leaves_only_what_cni_made(pod_netns):
     pod, _ = pod_netns
     before = ip("-n", pod, "-o", "link", "show")
     network = PodNetwork(f"/run/netns/{pod}", "tcfilter")
-    (endpoint,) = network.open()
+    (endpoint,) = network.add_new()
     assert endpoint.interface.name == "eth0" and endpoint.tap_name in ip("-n", pod, "-o", "link", "show")
     filters = subprocess.run(["tc", "-n", pod, "filter", "show", "dev", "eth0", "ingress"],
                              capture_output=True, text=True).stdout
@@ -239,7 +239,7 @@ def test_interfaces_are_hot_added_and_removed(vm_env, pod_netns):
 
 
 def test_a_pooled_guest_takes_the_pod_network(vm_env, pod_netns):
-    from test_pool import pool_idle, wait_for
+    from test_pool import wait_for_pool
 
     pod, peer = pod_netns
     vm_env.config_path.write_text(vm_env.config_path.read_text()
@@ -250,7 +250,7 @@ def test_a_pooled_guest_takes_the_pod_network(vm_env, pod_netns):
     pool = vm_env.popen("pool", "serve", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                         stderr=subprocess.PIPE)
     try:
-        wait_for(lambda: pool_idle(vm_env) == 1)
+        wait_for_pool(vm_env, 1)
         assert vm_env.vmrun("create", "--bundle", str(bundle), "pw", detached=True).returncode == 0
         assert vm_env.vmrun("start", "pw").returncode == 0
         # Handed out by the pool, then given the pod's eth0 through the daemon's control socket.
@@ -270,7 +270,7 @@ def test_the_none_model_makes_the_tap_only(pod_netns):
     pod, _ = pod_netns
     network = PodNetwork(f"/run/netns/{pod}", "none")
     try:
-        (endpoint,) = network.open()
+        (endpoint,) = network.add_new()
         flags = ip("-n", pod, "-o", "link", "show", endpoint.tap_name).split("<")[1].split(">")[0]
         assert "UP" in flags.split(",")
         assert "ingress" not in subprocess.run(["tc", "-n", pod, "qdisc", "show", "dev", "eth0"],

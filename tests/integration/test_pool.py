@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import time
 
 import pytest
+from leftovers import wait_for
 
 from vmrun.sandbox import vm_dir_for
 
@@ -20,11 +20,8 @@ def pool_idle(vm_env) -> int:
     return json.loads(result.stdout)["idle"] if result.returncode == 0 else -1
 
 
-def wait_for(predicate, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.2)
+def wait_for_pool(vm_env, idle: int) -> None:
+    wait_for(lambda: pool_idle(vm_env) == idle, timeout=120, interval=0.2, message=f"{idle} idle guest(s)")
 
 
 def test_pool_hands_out_refills_and_falls_back(vm_env):
@@ -35,7 +32,7 @@ def test_pool_hands_out_refills_and_falls_back(vm_env):
     pool = vm_env.popen("pool", "serve", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                         stderr=subprocess.PIPE)
     try:
-        wait_for(lambda: pool_idle(vm_env) == 1)
+        wait_for_pool(vm_env, 1)
         assert vm_env.vmrun("create", "--bundle", str(bundle), "c1", detached=True).returncode == 0
         state = json.loads((vm_env.root / "c1" / "state.json").read_text())
         assert state["vm_dir"] != str(vm_dir_for(config, "c1")), "c1 should run in a pooled guest"
@@ -44,7 +41,7 @@ def test_pool_hands_out_refills_and_falls_back(vm_env):
         ran = vm_env.vmrun("exec", "c1", "echo", "in-a-pooled-guest")
         assert ran.returncode == 0 and ran.stdout == b"in-a-pooled-guest\n"
         # The pool starts a replacement for the guest it handed out.
-        wait_for(lambda: pool_idle(vm_env) == 1)
+        wait_for_pool(vm_env, 1)
         assert len(list((vm_env.base / "run" / "vm").iterdir())) == 2
     finally:
         pool.send_signal(signal.SIGTERM)

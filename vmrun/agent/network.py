@@ -131,7 +131,7 @@ def update_routes(routes: pb.Routes) -> pb.Routes:
                 ipr.route("replace", **_route_arguments(ipr, route))
             except ValueError as exc:
                 raise NetworkConfigError(f"bad route {route.destination or 'default'}: {exc}") from None
-        return list_routes(ipr)
+        return _routes(ipr)
 
 
 def add_neighbors(neighbors: list[pb.Neighbor]) -> None:
@@ -146,10 +146,12 @@ def list_interfaces() -> pb.Interfaces:
         return pb.Interfaces(interfaces=[_describe(ipr, link["index"]) for link in ipr.get_links()])
 
 
-def list_routes(ipr=None) -> pb.Routes:  # type: ignore[no-untyped-def]
-    if ipr is None:
-        with _iproute() as own:
-            return list_routes(own)
+def list_routes() -> pb.Routes:
+    with _iproute() as ipr:
+        return _routes(ipr)
+
+
+def _routes(ipr) -> pb.Routes:  # type: ignore[no-untyped-def]
     names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
     result = []
     for family in (socket.AF_INET, socket.AF_INET6):

@@ -84,9 +84,3 @@ def scan_interfaces(ipr: object) -> list[PodInterface]:
                 interface.neighbors.append(Neighbor(neighbor.get_attr("NDA_DST"), neighbor.get_attr("NDA_LLADDR")))
         interfaces.append(interface)
     return interfaces
-
-
-def guest_route_order(routes: list[Route]) -> list[Route]:
-    """Routes in an order the guest can add them: those without a gateway (on-link) first,
-    so a gateway is reachable before a route needs it."""
-    return sorted(routes, key=lambda route: bool(route.gateway))

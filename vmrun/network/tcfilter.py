@@ -75,14 +75,6 @@ class PodNetwork:
         self.endpoints: list[TapEndpoint] = []
         self._taps_made = 0
 
-    def open(self) -> list[TapEndpoint]:
-        """Endpoints for every veth in the namespace; `close()` undoes them all."""
-        try:
-            return self.add_new()
-        except BaseException:
-            self.close()
-            raise
-
     def add_new(self) -> list[TapEndpoint]:
         """Endpoints for the veths that have none yet (CNI may add interfaces later); on a
         failure, those made by this call are undone."""
