@@ -96,6 +96,13 @@ def add_entropy(data: bytes) -> None:
             f.write(data)  # without CAP_SYS_ADMIN: mixed in, uncredited
 
 
+def setns(fd: int, nstype: int) -> None:
+    """Move the calling thread into the namespace `fd` refers to (of type `nstype`)."""
+    if _libc.setns(fd, nstype) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 def become_subreaper() -> None:
     _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 

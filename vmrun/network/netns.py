@@ -7,19 +7,18 @@ sockets and taps opened there belong to that namespace for good, whoever uses th
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import os
 import threading
 from typing import Callable, TypeVar
 
+from vmrun.agent import linux
 from vmrun.errors import NetworkError
 
 T = TypeVar("T")
 
 _CLONE_NEWNET = 0x40000000
 _NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3)
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _open_netns(path: str) -> int:
@@ -45,9 +44,9 @@ def check_netns(path: str) -> None:
 def _join(path: str) -> None:
     fd = _open_netns(path)
     try:
-        if _libc.setns(fd, _CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise NetworkError(f"cannot enter network namespace {path}: {os.strerror(err)}")
+        linux.setns(fd, _CLONE_NEWNET)
+    except OSError as exc:
+        raise NetworkError(f"cannot enter network namespace {path}: {exc.strerror}") from None
     finally:
         os.close(fd)
 
