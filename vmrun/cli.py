@@ -284,14 +284,15 @@ def cmd_pool_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_pool_status(args: argparse.Namespace) -> int:
-    from vmrun.pool import ask_pool
+    from vmrun.control import ControlError
+    from vmrun.pool import pool_status
 
     if not args.config.pool_socket:
         raise VmrunError("pool: no pool_socket in vmrun.toml")
     try:
-        print(json.dumps(ask_pool(Path(args.config.pool_socket), "STATUS")))
-    except OSError as exc:
-        raise VmrunError(f"pool: no pool answers at {args.config.pool_socket}: {exc.strerror}") from None
+        print(json.dumps(pool_status(Path(args.config.pool_socket))))
+    except ControlError as exc:
+        raise VmrunError(f"pool: {exc}") from None
     return 0
 
 

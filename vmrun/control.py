@@ -1,8 +1,8 @@
-"""A sandbox's control socket: how `vmrun network` (or a `create` that took a pooled
-guest) reaches the process that holds the guest's QEMU.
+"""Control sockets: how `vmrun network` (or a `create` that took a pooled guest) reaches
+the process that holds a guest's QEMU, and how `create` asks the pool for a guest.
 
 One JSON request per connection, one JSON reply: {"ok": true, "result": ...} or
-{"ok": false, "error": "one line"}. The socket lives in the sandbox's private directory.
+{"ok": false, "error": "one line"}.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ Handler = Callable[[dict], object]
 
 
 class ControlError(VmrunError):
-    """The sandbox refused or failed a control request (its message says why)."""
+    """The request was refused or failed, or nothing answered (the message says which)."""
 
 
 def _read_line(conn: socket.socket) -> bytes:
@@ -84,7 +84,8 @@ class ControlServer:
 
 
 def control_call(path: Path, op: str, timeout: float = 120.0, **arguments: object) -> object:
-    """Ask the sandbox at control socket `path` to do `op`; its result, or ControlError."""
+    """Ask the process serving the control socket `path` (a sandbox, the pool) to do `op`;
+    its result, or ControlError."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.settimeout(timeout)
         try:
@@ -92,7 +93,7 @@ def control_call(path: Path, op: str, timeout: float = 120.0, **arguments: objec
             conn.sendall(json.dumps({"op": op, **arguments}).encode() + b"\n")
             reply = json.loads(_read_line(conn) or b"null")
         except (OSError, ValueError) as exc:
-            raise ControlError(f"cannot reach the sandbox at {path}: {exc}") from None
+            raise ControlError(f"cannot reach {path}: {exc}") from None
     if not isinstance(reply, dict) or not reply.get("ok"):
         raise ControlError(str(reply.get("error") if isinstance(reply, dict) else "no reply"))
     return reply.get("result")

@@ -2,25 +2,24 @@
 booted (or cloned from the template) and idle; `create` takes one over a local socket
 instead of starting a guest, and the pool starts a replacement.
 
-Protocol, one line each way on the unix socket: `TAKE` answers {"daemon_pid", "vm_dir"}
-or {"error"}; `STATUS` answers {"idle", "size"}. The container that takes a guest adopts
+It answers on a control socket (vmrun.control): `take` gives {"daemon_pid", "vm_dir"}, or
+fails when the pool is empty; `status` gives {"idle", "size"}. The container that takes a guest adopts
 it once recorded, so it outlives the pool; a guest not adopted goes when the pool goes.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
 import signal
-import socket
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from vmrun.config import Config
+from vmrun.control import ControlError, ControlServer, control_call
 from vmrun.errors import VmrunError
 from vmrun.sandbox import vm_dir_for
 from vmrun.sandbox_daemon import spawn_sandbox_daemon, stop_sandbox_daemon
@@ -99,29 +98,28 @@ class Pool:
             self._cond.notify_all()  # the filler starts a replacement
             return guest
 
+    def _take_request(self, request: dict) -> dict:
+        guest = self.take()
+        if guest is None:
+            raise VmrunError("the pool is empty")
+        return {"daemon_pid": guest.daemon_pid, "vm_dir": guest.vm_dir}
+
     def serve(self, socket_path: Path) -> None:
         """Serve until SIGTERM/SIGINT; then stop every idle guest."""
         threading.Thread(target=self._fill, name="pool-fill", daemon=True).start()
         socket_path.parent.mkdir(parents=True, exist_ok=True)
-        socket_path.unlink(missing_ok=True)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(str(socket_path))
-        listener.listen(16)
-        listener.settimeout(0.5)
         stop = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
+        server = ControlServer(socket_path, {
+            "take": self._take_request,
+            "status": lambda request: {"idle": self.idle_count(), "size": self.size},
+        })
         try:
-            while not stop.is_set():
-                try:
-                    conn, _ = listener.accept()
-                except TimeoutError:
-                    continue
-                with conn:
-                    self._answer(conn)
+            while not stop.wait(0.5):
+                pass
         finally:
-            listener.close()
-            socket_path.unlink(missing_ok=True)
+            server.close()
             with self._cond:
                 self._stopping = True
                 idle, self._idle = self._idle, []
@@ -131,21 +129,6 @@ class Pool:
             with self._cond:
                 # A guest still starting is stopped by the filler once it is up.
                 self._cond.wait_for(lambda: self._starting == 0, timeout=self.config.boot_timeout + 30)
-
-    def _answer(self, conn: socket.socket) -> None:
-        conn.settimeout(_CLIENT_TIMEOUT)
-        try:
-            request = conn.makefile("rb").readline().strip()
-            if request == b"TAKE":
-                guest = self.take()
-                reply = {"daemon_pid": guest.daemon_pid, "vm_dir": guest.vm_dir} if guest else {"error": "empty"}
-            elif request == b"STATUS":
-                reply = {"idle": self.idle_count(), "size": self.size}
-            else:
-                reply = {"error": f"unknown request {request[:20]!r}"}
-            conn.sendall(json.dumps(reply).encode() + b"\n")
-        except OSError:
-            pass
 
 
 def _reap_children() -> None:
@@ -159,12 +142,9 @@ def _reap_children() -> None:
             return
 
 
-def ask_pool(socket_path: Path, request: str) -> dict:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-        conn.settimeout(_CLIENT_TIMEOUT)
-        conn.connect(str(socket_path))
-        conn.sendall(request.encode() + b"\n")
-        return json.loads(conn.makefile("rb").readline() or b"{}")
+def pool_status(socket_path: Path) -> dict:
+    """How many guests the pool at `socket_path` has ready; ControlError if none answers."""
+    return dict(control_call(socket_path, "status", timeout=_CLIENT_TIMEOUT))  # type: ignore[arg-type]
 
 
 def take_from_pool(config: Config) -> PooledGuest | None:
@@ -172,12 +152,9 @@ def take_from_pool(config: Config) -> PooledGuest | None:
     if not config.pool_socket:
         return None
     try:
-        reply = ask_pool(Path(config.pool_socket), "TAKE")
-    except (OSError, ValueError) as exc:
+        reply = dict(control_call(Path(config.pool_socket), "take", timeout=_CLIENT_TIMEOUT))  # type: ignore[arg-type]
+    except ControlError as exc:
         log.debug("no guest from the pool at %s: %s", config.pool_socket, exc)
-        return None
-    if "daemon_pid" not in reply:
-        log.debug("no guest from the pool: %s", reply.get("error"))
         return None
     guest = PooledGuest(int(reply["daemon_pid"]), str(reply["vm_dir"]))
     if Path(guest.vm_dir).parent != config.vm_dir or guest.daemon_pid <= 0:

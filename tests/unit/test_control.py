@@ -43,5 +43,5 @@ def test_unknown_ops_and_bugs_are_errors_and_the_server_goes_on(server):
 def test_a_closed_sandbox_cannot_be_reached(server):
     server.close()
     assert not server.path.exists()
-    with pytest.raises(ControlError, match="cannot reach the sandbox"):
+    with pytest.raises(ControlError, match="cannot reach "):
         control_call(server.path, "echo", value=1)
