@@ -17,7 +17,6 @@ from vmrun.oci import Bundle, guest_spec, load_bundle, network_namespace_path, v
 from vmrun.sandbox import Sandbox
 from vmrun.state import ContainerState, StateStore, write_pid_file
 from vmrun.signals import interrupted_by_signals
-from vmrun.stdio import relay_until_exit
 
 log = logging.getLogger("vmrun.run")
 
@@ -69,6 +68,8 @@ def _run_in_guest(config: Config, store: StateStore, bundle: Bundle, state: Cont
         if netns:
             sandbox.attach_network(netns)
         sandbox.share_container(container_id, bundle)
+        from vmrun.stdio import relay_until_exit  # after the sandbox: see Sandbox._boot on imports
+
         # Created and started in one step: the output waits in the guest until relayed.
         agent.create_container(container_id, guest_spec(bundle.spec, container_id), start=True)
         state.status = "running"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import logging
 import os
 import shutil
@@ -17,10 +18,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vmrun.agent import linux
 from vmrun.agent.bridge import SocketBridge
-from vmrun.agent.client import AgentClient
 from vmrun.agent.constants import AGENT_PORT, READY_MESSAGE, SHARED_FS_TAG, ready_port
 from vmrun.bootfiles import BootFiles, boot_files
 from vmrun.config import Config
@@ -35,6 +36,9 @@ from vmrun.network.attachment import NetworkAttachment
 from vmrun.oci import Bundle, is_bind_mount
 from vmrun.proc import HelperProcess
 from vmrun.templating import TemplateLease, lease_template
+
+if TYPE_CHECKING:
+    from vmrun.agent.client import AgentClient
 
 log = logging.getLogger("vmrun.sandbox")
 
@@ -151,6 +155,11 @@ class Sandbox:
         return self
 
     def _boot(self) -> None:
+        # gRPC and protobuf take ~60 ms to import and are needed only once the guest is
+        # ready: imported meanwhile, while this thread mostly waits on QEMU and helpers.
+        grpc_import = threading.Thread(target=importlib.import_module, args=("vmrun.agent.client",),
+                                       name="import-agent-client", daemon=True)
+        grpc_import.start()
         files = boot_files(self.config)
         if self.dir.exists():
             raise HypervisorError(f"sandbox directory {self.dir} already exists")
@@ -222,6 +231,8 @@ class Sandbox:
         host_side.listen(16)
         bridge = SocketBridge(host_side, lambda: transport.connect(AGENT_PORT), "agent-bridge").start()
         self._stack.callback(bridge.close)
+        from vmrun.agent.client import AgentClient  # waits for the import begun above, if need be
+
         self.agent = AgentClient(str(self.agent_socket))
         self._stack.callback(self.agent.close)
         self.kernel_release = self.agent.create_sandbox(self.sandbox_id, self.hostname, SHARED_FS_TAG)
