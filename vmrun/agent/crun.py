@@ -6,11 +6,25 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmrun.agent import linux
 from vmrun.agent.files import write_json_atomic
 from vmrun.agent.processes import Child, Spawner, exit_status
 
 CRUN = "/usr/bin/crun"
 CRUN_ROOT = "/run/crun"
+CRUN_STORE = "/run/vmrun/crun-binary"  # see pin_crun_binary
+
+
+def pin_crun_binary() -> None:
+    """Give crun a read-only binary, once per guest.
+
+    Against CVE-2019-5736, crun re-executes itself from a sealed copy on every call
+    unless its binary is on a read-only filesystem. From the initramfs (a tmpfs, which it
+    reads as an unsealed memfd) it even execs twice more, first from a read-only bind
+    mount and then from a memfd copy; under TCG every exec and dynamic link costs tens
+    of milliseconds. A copy on a read-only ramfs protects the binary as well.
+    """
+    linux.pin_read_only_copy(CRUN, CRUN_STORE)
 
 
 class CrunError(Exception):

@@ -7,6 +7,7 @@ import ctypes
 import fcntl
 import os
 import re
+import shutil
 import struct
 import time
 
@@ -15,6 +16,8 @@ from vmrun.agent.constants import CMDLINE_PREFIX
 _libc = ctypes.CDLL(None, use_errno=True)
 _PR_SET_CHILD_SUBREAPER = 36
 MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
 MS_REMOUNT = 0x20
 MS_BIND = 0x1000
 MS_REC = 0x4000
@@ -34,6 +37,16 @@ def bind_mount(source: str, target: str, readonly: bool = False) -> None:
     if readonly:
         # A bind mount only becomes read-only through a remount.
         mount("none", target, "none", MS_BIND | MS_REMOUNT | MS_RDONLY)
+
+
+def pin_read_only_copy(path: str, store: str) -> None:
+    """Put a copy of the file `path` on a read-only ramfs mounted at `store`, and
+    bind-mount that copy over `path`: nothing in the guest can change it any more."""
+    mount("ramfs", store, "ramfs", MS_NOSUID | MS_NODEV, "mode=0755")
+    copy = os.path.join(store, os.path.basename(path))
+    shutil.copy2(path, copy)
+    mount("none", store, "none", MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    mount(copy, path, "none", MS_BIND)
 
 
 def umount(target: str, detach: bool = False) -> None:

@@ -20,6 +20,7 @@ import vmrun
 from vmrun.agent import agent_pb2_grpc, linux
 from vmrun.agent.bridge import SocketBridge
 from vmrun.agent.constants import AGENT_PORT, AGENT_UNIX_SOCKET, READY_MESSAGE, ready_port
+from vmrun.agent.crun import pin_crun_binary
 from vmrun.agent.processes import Reaper
 from vmrun.agent.service import AgentService
 
@@ -104,6 +105,10 @@ def main() -> None:
     if os.getpid() != 1:
         linux.become_subreaper()
     reaper = Reaper().start()
+    try:
+        pin_crun_binary()
+    except OSError as exc:
+        _log(f"crun will copy itself on every call: {exc}")
 
     os.makedirs(os.path.dirname(AGENT_UNIX_SOCKET), exist_ok=True)
     if os.path.exists(AGENT_UNIX_SOCKET):
