@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
 """Wall time of `vmrun run` of /bin/true, cold boot and cloned from a template, beside
-`runc run` of the same bundle, and where vmrun's time goes. One run of each.
+`runc run` of the same bundle, and where vmrun's time goes.
 
-The template is made first in a private directory (its time is printed too). vmrun's
-phases come from its --debug timings lines.
+The template is made first in a private directory (its time is printed too). Then
+ROUNDS rounds (default 5) each run runc, a cold boot and a clone, one after the other, so
+that the machine's ups and downs touch all of them alike; medians are compared. vmrun's
+phases come from its --debug timings lines (medians per phase).
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import os
 import shutil
 import subprocess
@@ -20,6 +23,7 @@ from pathlib import Path
 from vmrun.busybox import make_busybox_bundle
 
 VMRUN = [sys.executable, "-m", "vmrun.cli"]
+ROUNDS = int(os.environ.get("ROUNDS", "5"))
 
 
 def timed(argv: list[str], env: dict | None = None) -> tuple[float, subprocess.CompletedProcess]:
@@ -61,43 +65,56 @@ def breakdown(wall: float, p: dict[str, float]) -> list[tuple[str, float]]:
     return steps
 
 
+def median_phases(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0] if all(key in r for r in runs)}
+
+
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="vmrun-bench", dir="/tmp"))
     try:
         bundle = make_busybox_bundle(work / "bundle", ["/bin/true"])
-        config = work / "vmrun.toml"
-        config.write_text(f'run_dir = "{work}/run"\ntemplates_dir = "{work}/templates"\ntemplate = ""\n')
-        env = {**os.environ, "VMRUN_CONFIG": str(config)}
-        rows: list[tuple[str, float, int]] = []
+        configs = {}
+        for name, template in (("cold boot", ""), ("from template", "default")):
+            config = configs[name] = work / f"vmrun-{template or 'cold'}.toml"
+            config.write_text(f'run_dir = "{work}/run"\ntemplates_dir = "{work}/templates"\ntemplate = "{template}"\n')
+        seconds, made = timed([*VMRUN, "template", "create"], {**os.environ, "VMRUN_CONFIG": str(configs["from template"])})
+        print(f"vmrun template create: {seconds:.3f} s (rc {made.returncode})")
+        if made.returncode != 0:
+            print(made.stderr.decode(), file=sys.stderr)
+            return made.returncode
+
         runc = shutil.which("runc")
         if runc:
             timed([runc, "--root", str(work / "runc"), "run", "--bundle", str(bundle), "warmup"])
-            seconds, result = timed([runc, "--root", str(work / "runc"), "run", "--bundle", str(bundle), "b1"])
-            rows.append(("runc run", seconds, result.returncode))
+        walls: dict[str, list[float]] = {"runc run": [], "cold boot": [], "from template": []}
+        phases: dict[str, list[dict[str, float]]] = {"cold boot": [], "from template": []}
+        for round_ in range(ROUNDS):
+            if runc:
+                seconds, result = timed([runc, "--root", str(work / "runc"), "run", "--bundle", str(bundle),
+                                         f"r{round_}"])
+                walls["runc run"].append(seconds)
+            for name, config in configs.items():
+                log = work / f"{round_}-{len(phases[name])}.log"
+                seconds, result = timed([*VMRUN, "--root", str(work / "state"), "--debug", "--log", str(log),
+                                         "--log-format", "json", "run", "--bundle", str(bundle), f"v{round_}"],
+                                        {**os.environ, "VMRUN_CONFIG": str(config)})
+                if result.returncode != 0:
+                    print(f"vmrun run ({name}) failed: {result.stderr.decode()}", file=sys.stderr)
+                    return result.returncode
+                walls[name].append(seconds)
+                phases[name].append(vmrun_phases(log))
 
-        runs = {}
-        for name, vmrun_id in (("cold boot", "cold"), ("from template", "clone")):
-            if name == "from template":
-                seconds, made = timed([*VMRUN, "template", "create"], env)
-                rows.append(("vmrun template create", seconds, made.returncode))
-                config.write_text(config.read_text().replace('template = ""', 'template = "default"'))
-            log = work / f"{vmrun_id}.log"
-            seconds, result = timed([*VMRUN, "--root", str(work / "state"), "--debug", "--log", str(log),
-                                     "--log-format", "json", "run", "--bundle", str(bundle), vmrun_id], env)
-            rows.append((f"vmrun run ({name})", seconds, result.returncode))
-            if result.returncode != 0:
-                print(result.stderr.decode(), file=sys.stderr)
-                return result.returncode
-            runs[name] = (seconds, vmrun_phases(log))
-
-        print(f"{'command':<30}{'wall s':>8}{'rc':>5}")
-        for name, secs, rc in rows:
-            print(f"{name:<30}{secs:>8.3f}{rc:>5}")
-        cold, clone = runs["cold boot"][0], runs["from template"][0]
-        print(f"\nfrom template / cold boot: {clone / cold:.2f}x")
-        for name, (wall, phases) in runs.items():
-            print(f"\nwhere `vmrun run` ({name}) spends its time:")
-            for step, secs in breakdown(wall, phases):
+        print(f"\n{'command':<28}{'median s':>9}   each run")
+        for name, times in walls.items():
+            if times:
+                label = name if name == "runc run" else f"vmrun run ({name})"
+                print(f"{label:<28}{statistics.median(times):>9.3f}   " + " ".join(f"{t:.3f}" for t in times))
+        cold, clone = statistics.median(walls["cold boot"]), statistics.median(walls["from template"])
+        print(f"\nfrom template / cold boot (medians of {ROUNDS}): {clone / cold:.2f}x")
+        for name, runs in phases.items():
+            wall = statistics.median(walls[name])
+            print(f"\nwhere `vmrun run` ({name}) spends its time (median phases):")
+            for step, secs in breakdown(wall, median_phases(runs)):
                 print(f"  {step:<38}{secs:>8.3f}")
         return 0
     finally:
