@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vmrun.agent import linux
-from vmrun.agent.bridge import SocketBridge
+from vmrun.agent.bridge import SocketBridge, first_then, read_line
 from vmrun.agent.constants import AGENT_PORT, READY_MESSAGE, SHARED_FS_TAG, ready_port
 from vmrun.bootfiles import BootFiles, boot_files
 from vmrun.config import Config
@@ -29,12 +29,12 @@ from vmrun.control import CONTROL_SOCKET, ControlServer
 from vmrun.errors import BundleError, HypervisorError, NetworkError
 from vmrun.hypervisor.accel import Acceleration, detect_acceleration
 from vmrun.hypervisor.qemu import BASE_KERNEL_PARAMS, QemuVM, VMSpec, hotplug_port_id
+from vmrun.hypervisor.memory_copy import MemoryCopy
 from vmrun.hypervisor.templates import Template, restore_state, template_vm_spec
 from vmrun.hypervisor.virtiofsd import Virtiofsd, find_virtiofsd
 from vmrun.hypervisor.vsock.transports import make_transport
 from vmrun.network.attachment import NetworkAttachment
 from vmrun.oci import Bundle, is_bind_mount
-from vmrun.proc import HelperProcess
 from vmrun.templating import TemplateLease, lease_template
 
 if TYPE_CHECKING:
@@ -170,8 +170,8 @@ class Sandbox:
         lease = lease_template(self.config, files, acceleration)
         if lease is not None:
             self._stack.callback(lease.release)
-        # The clone's RAM copy runs while the helpers start.
-        memory_copy = self._copy_template_memory(lease.template) if lease else None
+        # The clone's RAM copy runs while the helpers and QEMU start.
+        memory_copy = self._start_memory_copy(lease.template) if lease else None
 
         # The helpers start while a clone's QEMU restores (it needs them only to hot-plug);
         # a booting QEMU connects to them at once, so it waits for them.
@@ -223,13 +223,16 @@ class Sandbox:
         self._nic_ports = [hotplug_port_id(i) for i in range(first_free, self.vm.spec.hotplug_ports)]
         self._mark("qemu_started")
 
-        self._wait_ready(ready_listener)
+        ready_connection = self._wait_ready(ready_listener)
+        self._stack.callback(ready_connection.close)
         self._mark("agent_ready")
 
         host_side = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         host_side.bind(str(self.agent_socket))
         host_side.listen(16)
-        bridge = SocketBridge(host_side, lambda: transport.connect(AGENT_PORT), "agent-bridge").start()
+        # The guest's READY connection carries the first gRPC connection: no vsock connect.
+        dial = first_then(ready_connection, lambda: transport.connect(AGENT_PORT))
+        bridge = SocketBridge(host_side, dial, "agent-bridge").start()
         self._stack.callback(bridge.close)
         from vmrun.agent.client import AgentClient  # waits for the import begun above, if need be
 
@@ -244,34 +247,31 @@ class Sandbox:
         self._stack.callback(control.close)
         self._mark("sandbox_created")
 
-    def _copy_template_memory(self, template: Template) -> tuple[HelperProcess, Path]:
+    def _start_memory_copy(self, template: Template) -> MemoryCopy:
         """Start copying the template's RAM into the clone's own file (sparse, in tmpfs).
 
         A private copy: vhost-user backends need the clone's RAM shared, and the guest's
         writes must reach neither the template nor a sibling clone.
         """
-        shutil.copyfile(template.state, self.dir / "template-state")
         memory = clone_memory_path(self.dir)
         _private_clone_memory_dir()
         self._stack.callback(memory.unlink, missing_ok=True)
-        copy = HelperProcess("template memory copy", ["cp", "--sparse=always", template.memory, memory],
-                             log_path=self.dir / "memory-copy.log")
-        self._stack.enter_context(copy)
-        return copy, memory
+        return self._stack.enter_context(MemoryCopy(template.memory, memory))
 
     def _restore_clone(self, lease: TemplateLease, files: BootFiles, acceleration: Acceleration,
-                       memory_copy: tuple[HelperProcess, Path]) -> QemuVM:
-        """Restore the template, paused, into the clone's copy of its RAM."""
-        copy, memory = memory_copy
-        if copy.wait(60) != 0:
-            raise HypervisorError(f"cannot copy the template's memory: {copy.log_tail(1) or 'cp failed'}")
-        lease.release()  # copied: the template may be replaced now
+                       memory_copy: MemoryCopy) -> QemuVM:
+        """Restore the template, paused, into the clone's copy of its RAM. QEMU starts while
+        the RAM is still being copied: it touches guest RAM only when the state loads."""
         definition = lease.definition
         spec = template_vm_spec(definition, qemu=self.config.qemu, acceleration=acceleration, kernel=files.kernel,
-                                initrd=files.initrd, console_log=self.console_log, memory_file=memory, incoming=True)
+                                initrd=files.initrd, console_log=self.console_log, memory_file=memory_copy.target,
+                                incoming=True)
         vm = QemuVM(spec, self.dir / "qmp.sock", self.dir / "qemu.log").start()
         self._stack.callback(vm.close)
-        restore_state(vm, self.dir / "template-state")
+        memory_copy.wait(60)
+        with open(lease.template.state, "rb") as state:
+            lease.release()  # RAM copied and state file open: the template may be replaced now
+            restore_state(vm, state.fileno())
         self._mark("clone_restored")
         log.debug("cloned %s from template %s", self.sandbox_id, definition.name)
         return vm
@@ -283,7 +283,8 @@ class Sandbox:
             return ""
         return lines[-1].strip() if lines else ""
 
-    def _wait_ready(self, listener: socket.socket) -> None:
+    def _wait_ready(self, listener: socket.socket) -> socket.socket:
+        """The guest agent's READY connection, once it has said so."""
         assert self.vm is not None
         deadline = time.monotonic() + self.config.boot_timeout
         listener.settimeout(0.05)
@@ -302,10 +303,15 @@ class Sandbox:
                     f"the guest agent was not ready within {self.config.boot_timeout:g}s"
                     + (f" (guest console: {console})" if console else "")
                 )
-        with conn:
+        try:
             conn.settimeout(5.0)
-            greeting = conn.recv(256)
+            greeting = read_line(conn, 256)
+            conn.settimeout(None)
+        except OSError:
+            conn.close()
+            raise
         if not greeting.startswith(READY_MESSAGE):
+            conn.close()
             raise HypervisorError(f"unexpected greeting from the guest agent: {greeting[:40]!r}")
         # "READY <version> uptime=S agent_started=S": the guest's own view of its boot.
         for word in greeting.decode(errors="replace").split()[2:]:
@@ -314,6 +320,7 @@ class Sandbox:
                 self.guest_timings[key] = float(value)
             except ValueError:
                 continue
+        return conn
 
     def attach_network(self, netns_path: str) -> list[str]:
         """Carry the interfaces of the pod's network namespace into the guest (hot-plugged

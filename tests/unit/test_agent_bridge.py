@@ -3,7 +3,7 @@ import os
 import socket
 import threading
 
-from vmrun.agent.bridge import SocketBridge
+from vmrun.agent.bridge import SocketBridge, first_then, read_line
 
 
 def echo_server(path):
@@ -63,3 +63,40 @@ def test_bridge_splices_concurrent_connections_with_half_close(tmp_path):
     assert results == [hashlib.sha256(p).digest() for p in payloads]
     bridge.close()
     backend.close()
+
+
+def test_first_then_hands_out_the_connected_socket_once(tmp_path):
+    backend = echo_server(str(tmp_path / "echo.sock"))
+    ready_host, ready_guest = socket.socketpair()
+    dialled = []
+
+    def dial():
+        conn = socket.socket(socket.AF_UNIX)
+        conn.connect(str(tmp_path / "echo.sock"))
+        dialled.append(conn)
+        return conn
+
+    dial_next = first_then(ready_host, dial)
+    assert dial_next() is ready_host
+    second = dial_next()
+    assert dialled == [second]
+    for sock in (ready_host, ready_guest, second):
+        sock.close()
+    backend.close()
+
+
+def test_read_line_leaves_what_follows_the_line_unread():
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(b"READY 1.0 uptime=2.5\n\x00\x00\x12\x04 grpc bytes")
+        assert read_line(b, 256) == b"READY 1.0 uptime=2.5\n"
+        assert b.recv(64) == b"\x00\x00\x12\x04 grpc bytes"
+
+
+def test_read_line_stops_at_its_limit_or_at_eof():
+    a, b = socket.socketpair()
+    with b:
+        a.sendall(b"x" * 10)
+        assert read_line(b, 4) == b"xxxx"
+        a.close()
+        assert read_line(b, 256) == b"xxxxxx"

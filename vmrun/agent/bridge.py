@@ -24,6 +24,32 @@ def close_listener(listener: socket.socket) -> None:
     listener.close()
 
 
+def first_then(conn: socket.socket, dial: Callable[[], socket.socket]) -> Callable[[], socket.socket]:
+    """A dial function for a bridge: `conn`, already connected, on the first call; then
+    whatever `dial` connects."""
+    unused = [conn]
+    lock = threading.Lock()
+
+    def dial_next() -> socket.socket:
+        with lock:
+            if unused:
+                return unused.pop()
+        return dial()
+
+    return dial_next
+
+
+def read_line(conn: socket.socket, limit: int) -> bytes:
+    """One line (with its newline) and not a byte more: what follows it belongs to others."""
+    line = bytearray()
+    while len(line) < limit and not line.endswith(b"\n"):
+        byte = conn.recv(1)
+        if not byte:
+            break
+        line += byte
+    return bytes(line)
+
+
 def _pump(src: socket.socket, dst: socket.socket) -> None:
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
@@ -73,6 +99,14 @@ class SocketBridge:
             # Closing tells the client at once, instead of leaving its call hanging.
             conn.close()
             return
+        self._join(conn, peer)
+
+    def splice(self, conn: socket.socket, peer: socket.socket) -> None:
+        """Join two sockets connected elsewhere, in the background, until either side ends;
+        close() ends them too."""
+        threading.Thread(target=self._join, args=(conn, peer), name=f"{self._name}-conn", daemon=True).start()
+
+    def _join(self, conn: socket.socket, peer: socket.socket) -> None:
         with self._lock:
             if self._closed:
                 conn.close()

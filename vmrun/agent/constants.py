@@ -1,7 +1,8 @@
 """Facts the host and the in-guest agent agree on."""
 
 # vsock ports. The agent serves gRPC on AGENT_PORT; once it listens, it connects to the
-# host's ready port and says READY, so the host never dials a guest that is not listening.
+# host's ready port and says READY (one line), so the host never dials a guest that is
+# not listening. That connection then carries the host's first gRPC connection.
 # The ready port is READY_PORT_BASE + the guest's CID: with kernel vsock the host's ports
 # are shared by every guest, and a clone learns its CID only once its device is plugged.
 AGENT_PORT = 1024

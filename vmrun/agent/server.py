@@ -64,8 +64,11 @@ def _local_cid() -> int:
     return int.from_bytes(raw, sys.byteorder)
 
 
-def _announce_ready() -> None:
-    """Connect to the host's ready port until it answers: the device may come late."""
+def _announce_ready(bridge: SocketBridge) -> None:
+    """Connect to the host's ready port until it answers (the device may come late), say
+    READY, and keep the connection: it carries the host's first gRPC connection, so the
+    host's first call needs no vsock connection of its own."""
+    local: socket.socket | None = None
     while True:
         # Our CID names the port; and a connect made while the driver is still probing goes
         # out from CID "any", which the host drops, then hangs for the 2 s connect timeout.
@@ -73,15 +76,23 @@ def _announce_ready() -> None:
         if cid == socket.VMADDR_CID_ANY:
             time.sleep(0.005)
             continue
+        if local is None:
+            # Taken on by the gRPC server while the host has yet to hear from us. Not
+            # earlier: a template's clones must not inherit a half-open gRPC connection.
+            local = _dial_agent()
+        conn = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
         try:
-            with socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM) as conn:
-                conn.settimeout(_CONNECT_TIMEOUT)
-                conn.connect((_HOST_CID, ready_port(cid)))
-                message = f"{vmrun.__version__} {_boot_report()}"
-                conn.sendall(READY_MESSAGE + b" " + message.encode() + b"\n")
-            return
+            conn.settimeout(_CONNECT_TIMEOUT)
+            conn.connect((_HOST_CID, ready_port(cid)))
+            message = f"{vmrun.__version__} {_boot_report()}"
+            conn.sendall(READY_MESSAGE + b" " + message.encode() + b"\n")
         except OSError:
+            conn.close()
             time.sleep(0.01)
+            continue
+        conn.settimeout(None)
+        bridge.splice(conn, local)
+        return
 
 
 def _warm_up(calls: int) -> None:
@@ -117,12 +128,12 @@ def main() -> None:
     agent_pb2_grpc.add_AgentServicer_to_server(AgentService(reaper), server)
     server.add_insecure_port(f"unix:{AGENT_UNIX_SOCKET}")
     server.start()
-    SocketBridge(_vsock_listener(agent_port), _dial_agent, "vsock-agent").start()
+    bridge = SocketBridge(_vsock_listener(agent_port), _dial_agent, "vsock-agent").start()
     if params.get("template") == "1":
         _warm_up(calls=8)
     # A template is saved once this line is on the console; its clones get vsock later.
     _log("listening")
-    _announce_ready()
+    _announce_ready(bridge)
     _log(f"ready on vsock port {agent_port}")
     server.wait_for_termination()
 

@@ -243,11 +243,12 @@ def save_state(vm: QemuVM, path: Path) -> None:
     _wait_migration(vm, "the template's state could not be saved")
 
 
-def restore_state(vm: QemuVM, path: Path) -> None:
-    """Load a template's device state into a QEMU started with -incoming defer; it stays
-    paused (the template was paused when saved) until resumed."""
+def restore_state(vm: QemuVM, state_fd: int) -> None:
+    """Load a template's device state (an open file) into a QEMU started with -incoming
+    defer; it stays paused (the template was paused when saved) until resumed."""
     _x_ignore_shared(vm)
-    vm.qmp("migrate-incoming", uri=f"exec:cat {shlex.quote(str(path))}")
+    vm.add_fd(state_fd, "template-state")  # QEMU reads its own copy of the fd: no cat process
+    vm.qmp("migrate-incoming", uri="fd:template-state")
     deadline = time.monotonic() + _SAVE_TIMEOUT
     while (status := vm.status()) == "inmigrate":
         if time.monotonic() > deadline:

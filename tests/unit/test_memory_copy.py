@@ -1,0 +1,68 @@
+import os
+from pathlib import Path
+
+import pytest
+
+from vmrun.errors import HypervisorError
+from vmrun.hypervisor.memory_copy import MemoryCopy, data_extents
+
+MIB = 1 << 20
+
+
+def sparse_file(path: Path) -> dict[int, bytes]:
+    """A 64 MiB file with data at three places and holes elsewhere."""
+    chunks = {0: os.urandom(MIB), 20 * MIB: os.urandom(3 * MIB), 63 * MIB: os.urandom(MIB)}
+    with open(path, "wb") as f:
+        f.truncate(64 * MIB)
+        for offset, data in chunks.items():
+            f.seek(offset)
+            f.write(data)
+    return chunks
+
+
+def test_copy_has_the_same_bytes_and_keeps_the_holes(tmp_path: Path) -> None:
+    source, target = tmp_path / "template.mem", tmp_path / "clone.mem"
+    sparse_file(source)
+    with MemoryCopy(source, target) as copy:
+        copy.wait(30)
+    assert target.read_bytes() == source.read_bytes()
+    # Only the data was written: the clone's file takes no more space than the template's.
+    assert target.stat().st_blocks <= source.stat().st_blocks
+    with open(target, "rb") as f:
+        assert [offset for offset, _ in data_extents(f.fileno(), 64 * MIB)][:1] == [0]
+
+
+def test_target_has_its_final_size_as_soon_as_started(tmp_path: Path) -> None:
+    source, target = tmp_path / "template.mem", tmp_path / "clone.mem"
+    sparse_file(source)
+    copy = MemoryCopy(source, target).start()
+    try:
+        assert target.stat().st_size == 64 * MIB  # QEMU may map it at once
+    finally:
+        copy.close()
+
+
+def test_an_existing_target_is_never_written(tmp_path: Path) -> None:
+    source, target = tmp_path / "template.mem", tmp_path / "clone.mem"
+    sparse_file(source)
+    target.write_bytes(b"somebody else's")
+    with pytest.raises(FileExistsError):
+        MemoryCopy(source, target).start()
+    assert target.read_bytes() == b"somebody else's"
+
+
+def test_a_source_that_shrinks_meanwhile_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source, target = tmp_path / "template.mem", tmp_path / "clone.mem"
+    sparse_file(source)
+    real_extents = data_extents
+
+    def extents_then_truncate(fd: int, size: int) -> list[tuple[int, int]]:
+        found = real_extents(fd, size)
+        os.truncate(source, MIB // 2)
+        return found
+
+    monkeypatch.setattr("vmrun.hypervisor.memory_copy.data_extents", extents_then_truncate)
+    copy = MemoryCopy(source, target).start()
+    with pytest.raises(HypervisorError, match="ended early"):
+        copy.wait(30)
+    copy.close()
