@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
 import logging
 import os
 import shutil
@@ -18,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 from vmrun.agent import linux
 from vmrun.agent.bridge import SocketBridge, first_then, read_line
@@ -41,6 +40,7 @@ if TYPE_CHECKING:
     from vmrun.agent.client import AgentClient
 
 log = logging.getLogger("vmrun.sandbox")
+T = TypeVar("T")
 
 # Spare PCIe root ports of a booted guest, for NICs hot-plugged into it (a clone has its
 # template's).
@@ -84,6 +84,28 @@ def remove_tree_safely(path: Path) -> None:
     if _mounts_under(path):
         raise HypervisorError(f"cannot remove {path}: something is still mounted under it")
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _in_background(make: Callable[[], T]) -> Callable[[], T]:
+    """Run `make` in a thread; the function returned waits for its result (or its error)."""
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = make()
+        except BaseException as exc:  # noqa: BLE001 - raised where the result is taken
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name="in-background", daemon=True)
+    thread.start()
+
+    def result() -> T:
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]  # type: ignore[misc]
+        return outcome["value"]  # type: ignore[return-value]
+
+    return result
 
 
 def share_container_files(shared_dir: Path, container_id: str, bundle: Bundle) -> None:
@@ -155,11 +177,10 @@ class Sandbox:
         return self
 
     def _boot(self) -> None:
-        # gRPC and protobuf take ~60 ms to import and are needed only once the guest is
-        # ready: imported meanwhile, while this thread mostly waits on QEMU and helpers.
-        grpc_import = threading.Thread(target=importlib.import_module, args=("vmrun.agent.client",),
-                                       name="import-agent-client", daemon=True)
-        grpc_import.start()
+        # gRPC and protobuf take ~60 ms to import, and a first channel ~20 ms to make; they
+        # are needed only once the guest is ready: made meanwhile, while this thread mostly
+        # waits on QEMU and helpers. The channel connects at its first call.
+        agent_client = _in_background(self._make_agent_client)
         files = boot_files(self.config)
         if self.dir.exists():
             raise HypervisorError(f"sandbox directory {self.dir} already exists")
@@ -234,9 +255,7 @@ class Sandbox:
         dial = first_then(ready_connection, lambda: transport.connect(AGENT_PORT))
         bridge = SocketBridge(host_side, dial, "agent-bridge").start()
         self._stack.callback(bridge.close)
-        from vmrun.agent.client import AgentClient  # waits for the import begun above, if need be
-
-        self.agent = AgentClient(str(self.agent_socket))
+        self.agent = agent_client()  # made in the background, above
         self._stack.callback(self.agent.close)
         self.kernel_release = self.agent.create_sandbox(self.sandbox_id, self.hostname, SHARED_FS_TAG)
         control = ControlServer(self.dir / CONTROL_SOCKET, {
@@ -246,6 +265,11 @@ class Sandbox:
         })
         self._stack.callback(control.close)
         self._mark("sandbox_created")
+
+    def _make_agent_client(self) -> "AgentClient":
+        from vmrun.agent.client import AgentClient
+
+        return AgentClient(str(self.agent_socket))
 
     def _start_memory_copy(self, template: Template) -> MemoryCopy:
         """Start copying the template's RAM into the clone's own file (sparse, in tmpfs).
