@@ -21,8 +21,9 @@ from ctrlib import BOOT_TIMEOUT, PAUSE_IMAGE, Events, OutputReader, exit_code_wa
 pytestmark = [pytest.mark.integration, pytest.mark.clients]
 
 # PID 1 of `main`: a tick file the host can read through the overlay rootfs, and a TERM trap.
+# The tick is renamed into place: a reader never finds the file truncated and still empty.
 MAIN_SCRIPT = ('trap "echo got-term; exit 42" TERM; echo main-up; i=0; '
-               'while :; do i=$((i+1)); echo $i > /tmp/tick; sleep 0.3; done')
+               'while :; do i=$((i+1)); echo $i > /tmp/tick.new; mv /tmp/tick.new /tmp/tick; sleep 0.3; done')
 
 
 @pytest.fixture(scope="module")
