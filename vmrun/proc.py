@@ -22,6 +22,19 @@ from vmrun.errors import CommandError
 _PR_SET_PDEATHSIG = 1
 
 
+def _sleep_until_exit(pid: int, timeout: float) -> None:
+    """Sleep until our child `pid` exits, or for `timeout`: woken by its exit (a pidfd),
+    not by polling, since every teardown waits on a few helpers."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return  # gone (reaped) already
+    try:
+        select.select([fd], [], [], timeout)
+    finally:
+        os.close(fd)
+
+
 def _die_with_parent() -> None:
     # Runs in the child between fork and exec: if vmrun dies, the kernel kills the helper.
     libc = ctypes.CDLL(None, use_errno=True)
@@ -145,8 +158,10 @@ class HelperProcess:
         """Wait for the process to exit on its own; None if it is still running."""
         if self._popen is None:
             return None
+        if timeout is not None and self._popen.poll() is None:
+            _sleep_until_exit(self._popen.pid, timeout)
         try:
-            return self._popen.wait(timeout)
+            return self._popen.wait(None if timeout is None else 0)
         except subprocess.TimeoutExpired:
             return None
 
@@ -159,10 +174,7 @@ class HelperProcess:
                 self._popen.send_signal(self.stop_signal)
             except ProcessLookupError:
                 pass
-            deadline = time.monotonic() + grace
-            while self._popen.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.01)
-            if self._popen.poll() is None:
+            if self.wait(grace) is None:
                 self._popen.kill()
                 self._popen.wait()
         self._close_log()
