@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import TYPE_CHECKING
 
 from vmrun.agent import linux
 from vmrun.agent.bridge import SocketBridge, first_then, read_line
@@ -35,12 +35,12 @@ from vmrun.hypervisor.vsock.transports import make_transport
 from vmrun.network.attachment import NetworkAttachment
 from vmrun.oci import Bundle, is_bind_mount
 from vmrun.templating import TemplateLease, lease_template
+from vmrun.threads import InThread
 
 if TYPE_CHECKING:
     from vmrun.agent.client import AgentClient
 
 log = logging.getLogger("vmrun.sandbox")
-T = TypeVar("T")
 
 # Spare PCIe root ports of a booted guest, for NICs hot-plugged into it (a clone has its
 # template's).
@@ -84,28 +84,6 @@ def remove_tree_safely(path: Path) -> None:
     if _mounts_under(path):
         raise HypervisorError(f"cannot remove {path}: something is still mounted under it")
     shutil.rmtree(path, ignore_errors=True)
-
-
-def _in_background(make: Callable[[], T]) -> Callable[[], T]:
-    """Run `make` in a thread; the function returned waits for its result (or its error)."""
-    outcome: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            outcome["value"] = make()
-        except BaseException as exc:  # noqa: BLE001 - raised where the result is taken
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run, name="in-background", daemon=True)
-    thread.start()
-
-    def result() -> T:
-        thread.join()
-        if "error" in outcome:
-            raise outcome["error"]  # type: ignore[misc]
-        return outcome["value"]  # type: ignore[return-value]
-
-    return result
 
 
 def share_container_files(shared_dir: Path, container_id: str, bundle: Bundle) -> None:
@@ -180,7 +158,7 @@ class Sandbox:
         # gRPC and protobuf take ~60 ms to import, and a first channel ~20 ms to make; they
         # are needed only once the guest is ready: made meanwhile, while this thread mostly
         # waits on QEMU and helpers. The channel connects at its first call.
-        agent_client = _in_background(self._make_agent_client)
+        agent_client = InThread(self._make_agent_client, "agent-client")
         files = boot_files(self.config)
         if self.dir.exists():
             raise HypervisorError(f"sandbox directory {self.dir} already exists")
@@ -255,7 +233,7 @@ class Sandbox:
         dial = first_then(ready_connection, lambda: transport.connect(AGENT_PORT))
         bridge = SocketBridge(host_side, dial, "agent-bridge").start()
         self._stack.callback(bridge.close)
-        self.agent = agent_client()  # made in the background, above
+        self.agent = agent_client.result()  # made in the background, above
         self._stack.callback(self.agent.close)
         self.kernel_release = self.agent.create_sandbox(self.sandbox_id, self.hostname, SHARED_FS_TAG)
         control = ControlServer(self.dir / CONTROL_SOCKET, {

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import signal
-import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
 from vmrun.errors import Interrupted
+from vmrun.threads import InThread
 
 # Signals the host process standing for a guest process passes on to it. Not forwarded:
 # SIGKILL/SIGSTOP (cannot be caught), SIGCHLD, SIGWINCH (a terminal resize, handled apart),
@@ -32,23 +32,7 @@ def forward_signals(deliver: Callable[[int], None], signals: tuple[int, ...] = F
 
 def wait_in_thread(wait: Callable[[], int]) -> int:
     """Run a blocking wait in a thread so the main thread stays free for signal handlers."""
-    result: dict[str, object] = {}
-    done = threading.Event()
-
-    def target() -> None:
-        try:
-            result["code"] = wait()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-            result["error"] = exc
-        done.set()
-
-    threading.Thread(target=target, daemon=True).start()
-    while not done.wait(0.2):
-        pass
-    if "error" in result:
-        raise result["error"]  # type: ignore[misc]
-    return int(result["code"])  # type: ignore[arg-type]
-
+    return int(InThread(wait, "wait").result(poll=0.2))
 
 
 @contextmanager

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import fcntl
 import os
-import threading
 from typing import Callable, TypeVar
 
 from vmrun.agent import linux
 from vmrun.errors import NetworkError
+from vmrun.threads import InThread
 
 T = TypeVar("T")
 
@@ -53,18 +53,10 @@ def _join(path: str) -> None:
 
 def run_in_netns(path: str, function: Callable[[], T]) -> T:
     """`function()`, run in the network namespace at `path`; its result or its exception."""
-    outcome: dict[str, object] = {}
 
-    def target() -> None:
-        try:
-            _join(path)
-            outcome["value"] = function()
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
-            outcome["error"] = exc
+    def joined() -> T:
+        _join(path)
+        return function()
 
-    thread = threading.Thread(target=target, name="netns")
-    thread.start()
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]  # type: ignore[misc]
-    return outcome["value"]  # type: ignore[return-value]
+    # A thread of its own: setns changes only the calling thread's namespace.
+    return InThread(joined, "netns").result()
