@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from vmrun.agent.bridge import close_listener
+from vmrun.agent.bridge import close_listener, read_line
 from vmrun.errors import VmrunError
 
 log = logging.getLogger("vmrun.control")
@@ -27,16 +27,6 @@ Handler = Callable[[dict], object]
 
 class ControlError(VmrunError):
     """The request was refused or failed, or nothing answered (the message says which)."""
-
-
-def _read_line(conn: socket.socket) -> bytes:
-    data = b""
-    while not data.endswith(b"\n") and len(data) < _MAX_REQUEST:
-        chunk = conn.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 class ControlServer:
@@ -62,7 +52,7 @@ class ControlServer:
     def _serve(self, conn: socket.socket) -> None:
         with conn:
             try:
-                request = json.loads(_read_line(conn) or b"null")
+                request = json.loads(read_line(conn, _MAX_REQUEST) or b"null")
                 handler = self._handlers.get(request.get("op")) if isinstance(request, dict) else None
                 if handler is None:
                     reply = {"ok": False, "error": f"unknown control request {request!r}"[:200]}
@@ -91,7 +81,7 @@ def control_call(path: Path, op: str, timeout: float = 120.0, **arguments: objec
         try:
             conn.connect(str(path))
             conn.sendall(json.dumps({"op": op, **arguments}).encode() + b"\n")
-            reply = json.loads(_read_line(conn) or b"null")
+            reply = json.loads(read_line(conn, _MAX_REQUEST) or b"null")
         except (OSError, ValueError) as exc:
             raise ControlError(f"cannot reach {path}: {exc}") from None
     if not isinstance(reply, dict) or not reply.get("ok"):
