@@ -19,7 +19,6 @@ import contextlib
 import fcntl
 import json
 import os
-import shlex
 import shutil
 import time
 import tomllib
@@ -238,16 +237,19 @@ def _x_ignore_shared(vm: QemuVM) -> None:
 
 
 def save_state(vm: QemuVM, path: Path) -> None:
+    """Write the paused guest's device state to `path` (QEMU writes to an fd of ours)."""
     _x_ignore_shared(vm)
-    vm.qmp("migrate", uri=f"exec:cat > {shlex.quote(str(path))}")
-    _wait_migration(vm, "the template's state could not be saved")
+    with open(path, "wb") as state:
+        vm.add_fd(state.fileno(), "template-state")
+        vm.qmp("migrate", uri="fd:template-state")
+        _wait_migration(vm, "the template's state could not be saved")
 
 
 def restore_state(vm: QemuVM, state_fd: int) -> None:
     """Load a template's device state (an open file) into a QEMU started with -incoming
     defer; it stays paused (the template was paused when saved) until resumed."""
     _x_ignore_shared(vm)
-    vm.add_fd(state_fd, "template-state")  # QEMU reads its own copy of the fd: no cat process
+    vm.add_fd(state_fd, "template-state")  # QEMU reads its own copy of the fd
     vm.qmp("migrate-incoming", uri="fd:template-state")
     deadline = time.monotonic() + _SAVE_TIMEOUT
     while (status := vm.status()) == "inmigrate":
