@@ -72,7 +72,7 @@ def lease_template(config: Config, files: BootFiles, acceleration: Acceleration)
     with store.building(definition.name):
         # Another sandbox may have built it while we waited for the build lock.
         template = store.get(definition.name)
-        if template is None or template.usable_for(expected):
+        if template is None or template.why_unusable(expected):
             log.info("building template %r (%s)", definition.name, reason)
             try:
                 _build(config, store, definition, expected, files, acceleration)
@@ -91,7 +91,7 @@ def _hold_if_usable(store: TemplateStore, definition: TemplateDefinition,
     hold = contextlib.ExitStack()
     hold.enter_context(store.in_use(definition.name))
     template = store.get(definition.name)
-    reason = template.usable_for(expected) if template else "it does not exist"
+    reason = template.why_unusable(expected) if template else "it does not exist"
     if template is None or reason:
         hold.close()
         return None, reason
@@ -108,7 +108,7 @@ def describe_templates(config: Config) -> list[str]:
         name = template.path.name
         try:
             definition = TemplateDefinition.load(name)
-            reason = template.usable_for(fingerprint(definition, config.qemu, files.kernel, files.initrd,
+            reason = template.why_unusable(fingerprint(definition, config.qemu, files.kernel, files.initrd,
                                                      acceleration))
         except Exception as exc:  # noqa: BLE001 - a listing reports, it does not fail
             reason = str(exc)

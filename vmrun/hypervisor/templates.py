@@ -114,7 +114,7 @@ class Template:
     def record(self) -> dict:
         return json.loads(self.record_path.read_text())
 
-    def usable_for(self, expected: dict) -> str:
+    def why_unusable(self, expected: dict) -> str:
         """"" when clones may restore it, else why not."""
         try:
             record = self.record()
