@@ -37,6 +37,7 @@ from types import ModuleType
 
 import grpc
 
+from ctrlib import PrivateContainerdPaths
 from images import PAUSE_CMD, write_archives
 from leftovers import mounts_under, processes_mentioning
 
@@ -239,7 +240,7 @@ def cni_bridge_conf(base: Path) -> dict:
 
 
 @dataclass
-class CriEnv:
+class CriEnv(PrivateContainerdPaths):
     api: ModuleType
     api_grpc: ModuleType
     templates_dir: Path  # vmrun's: the session's, so the template is built once
@@ -248,19 +249,7 @@ class CriEnv:
     containerd: subprocess.Popen | None = field(init=False, default=None)
     channel: grpc.Channel | None = field(init=False, default=None)
 
-    # -- paths
-    @property
-    def address(self) -> str:
-        return str(self.base / "c.sock")
-
-    @property
-    def vmrun_config(self) -> Path:
-        return self.base / "vmrun.toml"
-
-    @property
-    def run_dir(self) -> Path:
-        return self.base / "run"  # vmrun's: run_dir/vm/<hash of sandbox id> per guest
-
+    # -- paths (and those of PrivateContainerdPaths)
     @property
     def runtime_root(self) -> Path:
         return self.base / "vstate"  # the runtime's --root is runtime_root/<namespace>

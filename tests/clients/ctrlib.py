@@ -95,13 +95,10 @@ class OutputReader:
 
 # ---- the daemon ----
 
-@dataclass
-class Containerd:
+class PrivateContainerdPaths:
+    """Where a test's private containerd, and the vmrun it drives, keep their files."""
+
     base: Path
-    process: subprocess.Popen
-    prefix: str  # every container and exec id of this session starts with it
-    namespaces: list[str] = field(default_factory=list)
-    ids: set[tuple[str, str]] = field(default_factory=set)  # (namespace, container id) ever used
 
     @property
     def address(self) -> str:
@@ -112,8 +109,17 @@ class Containerd:
         return self.base / "vmrun.toml"
 
     @property
-    def run_dir(self) -> Path:  # vmrun's
+    def run_dir(self) -> Path:  # vmrun's: run_dir/vm/<hash of sandbox id> per guest
         return self.base / "run"
+
+
+@dataclass
+class Containerd(PrivateContainerdPaths):
+    base: Path
+    process: subprocess.Popen
+    prefix: str  # every container and exec id of this session starts with it
+    namespaces: list[str] = field(default_factory=list)
+    ids: set[tuple[str, str]] = field(default_factory=set)  # (namespace, container id) ever used
 
     @property
     def runc_root(self) -> Path:  # vmrun's --root is <this>/<namespace>
