@@ -9,14 +9,13 @@ guest's connections to host port P arrive on the unix socket `<uds_path>_P`.
 from __future__ import annotations
 
 import socket
-import sys
 import time
 from pathlib import Path
 
 from vmrun.errors import CommandError, VsockError
 from vmrun.hypervisor.devices import QemuDevice
 from vmrun.hypervisor.vsock.base import VsockTransport
-from vmrun.proc import HelperProcess
+from vmrun.proc import HelperProcess, stdlib_module_command
 
 START_TIMEOUT = 5.0
 _OK_LINE_MAX = 64
@@ -47,13 +46,9 @@ class HybridVsock(VsockTransport):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for path in (self.socket_path, self.uds_path):
             path.unlink(missing_ok=True)
-        helper = HelperProcess(
-            name="vsock backend",
-            argv=[sys.executable, "-m", "vmrun.hypervisor.vsock.vhost_user",
-                  "--socket", self.socket_path, "--uds", self.uds_path,
-                  "--cid", str(self.guest_cid)],
-            log_path=self.log_path,
-        )
+        argv, env = stdlib_module_command("vmrun.hypervisor.vsock.vhost_user", "--socket", str(self.socket_path),
+                                          "--uds", str(self.uds_path), "--cid", str(self.guest_cid))
+        helper = HelperProcess(name="vsock backend", argv=argv, env=env, log_path=self.log_path)
         try:
             helper.start()
         except CommandError as exc:
