@@ -155,10 +155,6 @@ class Sandbox:
         return self
 
     def _boot(self) -> None:
-        # gRPC and protobuf take ~60 ms to import, and a first channel ~20 ms to make; they
-        # are needed only once the guest is ready: made meanwhile, while this thread mostly
-        # waits on QEMU and helpers. The channel connects at its first call.
-        agent_client = InThread(self._make_agent_client, "agent-client")
         files = boot_files(self.config)
         if self.dir.exists():
             raise HypervisorError(f"sandbox directory {self.dir} already exists")
@@ -171,9 +167,11 @@ class Sandbox:
             self._stack.callback(lease.release)
         # The clone's RAM copy runs while the helpers and QEMU start.
         memory_copy = self._start_memory_copy(lease.template) if lease else None
+        # A clone's QEMU needs no helper before its devices are hot-plugged: it starts first
+        # and initialises while the helpers start and the RAM is copied.
+        clone_vm = self._launch_clone(lease, files, acceleration, memory_copy) if lease and memory_copy else None
 
-        # The helpers start while a clone's QEMU restores (it needs them only to hot-plug);
-        # a booting QEMU connects to them at once, so it waits for them.
+        # A booting QEMU connects to the helpers at once, so it waits for them.
         virtiofsd = Virtiofsd(find_virtiofsd(self.config.virtiofsd), self.dir / "virtiofsd.sock",
                               self.shared_dir, self.dir / "virtiofsd.log")
         self._stack.push(virtiofsd)
@@ -185,6 +183,11 @@ class Sandbox:
         # Its own ready port, by its CID: with kernel vsock, host ports are shared by all guests.
         ready_listener = transport.listen(ready_port(cid))
         self._stack.callback(ready_listener.close)
+        # gRPC and protobuf take ~60 ms to import, and a first channel ~20 ms to make; they
+        # are needed only once the guest is ready: made meanwhile, while this thread mostly
+        # waits on QEMU and helpers. Not earlier: imports hold the GIL for long stretches,
+        # and the launches above would wait for it. The channel connects at its first call.
+        agent_client = InThread(self._make_agent_client, "agent-client")
 
         def wait_for_helpers() -> None:
             virtiofsd.wait_started()
@@ -192,8 +195,8 @@ class Sandbox:
             self._mark("helpers_started")
 
         devices = [virtiofsd.device(SHARED_FS_TAG), transport.device()]
-        if lease is not None and memory_copy is not None:
-            self.vm = self._restore_clone(lease, files, acceleration, memory_copy)
+        if clone_vm is not None and lease is not None and memory_copy is not None:
+            self.vm = self._restore_clone(clone_vm, lease, memory_copy)
             wait_for_helpers()
             for index, device in enumerate(devices):
                 device.hotplug(self.vm, hotplug_port_id(index))
@@ -260,22 +263,27 @@ class Sandbox:
         self._stack.callback(memory.unlink, missing_ok=True)
         return self._stack.enter_context(MemoryCopy(template.memory, memory))
 
-    def _restore_clone(self, lease: TemplateLease, files: BootFiles, acceleration: Acceleration,
-                       memory_copy: MemoryCopy) -> QemuVM:
-        """Restore the template, paused, into the clone's copy of its RAM. QEMU starts while
-        the RAM is still being copied: it touches guest RAM only when the state loads."""
-        definition = lease.definition
-        spec = template_vm_spec(definition, qemu=self.config.qemu, acceleration=acceleration, kernel=files.kernel,
-                                initrd=files.initrd, console_log=self.console_log, memory_file=memory_copy.target,
-                                incoming=True)
-        vm = QemuVM(spec, self.dir / "qmp.sock", self.dir / "qemu.log").start()
+    def _launch_clone(self, lease: TemplateLease, files: BootFiles, acceleration: Acceleration,
+                      memory_copy: MemoryCopy) -> QemuVM:
+        """Start QEMU to restore the template into the clone's copy of its RAM. It may start
+        while the RAM is still being copied: it touches guest RAM only when the state loads."""
+        spec = template_vm_spec(lease.definition, qemu=self.config.qemu, acceleration=acceleration,
+                                kernel=files.kernel, initrd=files.initrd, console_log=self.console_log,
+                                memory_file=memory_copy.target, incoming=True)
+        vm = QemuVM(spec, self.dir / "qmp.sock", self.dir / "qemu.log").launch()
         self._stack.callback(vm.close)
+        return vm
+
+    def _restore_clone(self, vm: QemuVM, lease: TemplateLease, memory_copy: MemoryCopy) -> QemuVM:
+        """Restore the template's state, once QEMU is up and the RAM copied; the clone stays
+        paused."""
+        vm.wait_started()
         memory_copy.wait(60)
         with open(lease.template.state, "rb") as state:
             lease.release()  # RAM copied and state file open: the template may be replaced now
             restore_state(vm, state.fileno())
         self._mark("clone_restored")
-        log.debug("cloned %s from template %s", self.sandbox_id, definition.name)
+        log.debug("cloned %s from template %s", self.sandbox_id, lease.definition.name)
         return vm
 
     def _console_tail(self) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from vmrun.errors import HypervisorError
+from vmrun.errors import CommandError, HypervisorError
 from vmrun.hypervisor.accel import Acceleration
 from vmrun.proc import HelperProcess
 
@@ -112,11 +112,26 @@ class QemuVM:
         return self._process.alive()
 
     def start(self) -> "QemuVM":
+        self.launch()
+        return self.wait_started()
+
+    def launch(self) -> "QemuVM":
+        """Start the process; QMP is ready after wait_started(). In between, the caller may
+        start other things while QEMU initialises."""
         # We listen and QEMU connects: no polling for QEMU's socket to appear.
         self._qmp_socket.unlink(missing_ok=True)
         self._qmp = QEMUMonitorProtocol(str(self._qmp_socket), server=True)
         try:
             self._process.start()
+        except CommandError as exc:
+            self.close()
+            raise HypervisorError(f"QEMU failed to start: {exc}") from None
+        return self
+
+    def wait_started(self) -> "QemuVM":
+        """Wait until QEMU has connected to its QMP socket."""
+        assert self._qmp is not None, "QEMU was not launched"
+        try:
             self._qmp.accept(_QMP_ACCEPT_TIMEOUT)
         except (*_QMP_FAILURES, TimeoutError) as exc:
             detail = self._process.log_tail(1) or str(exc) or type(exc).__name__
