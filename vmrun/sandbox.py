@@ -29,7 +29,7 @@ from vmrun.errors import BundleError, HypervisorError, NetworkError
 from vmrun.hypervisor.accel import Acceleration, detect_acceleration
 from vmrun.hypervisor.memory_copy import MemoryCopy
 from vmrun.hypervisor.qemu import BASE_KERNEL_PARAMS, QemuVM, VMSpec, hotplug_port_id
-from vmrun.hypervisor.templates import Template, restore_state, template_vm_spec
+from vmrun.hypervisor.templates import restore_state, template_vm_spec
 from vmrun.hypervisor.virtiofsd import Virtiofsd, find_virtiofsd
 from vmrun.hypervisor.vsock.transports import make_transport
 from vmrun.network.attachment import NetworkAttachment
@@ -165,11 +165,9 @@ class Sandbox:
         lease = lease_template(self.config, files, acceleration)
         if lease is not None:
             self._stack.callback(lease.release)
-        # The clone's RAM copy runs while the helpers and QEMU start.
-        memory_copy = self._start_memory_copy(lease.template) if lease else None
-        # A clone's QEMU needs no helper before its devices are hot-plugged: it starts first
-        # and initialises while the helpers start and the RAM is copied.
-        clone_vm = self._launch_clone(lease, files, acceleration, memory_copy) if lease and memory_copy else None
+        # A clone's RAM copy and its QEMU start first: QEMU needs no helper before its devices
+        # are hot-plugged, and initialises while the helpers start and the RAM is copied.
+        clone = self._start_clone(lease, files, acceleration) if lease is not None else None
 
         # A booting QEMU connects to the helpers at once, so it waits for them.
         virtiofsd = Virtiofsd(find_virtiofsd(self.config.virtiofsd), self.dir / "virtiofsd.sock",
@@ -195,8 +193,8 @@ class Sandbox:
             self._mark("helpers_started")
 
         devices = [virtiofsd.device(SHARED_FS_TAG), transport.device()]
-        if clone_vm is not None and lease is not None and memory_copy is not None:
-            self.vm = self._restore_clone(clone_vm, lease, memory_copy)
+        if lease is not None and clone is not None:
+            self.vm = self._restore_clone(lease, *clone)
             wait_for_helpers()
             for index, device in enumerate(devices):
                 device.hotplug(self.vm, hotplug_port_id(index))
@@ -252,8 +250,10 @@ class Sandbox:
 
         return AgentClient(str(self.agent_socket))
 
-    def _start_memory_copy(self, template: Template) -> MemoryCopy:
-        """Start copying the template's RAM into the clone's own file (sparse, in tmpfs).
+    def _start_clone(self, lease: TemplateLease, files: BootFiles,
+                     acceleration: Acceleration) -> tuple[MemoryCopy, QemuVM]:
+        """Start copying the template's RAM into the clone's own file (sparse, in tmpfs), and
+        start QEMU to restore into it: QEMU touches guest RAM only when the state loads.
 
         A private copy: vhost-user backends need the clone's RAM shared, and the guest's
         writes must reach neither the template nor a sibling clone.
@@ -261,20 +261,15 @@ class Sandbox:
         memory = clone_memory_path(self.dir)
         _private_clone_memory_dir()
         self._stack.callback(memory.unlink, missing_ok=True)
-        return self._stack.enter_context(MemoryCopy(template.memory, memory))
-
-    def _launch_clone(self, lease: TemplateLease, files: BootFiles, acceleration: Acceleration,
-                      memory_copy: MemoryCopy) -> QemuVM:
-        """Start QEMU to restore the template into the clone's copy of its RAM. It may start
-        while the RAM is still being copied: it touches guest RAM only when the state loads."""
+        memory_copy = self._stack.enter_context(MemoryCopy(lease.template.memory, memory))
         spec = template_vm_spec(lease.definition, qemu=self.config.qemu, acceleration=acceleration,
                                 kernel=files.kernel, initrd=files.initrd, console_log=self.console_log,
-                                memory_file=memory_copy.target, incoming=True)
+                                memory_file=memory, incoming=True)
         vm = QemuVM(spec, self.dir / "qmp.sock", self.dir / "qemu.log").launch()
         self._stack.callback(vm.close)
-        return vm
+        return memory_copy, vm
 
-    def _restore_clone(self, vm: QemuVM, lease: TemplateLease, memory_copy: MemoryCopy) -> QemuVM:
+    def _restore_clone(self, lease: TemplateLease, memory_copy: MemoryCopy, vm: QemuVM) -> QemuVM:
         """Restore the template's state, once QEMU is up and the RAM copied; the clone stays
         paused."""
         vm.wait_started()
