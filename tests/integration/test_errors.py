@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -50,3 +51,17 @@ def test_process_that_crun_cannot_start(vm_env):
     result = vm_env.vmrun("run", "--bundle", str(bundle), "nobinary")
     assert result.returncode != 0
     assert "\n" not in result.stderr.decode().strip()
+
+
+def test_qemu_that_cannot_start(vm_env):
+    """QEMU exits at once (here: no memory for the guest); we say why, at once, not after
+    waiting for its QMP connection."""
+    with vm_env.config_path.open("a") as config:
+        config.write("memory_mib = 900000000\n")
+    bundle = vm_env.bundle("noqemu", ["true"])
+    log = vm_env.base / "log.json"
+    started = time.monotonic()
+    result = vm_env.vmrun("--log", str(log), "--log-format", "json", "run", "--bundle", str(bundle), "noqemu")
+    assert_clean_failure(result, "QEMU failed to start", log)
+    assert "guest RAM" in result.stderr.decode()
+    assert time.monotonic() - started < 5  # the QMP accept timeout is 10 s

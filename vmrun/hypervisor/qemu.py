@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from qemu.qmp import QMPError
-from qemu.qmp.legacy import QEMUMonitorProtocol
+from typing import TYPE_CHECKING
 
 from vmrun.errors import CommandError, HypervisorError
 from vmrun.hypervisor.accel import Acceleration
 from vmrun.proc import HelperProcess
 
-# What qemu.qmp raises when QEMU misbehaves or goes away (EOFError on a closed socket).
-_QMP_FAILURES = (QMPError, OSError, EOFError)
+if TYPE_CHECKING:
+    from qemu.qmp.legacy import QEMUMonitorProtocol
 
 _QMP_ACCEPT_TIMEOUT = 10.0
 _QBOOT = Path("/usr/share/qemu/qboot.rom")
@@ -29,6 +29,14 @@ BASE_KERNEL_PARAMS = (
 
 # qemu.qmp logs every (expected) disconnect at warning level; we report errors ourselves.
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+
+
+def _qmp_failures() -> tuple[type[BaseException], ...]:
+    """What qemu.qmp raises when QEMU misbehaves or goes away (EOFError on a closed socket).
+    A function: qemu.qmp (with asyncio and ssl, ~25 ms) is imported only once QEMU runs."""
+    from qemu.qmp import QMPError
+
+    return (QMPError, OSError, EOFError)
 
 
 @dataclass
@@ -102,6 +110,7 @@ class QemuVM:
         self._qmp_socket = qmp_socket
         self._process = HelperProcess("qemu", qemu_command(spec, qmp_socket), log_path=log_path,
                                       stop_signal=signal.SIGKILL)
+        self._qmp_listener: socket.socket | None = None
         self._qmp: QEMUMonitorProtocol | None = None
 
     @property
@@ -120,24 +129,47 @@ class QemuVM:
         start other things while QEMU initialises."""
         # We listen and QEMU connects: no polling for QEMU's socket to appear.
         self._qmp_socket.unlink(missing_ok=True)
-        self._qmp = QEMUMonitorProtocol(str(self._qmp_socket), server=True)
+        self._qmp_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
+            self._qmp_listener.bind(str(self._qmp_socket))
+            self._qmp_listener.listen(1)
             self._process.start()
-        except CommandError as exc:
+        except (OSError, CommandError) as exc:
             self.close()
             raise HypervisorError(f"QEMU failed to start: {exc}") from None
         return self
 
     def wait_started(self) -> "QemuVM":
-        """Wait until QEMU has connected to its QMP socket."""
-        assert self._qmp is not None, "QEMU was not launched"
+        """Wait until QEMU has connected to its QMP socket, and greet it."""
+        assert self._qmp_listener is not None, "QEMU was not launched"
+        from qemu.qmp.legacy import QEMUMonitorProtocol  # while QEMU initialises
+
         try:
-            self._qmp.accept(_QMP_ACCEPT_TIMEOUT)
-        except (*_QMP_FAILURES, TimeoutError) as exc:
+            self._qmp = QEMUMonitorProtocol(self._accept_qmp(time.monotonic() + _QMP_ACCEPT_TIMEOUT))
+            self._qmp.connect()
+        except (*_qmp_failures(), TimeoutError) as exc:
             detail = self._process.log_tail(1) or str(exc) or type(exc).__name__
             self.close()
             raise HypervisorError(f"QEMU failed to start: {detail}") from None
         return self
+
+    def _accept_qmp(self, deadline: float) -> socket.socket:
+        """QEMU's QMP connection; a QEMU that exits first fails at once, not at the deadline."""
+        assert self._qmp_listener is not None
+        self._qmp_listener.settimeout(0.05)
+        while True:
+            try:
+                connection, _ = self._qmp_listener.accept()
+                break
+            except TimeoutError:
+                if not self._process.alive():
+                    raise OSError("QEMU exited") from None
+                if time.monotonic() > deadline:
+                    raise
+        self._qmp_listener.close()
+        self._qmp_listener = None
+        connection.settimeout(None)
+        return connection
 
     def failure(self) -> str:
         """Why QEMU is gone, from its log."""
@@ -149,7 +181,7 @@ class QemuVM:
             raise HypervisorError("QEMU is not running")
         try:
             return self._qmp.cmd(command, **arguments)
-        except _QMP_FAILURES as exc:
+        except _qmp_failures() as exc:
             raise HypervisorError(f"QMP {command} failed: {exc}") from None
 
     def status(self) -> str:
@@ -165,7 +197,7 @@ class QemuVM:
             raise HypervisorError("QEMU is not running")
         try:
             self._qmp.send_fd_scm(fd)
-        except (*_QMP_FAILURES, OSError) as exc:
+        except _qmp_failures() as exc:
             raise HypervisorError(f"cannot pass QEMU an fd: {exc}") from None
         self.qmp("getfd", fdname=name)
 
@@ -179,8 +211,11 @@ class QemuVM:
         if self._qmp is not None:
             try:
                 self._qmp.close()
-            except _QMP_FAILURES:
+            except _qmp_failures():
                 pass
             self._qmp = None
+        if self._qmp_listener is not None:
+            self._qmp_listener.close()
+            self._qmp_listener = None
         self._process.stop(grace)
         self._qmp_socket.unlink(missing_ok=True)
