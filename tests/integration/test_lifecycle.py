@@ -160,3 +160,25 @@ def test_a_pod_of_three_containers_shares_one_guest(vm_env):
     for container in ("member1", "member2", "pod"):
         assert vm_env.vmrun("delete", "--force", container).returncode == 0
     assert not list((vm_env.base / "run" / "vm").iterdir())
+
+
+def test_containers_asking_for_new_network_namespaces_each_get_one(vm_env):
+    """The pod's first container joins the namespace the agent made ahead of time, the
+    second one crun makes: each is new (only a loopback, up), and they are not the same."""
+    sandbox = pod_bundle(vm_env, "netns-sandbox", "sandbox")
+    member = pod_bundle(vm_env, "netns-member", "container")  # a new network namespace too
+    namespaces = {}
+    try:
+        for name, bundle in (("pod", sandbox), ("netmember", member)):
+            assert vm_env.vmrun("create", "--bundle", str(bundle), name, detached=True).returncode == 0
+            assert vm_env.vmrun("start", name).returncode == 0
+            shown = vm_env.vmrun("exec", name, "sh", "-c",
+                                 "readlink /proc/self/ns/net; ls /sys/class/net; cat /sys/class/net/lo/flags")
+            assert shown.returncode == 0, shown.stderr
+            namespace, links, lo_flags = shown.stdout.decode().split("\n", 2)
+            assert links == "lo" and int(lo_flags, 16) & 0x1, shown.stdout  # IFF_UP
+            namespaces[name] = namespace
+    finally:
+        for name in ("netmember", "pod"):
+            vm_env.vmrun("delete", "--force", name)
+    assert len(set(namespaces.values())) == 2, namespaces

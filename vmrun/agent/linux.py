@@ -8,6 +8,7 @@ import fcntl
 import os
 import re
 import shutil
+import socket
 import struct
 import time
 
@@ -114,6 +115,28 @@ def setns(fd: int, nstype: int) -> None:
     if _libc.setns(fd, nstype) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+CLONE_NEWNET = 0x40000000
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP = 0x1
+_IFREQ_FLAGS = struct.Struct("16sh22x")  # struct ifreq: the name, then ifr_flags
+
+
+def unshare(flags: int) -> None:
+    """unshare(2) for the calling thread (Python 3.11's os has none)."""
+    if _libc.unshare(flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"unshare: {os.strerror(err)}")
+
+
+def set_link_up(name: str) -> None:
+    """Bring the link `name` up, in the calling thread's network namespace."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        request = _IFREQ_FLAGS.pack(name.encode(), 0)
+        _, flags = _IFREQ_FLAGS.unpack(fcntl.ioctl(sock, _SIOCGIFFLAGS, request))
+        fcntl.ioctl(sock, _SIOCSIFFLAGS, _IFREQ_FLAGS.pack(name.encode(), flags | _IFF_UP))
 
 
 def become_subreaper() -> None:

@@ -24,6 +24,7 @@ from vmrun.agent.constants import AGENT_PORT, AGENT_UNIX_SOCKET, READY_MESSAGE, 
 from vmrun.agent.crun import pin_crun_binary
 from vmrun.agent.processes import Reaper
 from vmrun.agent.service import AgentService
+from vmrun.agent.spare_netns import SpareNetns
 
 _HOST_CID = 2
 # A lost connection request is retried after this, not after the kernel's 2 s.
@@ -136,8 +137,13 @@ def main() -> None:
     os.makedirs(os.path.dirname(AGENT_UNIX_SOCKET), exist_ok=True)
     if os.path.exists(AGENT_UNIX_SOCKET):
         os.unlink(AGENT_UNIX_SOCKET)
+    spare_netns = SpareNetns()
+    try:
+        spare_netns.make()
+    except OSError as exc:
+        _log(f"no spare network namespace, crun will make each: {exc}")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=64))
-    agent_pb2_grpc.add_AgentServicer_to_server(AgentService(reaper), server)
+    agent_pb2_grpc.add_AgentServicer_to_server(AgentService(reaper, spare_netns), server)
     server.add_insecure_port(f"unix:{AGENT_UNIX_SOCKET}")
     server.start()
     bridge = SocketBridge(_vsock_listener(agent_port), _dial_agent, "vsock-agent").start()

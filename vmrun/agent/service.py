@@ -29,6 +29,7 @@ from vmrun.agent.bridge import close_listener
 from vmrun.agent.constants import BUNDLES_DIR, CONSOLES_DIR, SHARED_DIR
 from vmrun.agent.crun import Crun, CrunError, Stdio, write_json
 from vmrun.agent.processes import Child, Reaper, Spawner, exit_status
+from vmrun.agent.spare_netns import SpareNetns
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
 _READ_CHUNK = 256 * 1024
@@ -285,8 +286,9 @@ def _flat_keyed(path: Path) -> dict[str, int]:
 
 
 class AgentService(agent_pb2_grpc.AgentServicer):
-    def __init__(self, reaper: Reaper):
+    def __init__(self, reaper: Reaper, spare_netns: SpareNetns | None = None):
         self._spawner = Spawner(reaper)
+        self._spare_netns = spare_netns
         self._reaper = reaper
         self._crun = Crun(self._spawner)
         self._containers: dict[str, Container] = {}
@@ -398,15 +400,18 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             spec = json.loads(request.spec_json)
         except ValueError as exc:
             raise InvalidArgument(f"container spec is not valid JSON: {exc}") from exc
+        if not isinstance(spec, dict) or not isinstance(spec.get("process", {}), dict):
+            raise InvalidArgument("container spec is not a JSON object with a process object")
         with self._lock:
             if container_id in self._containers:
                 raise InvalidArgument(f"container {container_id!r} already exists")
         bundle = Path(BUNDLES_DIR) / container_id
         if bundle.exists():
             shutil.rmtree(bundle)
-        write_json(bundle / "config.json", spec)
+        spare_netns = self._spare_netns is not None and self._spare_netns.offer(spec)
         terminal = bool(spec.get("process", {}).get("terminal"))
         try:
+            write_json(bundle / "config.json", spec)
             init = self._launch(
                 terminal,
                 lambda stdio, console: self._crun.create(container_id, bundle, stdio, console, request.start),
@@ -416,6 +421,10 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         except BaseException:
             shutil.rmtree(bundle, ignore_errors=True)
             raise
+        finally:
+            if spare_netns:
+                assert self._spare_netns is not None
+                self._spare_netns.release()
         with self._lock:
             self._containers[container_id] = Container(container_id, bundle, init)
         return pb.CreateContainerResponse(pid=init.pid)
