@@ -243,6 +243,15 @@ class Sandbox:
             "network-ls": lambda request: self.network.interfaces() if self.network else [],
         })
         self._stack.callback(control.close)
+        vm = self.vm
+
+        def signal_helpers_to_stop() -> None:
+            # At teardown QEMU and the helpers are all told to go first, then reaped one by
+            # one: each exit (unmapping the guest's RAM) overlaps the others.
+            for helper in (vm, virtiofsd, transport):
+                helper.signal_stop()
+
+        self._stack.callback(signal_helpers_to_stop)
         self._mark("sandbox_created")
 
     def _make_agent_client(self) -> "AgentClient":

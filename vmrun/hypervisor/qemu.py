@@ -204,6 +204,10 @@ class QemuVM:
     def resume(self) -> None:
         self.qmp("cont")
 
+    def signal_stop(self) -> None:
+        """Kill QEMU without waiting for it; close() reaps it."""
+        self._process.signal_stop()
+
     def close(self, grace: float = 3.0) -> None:
         """Kill QEMU and reap it. Nothing of a guest outlives it (a template's state is saved
         before), so there is nothing to shut down gracefully: a QMP quit would first stop

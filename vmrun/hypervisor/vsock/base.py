@@ -55,6 +55,9 @@ class VsockTransport(ABC):
         is reset.
         """
 
+    def signal_stop(self) -> None:
+        """Ask this transport's helper processes, if any, to stop; close() reaps them."""
+
     @abstractmethod
     def close(self) -> None:
         """Stop helpers and remove every socket file this transport made."""

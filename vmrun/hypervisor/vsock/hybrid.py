@@ -126,6 +126,10 @@ class HybridVsock(VsockTransport):
         self._listeners[port] = sock
         return sock
 
+    def signal_stop(self) -> None:
+        if self._helper is not None:
+            self._helper.signal_stop()
+
     def close(self) -> None:
         if self._helper is not None:
             self._helper.stop()
