@@ -214,3 +214,11 @@ def test_a_container_whose_terminal_never_came_is_deleted(agent, monkeypatch):
     assert agent._crun.deleted == [("tty", True)]
     assert not (Path(service.BUNDLES_DIR) / "tty").exists()
     assert "tty" not in agent._containers
+
+
+def test_specs_that_are_no_json_object_are_refused(agent):
+    for text in (b"[1, 2]", b'{"process": 3}'):
+        with pytest.raises(Aborted) as aborted:
+            agent.CreateContainer(pb.CreateContainerRequest(container_id="bad", spec_json=text), FakeContext())
+        assert aborted.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert not (Path(service.BUNDLES_DIR) / "bad").exists()
