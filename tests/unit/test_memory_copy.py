@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from vmrun.errors import HypervisorError
-from vmrun.hypervisor.memory_copy import MemoryCopy, data_extents
+from vmrun.hypervisor.memory_copy import MemoryCopy, data_extents, punch_zero_pages
 
 MIB = 1 << 20
 
@@ -66,3 +66,20 @@ def test_a_source_that_shrinks_meanwhile_is_an_error(tmp_path: Path, monkeypatch
     with pytest.raises(HypervisorError, match="ended early"):
         copy.wait(30)
     copy.close()
+
+
+def test_zero_pages_become_holes_and_the_file_reads_the_same(tmp_path: Path) -> None:
+    page = 4096
+    path = tmp_path / "template.mem"
+    # Data, 3 zero pages, data, 2 zero pages at the end of the extent, a hole, data.
+    layout = [os.urandom(page), bytes(3 * page), os.urandom(page), bytes(2 * page)]
+    with open(path, "wb") as f:
+        f.write(b"".join(layout))
+        f.seek(MIB)
+        f.write(os.urandom(page))
+    before = path.read_bytes()
+    assert punch_zero_pages(path) == 5 * page
+    assert path.read_bytes() == before
+    with open(path, "rb") as f:
+        assert data_extents(f.fileno(), path.stat().st_size) == [(0, page), (4 * page, page), (MIB, page)]
+    assert punch_zero_pages(path) == 0  # nothing left to punch

@@ -9,10 +9,12 @@ template's data extents are copied (SEEK_DATA/SEEK_HOLE); its holes stay holes.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import threading
 from pathlib import Path
 
+from vmrun.agent import linux
 from vmrun.errors import HypervisorError
 
 _CHUNK = 16 << 20  # bytes per copy call: close() is noticed between chunks
@@ -33,6 +35,36 @@ def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
         extents.append((start, end - start))
         offset = end
     return extents
+
+
+def punch_zero_pages(path: Path, page_size: int = 4096) -> int:
+    """Turn the runs of all-zero pages in a RAM file into holes; the bytes punched.
+
+    The file reads the same, but a clone's copy skips the holes: less to copy at each
+    start, and less memory per clone.
+    """
+    zero = bytes(page_size)
+    punched = 0
+    with open(path, "r+b") as file:
+        fd = file.fileno()
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return 0
+        with mmap.mmap(fd, size, prot=mmap.PROT_READ) as view:
+            for offset, length in data_extents(fd, size):
+                run_start = None
+                for page in range(offset, offset + length, page_size):
+                    if view[page:page + page_size] == zero:
+                        run_start = page if run_start is None else run_start
+                        continue
+                    if run_start is not None:
+                        linux.punch_hole(fd, run_start, page - run_start)
+                        punched += page - run_start
+                        run_start = None
+                if run_start is not None:
+                    linux.punch_hole(fd, run_start, offset + length - run_start)
+                    punched += offset + length - run_start
+    return punched
 
 
 def _copy_range(source: int, target: int, offset: int, length: int) -> None:

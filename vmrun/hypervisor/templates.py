@@ -31,6 +31,7 @@ import vmrun
 from vmrun.agent.constants import AGENT_PORT
 from vmrun.errors import ConfigError, HypervisorError
 from vmrun.hypervisor.accel import Acceleration
+from vmrun.hypervisor.memory_copy import punch_zero_pages
 from vmrun.hypervisor.qemu import BASE_KERNEL_PARAMS, QemuVM, VMSpec
 
 DEFINITIONS_DIR = Path(__file__).resolve().parents[2] / "vmtemplates"
@@ -200,11 +201,13 @@ class TemplateStore:
                 save_seconds = time.monotonic() - started
             finally:
                 vm.close()
+            zeros_punched = punch_zero_pages(staging / "memory")
             (staging / "record.json").write_text(json.dumps({
                 "name": definition.name,
                 "fingerprint": expected,
                 "created": datetime.now(timezone.utc).isoformat(),
                 "save_seconds": round(save_seconds, 3),
+                "zero_pages_punched_mib": round(zeros_punched / (1 << 20), 1),
             }, indent=2))
             final = self.root / definition.name
             with self._replacing(definition.name):
