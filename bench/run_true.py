@@ -3,7 +3,7 @@
 `runc run` of the same bundle, and where vmrun's time goes.
 
 The template is made first in a private directory (its time is printed too). Then
-ROUNDS rounds (default 5) each run runc, a cold boot and a clone, one after the other, so
+ROUNDS rounds (default 9) each run runc, a cold boot and a clone, one after the other, so
 that the machine's ups and downs touch all of them alike; medians are compared. vmrun's
 phases come from its --debug timings lines (medians per phase).
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 from vmrun.busybox import make_busybox_bundle
 
 VMRUN = [sys.executable, "-m", "vmrun.cli"]
-ROUNDS = int(os.environ.get("ROUNDS", "5"))
+ROUNDS = int(os.environ.get("ROUNDS", "9"))
 
 
 def timed(argv: list[str], env: dict | None = None) -> tuple[float, subprocess.CompletedProcess]:
@@ -110,7 +110,7 @@ def main() -> int:
                 label = name if name == "runc run" else f"vmrun run ({name})"
                 print(f"{label:<28}{statistics.median(times):>9.3f}   " + " ".join(f"{t:.3f}" for t in times))
         cold, clone = statistics.median(walls["cold boot"]), statistics.median(walls["from template"])
-        print(f"\nfrom template / cold boot (medians of {ROUNDS}): {clone / cold:.2f}x")
+        print(f"\nfrom template / cold boot (medians of {ROUNDS}): {clone / cold:.3f}x")
         for name, runs in phases.items():
             wall = statistics.median(walls[name])
             print(f"\nwhere `vmrun run` ({name}) spends its time (median phases):")
