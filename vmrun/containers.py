@@ -22,7 +22,7 @@ from vmrun.config import Config
 from vmrun.errors import AgentError, ContainerNotFoundError, StateConflictError, VmrunError
 from vmrun.control import CONTROL_SOCKET, control_call
 from vmrun.network.netns import check_netns
-from vmrun.oci import Bundle, guest_spec, load_bundle, network_namespace_path, validate_id
+from vmrun.oci import Bundle, guest_process, guest_spec, load_bundle, network_namespace_path, validate_id
 from vmrun.pod import placement
 from vmrun.pool import take_from_pool
 from vmrun.sandbox import share_container_files, unshare_container_files, vm_dir_for
@@ -197,7 +197,7 @@ class Containers:
             raise VmrunError("--tty with --detach needs --console-socket")
         exec_id = "exec-" + secrets.token_hex(8)
         with self._agent(state) as agent:
-            agent.exec_process(container_id, exec_id, process)
+            agent.exec_process(container_id, exec_id, guest_process(process))
             if not detach:
                 return relay_until_exit(agent, container_id, exec_id, stdin=sys.stdin.fileno(),
                                         stdout=sys.stdout.fileno(), stderr=sys.stderr.fileno(), terminal=terminal)

@@ -103,6 +103,17 @@ def network_namespace_path(spec: dict) -> str:
     return ""
 
 
+# Labels of the host's security modules: they name host policies, which the guest has not
+# loaded (crun there fails on an AppArmor profile it cannot find). The guest's kernel is
+# the container's boundary, as in Kata; its own LSMs have no profiles for containers.
+_HOST_PROCESS_LABELS = ("apparmorProfile", "selinuxLabel")
+
+
+def guest_process(process: dict) -> dict:
+    """A process (a spec's, or an exec's) as crun gets it in the guest: host labels dropped."""
+    return {key: value for key, value in process.items() if key not in _HOST_PROCESS_LABELS}
+
+
 def guest_spec(spec: dict, container_id: str, guest_pids: dict[int, int] | None = None) -> dict:
     """The spec crun gets inside the guest.
 
@@ -118,8 +129,11 @@ def guest_spec(spec: dict, container_id: str, guest_pids: dict[int, int] | None 
         if is_bind_mount(mount):
             mount["source"] = guest_mount_source(container_id, index)
     guest.pop("hooks", None)  # host hooks cannot run in the guest
+    if isinstance(guest.get("process"), dict):
+        guest["process"] = guest_process(guest["process"])
     linux = guest.get("linux")
     if isinstance(linux, dict):
+        linux.pop("mountLabel", None)  # an SELinux context, like the process labels
         namespaces = []
         for namespace in linux.get("namespaces", []):
             path = namespace.get("path")

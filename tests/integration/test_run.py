@@ -24,6 +24,18 @@ def test_output_comes_from_the_guest_kernel(vm_env, guest_image):
     assert release != os.uname().release
 
 
+def test_a_spec_with_the_hosts_apparmor_profile_runs(vm_env):
+    """docker and containerd set an AppArmor profile on AppArmor hosts: a host policy, which
+    the guest has not loaded, so it is not asked of crun there."""
+    bundle = vm_env.bundle("apparmor", ["echo", "confined by the VM"])
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["process"]["apparmorProfile"] = "docker-default"
+    (bundle / "config.json").write_text(json.dumps(spec))
+    result = vm_env.vmrun("run", "--bundle", str(bundle), "apparmor")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"confined by the VM\n"
+
+
 # Death by SIGKILL is tested from outside (test_kill_from_another_process): the container's
 # init is PID 1 of its pid namespace, which ignores a SIGKILL sent from inside, as with runc.
 @pytest.mark.parametrize("script, expected", [("exit 0", 0), ("exit 7", 7)])

@@ -4,7 +4,7 @@ import pytest
 
 from vmrun.agent.constants import SHARED_DIR
 from vmrun.errors import BundleError, InvalidIdError
-from vmrun.oci import default_spec, guest_spec, load_bundle, validate_id, write_default_spec
+from vmrun.oci import default_spec, guest_process, guest_spec, load_bundle, validate_id, write_default_spec
 
 
 def write_bundle(tmp_path, spec, make_rootfs=True):
@@ -84,6 +84,19 @@ def test_guest_spec_rewrites_host_paths():
     assert guest["linux"]["cgroupsPath"] == "/vmrun/c1"
     # The caller's spec is not modified.
     assert spec["root"]["path"] == "rootfs" and "hooks" in spec
+
+
+def test_guest_spec_and_exec_drop_the_hosts_security_labels():
+    spec = default_spec()
+    spec["process"].update(apparmorProfile="docker-default", selinuxLabel="system_u:system_r:container_t:s0")
+    spec["linux"]["mountLabel"] = "system_u:object_r:container_file_t:s0"
+    guest = guest_spec(spec, "c1")
+    assert "apparmorProfile" not in guest["process"] and "selinuxLabel" not in guest["process"]
+    assert "mountLabel" not in guest["linux"]
+    assert guest["process"]["args"] == spec["process"]["args"]
+    exec_process = guest_process({"args": ["ls"], "apparmorProfile": "docker-default"})
+    assert exec_process == {"args": ["ls"]}
+    assert spec["process"]["apparmorProfile"] == "docker-default"  # the caller's, untouched
 
 
 def test_spec_refuses_to_overwrite(tmp_path):
