@@ -190,10 +190,7 @@ class HelperProcess:
         if self._popen is None:
             return
         if self._popen.poll() is None:
-            try:
-                self._popen.send_signal(self.stop_signal)
-            except ProcessLookupError:
-                pass
+            self.signal_stop()
             if self.wait(grace) is None:
                 self._popen.kill()
                 self._popen.wait()

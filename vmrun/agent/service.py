@@ -408,7 +408,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         bundle = Path(BUNDLES_DIR) / container_id
         if bundle.exists():
             shutil.rmtree(bundle)
-        spare_netns = self._spare_netns is not None and self._spare_netns.offer(spec)
+        spare_netns = self._spare_netns if self._spare_netns is not None and self._spare_netns.offer(spec) else None
         terminal = bool(spec.get("process", {}).get("terminal"))
         try:
             write_json(bundle / "config.json", spec)
@@ -422,9 +422,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             shutil.rmtree(bundle, ignore_errors=True)
             raise
         finally:
-            if spare_netns:
-                assert self._spare_netns is not None
-                self._spare_netns.release()
+            if spare_netns is not None:
+                spare_netns.release()
         with self._lock:
             self._containers[container_id] = Container(container_id, bundle, init)
         return pb.CreateContainerResponse(pid=init.pid)

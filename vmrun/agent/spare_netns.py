@@ -31,7 +31,8 @@ class SpareNetns:
 
         def create() -> None:
             # In a thread of its own: unshare(CLONE_NEWNET) moves only the calling thread,
-            # which ends here; the bind mount keeps the namespace alive.
+            # which ends here; the bind mount keeps the namespace alive. (Not vmrun.threads:
+            # the guest has vmrun/agent/ only.)
             try:
                 os.makedirs(os.path.dirname(self.path), exist_ok=True)
                 open(self.path, "w").close()

@@ -13,6 +13,7 @@ import mmap
 import os
 import threading
 from pathlib import Path
+from typing import Iterator
 
 from vmrun.agent import linux
 from vmrun.errors import HypervisorError
@@ -43,7 +44,6 @@ def punch_zero_pages(path: Path, page_size: int = 4096) -> int:
     The file reads the same, but a clone's copy skips the holes: less to copy at each
     start, and less memory per clone.
     """
-    zero = bytes(page_size)
     punched = 0
     with open(path, "r+b") as file:
         fd = file.fileno()
@@ -52,19 +52,24 @@ def punch_zero_pages(path: Path, page_size: int = 4096) -> int:
             return 0
         with mmap.mmap(fd, size, prot=mmap.PROT_READ) as view:
             for offset, length in data_extents(fd, size):
-                run_start = None
-                for page in range(offset, offset + length, page_size):
-                    if view[page:page + page_size] == zero:
-                        run_start = page if run_start is None else run_start
-                        continue
-                    if run_start is not None:
-                        linux.punch_hole(fd, run_start, page - run_start)
-                        punched += page - run_start
-                        run_start = None
-                if run_start is not None:
-                    linux.punch_hole(fd, run_start, offset + length - run_start)
-                    punched += offset + length - run_start
+                for start, run in _zero_runs(view, offset, offset + length, page_size):
+                    linux.punch_hole(fd, start, run)
+                    punched += run
     return punched
+
+
+def _zero_runs(view: mmap.mmap, start: int, end: int, page_size: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) of each run of all-zero pages between `start` and `end`."""
+    zero = bytes(page_size)
+    run_start = None
+    for page in range(start, end, page_size):
+        if view[page:page + page_size] == zero:
+            run_start = page if run_start is None else run_start
+        elif run_start is not None:
+            yield run_start, page - run_start
+            run_start = None
+    if run_start is not None:
+        yield run_start, end - run_start
 
 
 def _copy_range(source: int, target: int, offset: int, length: int) -> None:
