@@ -3,8 +3,9 @@
 `runc run` of the same bundle, and where vmrun's time goes.
 
 The template is made first in a private directory (its time is printed too). Then
-ROUNDS rounds (default 9) each run runc, a cold boot and a clone, one after the other, so
-that the machine's ups and downs touch all of them alike; medians are compared. vmrun's
+ROUNDS rounds (default 15) each run runc, a cold boot and a clone, one after the other, so
+that the machine's ups and downs touch all of them alike; medians are compared (a clone's
+time moves by 10 % from run to run here: fewer rounds give a ratio that moves as much). vmrun's
 phases come from its --debug timings lines (medians per phase).
 """
 
@@ -23,7 +24,7 @@ from pathlib import Path
 from vmrun.busybox import make_busybox_bundle
 
 VMRUN = [sys.executable, "-m", "vmrun.cli"]
-ROUNDS = int(os.environ.get("ROUNDS", "9"))
+ROUNDS = int(os.environ.get("ROUNDS", "15"))
 
 
 def timed(argv: list[str], env: dict | None = None) -> tuple[float, subprocess.CompletedProcess]:
