@@ -4,9 +4,9 @@
 
 The template is made first in a private directory (its time is printed too). Then
 ROUNDS rounds (default 15) each run runc, a cold boot and a clone, one after the other, so
-that the machine's ups and downs touch all of them alike; medians are compared (a clone's
-time moves by 10 % from run to run here: fewer rounds give a ratio that moves as much). vmrun's
-phases come from its --debug timings lines (medians per phase).
+that the machine's ups and downs touch all of them alike; medians are compared. Single
+clones vary by 10 % here; with nine rounds the ratio still moved by 5 % between runs.
+vmrun's phases come from its --debug timings lines (medians per phase).
 """
 
 from __future__ import annotations
