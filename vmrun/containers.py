@@ -8,6 +8,7 @@ and each exec is stood for on the host by a shim whose pid the caller gets.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import secrets
@@ -16,8 +17,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from vmrun.agent.client import AgentClient
 from vmrun.config import Config
 from vmrun.errors import AgentError, ContainerNotFoundError, StateConflictError, VmrunError
 from vmrun.control import CONTROL_SOCKET, control_call
@@ -30,7 +31,10 @@ from vmrun.sandbox_daemon import adopt_sandbox_daemon, spawn_sandbox_daemon, sto
 from vmrun.shim import spawn_shim
 from vmrun.state import ContainerState, StateStore, alive, write_pid_file
 from vmrun.signals import interrupted_by_signals
-from vmrun.stdio import relay_until_exit
+from vmrun.threads import InThread
+
+if TYPE_CHECKING:
+    from vmrun.agent.client import AgentClient
 
 _SHIM_EXIT_GRACE = 5.0
 
@@ -51,6 +55,10 @@ class Containers:
     store: StateStore
 
     def _agent(self, state: ContainerState) -> AgentClient:
+        # Imported here: gRPC and protobuf take ~70 ms, and a delete or kill of a container
+        # that has already stopped never calls the guest.
+        from vmrun.agent.client import AgentClient
+
         return AgentClient(state.agent_socket, call_timeout=30.0)
 
     def _remove_in_guest(self, state: ContainerState) -> None:
@@ -113,6 +121,9 @@ class Containers:
                     # Recorded before it boots: if we die meanwhile, delete cleans it up.
                     state.vm_dir = str(vm_dir_for(self.config, container_id))
                     self.store.save(state)
+                    # The agent client (gRPC) is needed once the guest is up: imported while it
+                    # boots (a failure shows again where it is imported for use).
+                    InThread(lambda: importlib.import_module("vmrun.agent.client"), "agent-client-import")
                     state.daemon_pid = spawn_sandbox_daemon(container_id, hostname, self.config.boot_timeout, netns)
                 undo.callback(stop_sandbox_daemon, state.daemon_pid, Path(state.vm_dir))
                 self.store.save(state)
@@ -199,6 +210,8 @@ class Containers:
         with self._agent(state) as agent:
             agent.exec_process(container_id, exec_id, guest_process(process))
             if not detach:
+                from vmrun.stdio import relay_until_exit
+
                 return relay_until_exit(agent, container_id, exec_id, stdin=sys.stdin.fileno(),
                                         stdout=sys.stdout.fileno(), stderr=sys.stderr.fileno(), terminal=terminal)
         try:

@@ -20,10 +20,8 @@ import sys
 import termios
 import tty
 
-from vmrun.agent.client import AgentClient
 from vmrun.errors import AgentError, VmrunError
 from vmrun.proc import HelperProcess, ReadyPipe
-from vmrun.stdio import relay_until_exit
 
 _READY_TIMEOUT = 30.0
 # What a caller sees when the guest (or the agent) vanished under a process.
@@ -74,6 +72,11 @@ def _window_size(fd: int) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Only the shim process needs gRPC (~70 ms to import); the CLI imports this module
+    # for spawn_shim alone.
+    from vmrun.agent.client import AgentClient
+    from vmrun.stdio import relay_until_exit
+
     parser = argparse.ArgumentParser(prog="vmrun-shim")
     parser.add_argument("--agent-socket", required=True)
     parser.add_argument("--container", required=True)
