@@ -28,7 +28,7 @@ from vmrun.pod import placement
 from vmrun.pool import take_from_pool
 from vmrun.sandbox import share_container_files, unshare_container_files, vm_dir_for
 from vmrun.sandbox_daemon import adopt_sandbox_daemon, spawn_sandbox_daemon, stop_sandbox_daemon
-from vmrun.shim import spawn_shim
+from vmrun.shim import StartingShim, spawn_shim
 from vmrun.state import ContainerState, StateStore, alive, write_pid_file
 from vmrun.signals import interrupted_by_signals
 from vmrun.threads import InThread
@@ -109,6 +109,13 @@ class Containers:
         self.store.create(state)
         with contextlib.ExitStack() as undo, self.store.locked(container_id), interrupted_by_signals():
             undo.callback(self.store.remove, container_id)
+
+            def start_shim() -> StartingShim:
+                shim = StartingShim(state.agent_socket, container_id, console_socket=console_socket)
+                undo.callback(shim.close)
+                return shim
+
+            shim: StartingShim | None = None
             if owns_guest:
                 hostname = bundle.spec.get("hostname", "")
                 netns = network_namespace_path(bundle.spec)
@@ -121,8 +128,9 @@ class Containers:
                     # Recorded before it boots: if we die meanwhile, delete cleans it up.
                     state.vm_dir = str(vm_dir_for(self.config, container_id))
                     self.store.save(state)
-                    # The agent client (gRPC) is needed once the guest is up: imported while it
-                    # boots (a failure shows again where it is imported for use).
+                    # The shim, and the agent client (gRPC) this process needs once the guest
+                    # is up, load while it boots (an import failure shows again at its use).
+                    shim = start_shim()
                     InThread(lambda: importlib.import_module("vmrun.agent.client"), "agent-client-import")
                     state.daemon_pid = spawn_sandbox_daemon(container_id, hostname, self.config.boot_timeout, netns)
                 undo.callback(stop_sandbox_daemon, state.daemon_pid, Path(state.vm_dir))
@@ -134,13 +142,15 @@ class Containers:
                     if netns:
                         # The daemon holding the pooled guest's QEMU plugs the pod's NICs.
                         control_call(Path(state.vm_dir) / CONTROL_SOCKET, "network-add", netns=netns)
+            if shim is None:
+                shim = start_shim()  # it loads while the container is made
             shared = Path(state.vm_dir) / "shared"
             share_container_files(shared, container_id, bundle)
             undo.callback(unshare_container_files, shared, container_id)
             with self._agent(state) as agent:
                 state.guest_pid = agent.create_container(container_id, guest_spec(bundle.spec, container_id, guest_pids))
                 undo.callback(self._remove_in_guest, state)
-                state.pid = spawn_shim(state.agent_socket, container_id, console_socket=console_socket)
+                state.pid = shim.go()
                 if pid_file:
                     write_pid_file(pid_file, state.pid)
                 state.status = "created"

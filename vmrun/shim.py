@@ -24,31 +24,65 @@ from vmrun.errors import AgentError, VmrunError
 from vmrun.proc import HelperProcess, ReadyPipe
 
 _READY_TIMEOUT = 30.0
+_GO = b"GO"
 # What a caller sees when the guest (or the agent) vanished under a process.
 LOST_STATUS = 128 + signal.SIGKILL
 
 
+class StartingShim:
+    """A shim started ahead of its guest process: Python and gRPC load (~150 ms) while the
+    guest process is made. `go()` once it exists lets the shim attach, and returns its pid;
+    `close()` before that sends it away."""
+
+    def __init__(self, agent_socket: str, container_id: str, exec_id: str = "", *, console_socket: str = ""):
+        self._ready = ReadyPipe()
+        go_read, self._go_fd = os.pipe()
+        argv = [sys.executable, "-m", "vmrun.shim", "--agent-socket", agent_socket, "--container", container_id,
+                "--ready-fd", str(self._ready.write_fd), "--go-fd", str(go_read)]
+        if exec_id:
+            argv += ["--exec-id", exec_id]
+        if console_socket:
+            argv += ["--console-socket", console_socket]
+        # With a terminal, the process's stdio is the pty; our own stdout is the caller's
+        # pipe for *our* output, which it reads to EOF before it takes the call as done:
+        # the shim must not hold it. Without one, the shim relays the stdio it inherits.
+        self._process = HelperProcess("shim", argv, pass_fds=(self._ready.write_fd, go_read),
+                                      die_with_parent=False, inherit_stdio=not console_socket)
+        try:
+            self._process.start()
+        except BaseException:
+            for fd in (self._ready.read_fd, self._ready.write_fd, self._go_fd):
+                os.close(fd)
+            raise
+        finally:
+            os.close(go_read)
+        self._went = False
+
+    def go(self) -> int:
+        """The guest process exists: the shim attaches to it; its pid once it relays."""
+        os.write(self._go_fd, _GO)
+        os.close(self._go_fd)
+        self._went = True
+        try:
+            self._ready.wait(self._process, _READY_TIMEOUT)
+        except VmrunError:
+            self._process.stop()
+            raise
+        return self._process.pid
+
+    def close(self) -> None:
+        """Send away a shim that never went (its guest process was not made)."""
+        if not self._went:
+            self._went = True
+            os.close(self._go_fd)  # end of file: the shim exits without attaching
+            os.close(self._ready.read_fd)
+            os.close(self._ready.write_fd)
+            self._process.stop()
+
+
 def spawn_shim(agent_socket: str, container_id: str, exec_id: str = "", *, console_socket: str = "") -> int:
-    """Start a shim for the guest process; its pid once it relays."""
-    ready = ReadyPipe()
-    argv = [sys.executable, "-m", "vmrun.shim", "--agent-socket", agent_socket, "--container", container_id,
-            "--ready-fd", str(ready.write_fd)]
-    if exec_id:
-        argv += ["--exec-id", exec_id]
-    if console_socket:
-        argv += ["--console-socket", console_socket]
-    # With a terminal, the process's stdio is the pty; our own stdout is the caller's pipe
-    # for *our* output, which it reads to EOF before it takes the call as done: the shim
-    # must not hold it. Without one, the shim relays the stdio it inherits.
-    shim = HelperProcess("shim", argv, pass_fds=(ready.write_fd,), die_with_parent=False,
-                         inherit_stdio=not console_socket)
-    shim.start()
-    try:
-        ready.wait(shim, _READY_TIMEOUT)
-    except VmrunError:
-        shim.stop()
-        raise
-    return shim.pid
+    """Start a shim for a guest process that exists; its pid once it relays."""
+    return StartingShim(agent_socket, container_id, exec_id, console_socket=console_socket).go()
 
 
 def _send_console(console_socket: str) -> int:
@@ -83,9 +117,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--exec-id", default="")
     parser.add_argument("--console-socket", default="")
     parser.add_argument("--ready-fd", type=int, required=True)
+    parser.add_argument("--go-fd", type=int, required=True)
     args = parser.parse_args(argv)
 
     agent = AgentClient(args.agent_socket)
+    # Started ahead: wait until the guest process exists (end of file: it never will).
+    if os.read(args.go_fd, len(_GO)) != _GO:
+        os._exit(0)
+    os.close(args.go_fd)
     terminal = bool(args.console_socket)
     try:
         if terminal:
