@@ -6,6 +6,7 @@ import json
 import time
 
 import pytest
+from leftovers import processes_mentioning
 
 pytestmark = pytest.mark.integration
 
@@ -65,3 +66,20 @@ def test_qemu_that_cannot_start(vm_env):
     assert_clean_failure(result, "QEMU failed to start", log)
     assert "guest RAM" in result.stderr.decode()
     assert time.monotonic() - started < 5  # the QMP accept timeout is 10 s
+
+
+def test_create_that_crun_refuses_sends_its_early_shim_away(vm_env):
+    """create starts the shim while the guest boots; when the container then cannot be
+    made, the shim goes too: create ends (nobody holds its output) and leaves nothing."""
+    bundle = vm_env.bundle("badmount", ["true"])
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["mounts"].append({"destination": "/mnt", "type": "nosuchfs", "source": "none"})
+    (bundle / "config.json").write_text(json.dumps(spec))
+    result = vm_env.vmrun("create", "--bundle", str(bundle), "badmount", timeout=120)
+    assert result.returncode != 0
+    assert "\n" not in result.stderr.decode().strip(), result.stderr
+    assert vm_env.vmrun("state", "badmount").returncode != 0  # no container recorded
+    deadline = time.monotonic() + 10
+    while processes_mentioning("--container badmount") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not processes_mentioning("--container badmount")
