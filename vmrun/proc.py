@@ -268,6 +268,11 @@ class ReadyPipe:
             return
         raise CommandError(text.removeprefix("ERR ") if text else f"{process.name} exited before it was ready")
 
+    def discard(self) -> None:
+        """Close both ends, for a child that will never report (or was never started)."""
+        os.close(self.read_fd)
+        os.close(self.write_fd)
+
     @staticmethod
     def report(fd: int, error: str | None = None) -> None:
         try:

@@ -51,8 +51,8 @@ class StartingShim:
         try:
             self._process.start()
         except BaseException:
-            for fd in (self._ready.read_fd, self._ready.write_fd, self._go_fd):
-                os.close(fd)
+            self._ready.discard()
+            os.close(self._go_fd)
             raise
         finally:
             os.close(go_read)
@@ -75,8 +75,7 @@ class StartingShim:
         if not self._went:
             self._went = True
             os.close(self._go_fd)  # end of file: the shim exits without attaching
-            os.close(self._ready.read_fd)
-            os.close(self._ready.write_fd)
+            self._ready.discard()
             self._process.stop()
 
 
