@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from vmrun.agent import linux
 from vmrun.agent.bridge import SocketBridge, first_then, read_line
-from vmrun.agent.constants import AGENT_PORT, READY_MESSAGE, SHARED_FS_TAG, ready_port
+from vmrun.agent.constants import AGENT_PORT, READY_MESSAGE, SHARED_FS_TAG, agent_kernel_params, ready_port
 from vmrun.bootfiles import BootFiles, boot_files
 from vmrun.config import Config
 from vmrun.control import CONTROL_SOCKET, ControlServer
@@ -201,7 +201,7 @@ class Sandbox:
             self.vm.resume()
         else:
             wait_for_helpers()
-            params = f"{BASE_KERNEL_PARAMS} vmrun.agent_port={AGENT_PORT}"
+            params = f"{BASE_KERNEL_PARAMS} {agent_kernel_params(warm_up=acceleration.translates)}"
             spec = VMSpec(
                 name=f"vmrun-{self.sandbox_id[:32]}",
                 qemu=self.config.qemu,

@@ -39,6 +39,12 @@ class Env:
     def bundle(self, name: str, args: list[str], **kwargs) -> Path:
         return make_busybox_bundle(self.base / "bundles" / name, args, **kwargs)
 
+    def use_templates(self) -> None:
+        """Templating as configured by default, with templates in the test's private dir."""
+        templates = self.base / "templates"
+        self.config_path.write_text(self.config_path.read_text().replace('template = ""\n', "")
+                                    + f'templates_dir = "{templates}"\n')
+
     def cli(self) -> list[str]:
         return [sys.executable, "-m", "vmrun.cli", "--root", str(self.root)]
 

@@ -17,24 +17,17 @@ from vmrun.sandbox import clone_memory_path
 pytestmark = pytest.mark.integration
 
 
-def templating_on(vm_env) -> None:
-    """Templating as configured by default, with templates in the test's private dir."""
-    templates = vm_env.base / "templates"
-    vm_env.config_path.write_text(vm_env.config_path.read_text().replace('template = ""\n', "")
-                                  + f'templates_dir = "{templates}"\n')
-
-
 @pytest.fixture
 def templated(vm_env):
     """vm_env with templating on and the default template made."""
-    templating_on(vm_env)
+    vm_env.use_templates()
     created = vm_env.vmrun("template", "create")
     assert created.returncode == 0, created.stderr
     return vm_env
 
 
 def test_the_first_sandbox_builds_the_missing_template(vm_env):
-    templating_on(vm_env)
+    vm_env.use_templates()
     assert vm_env.vmrun("template", "list").stdout == b""
     bundle = vm_env.bundle("first", ["echo", "first-ok"])
     result = vm_env.vmrun("--debug", "run", "--bundle", str(bundle), "first")

@@ -1,4 +1,5 @@
-"""TemplateStore's locking: a template is not replaced or removed while a clone copies it."""
+"""TemplateStore's locking: a template is not replaced or removed while a clone copies it; and
+what makes a saved template stale."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import json
 import threading
 import time
 
-from vmrun.hypervisor.templates import Template, TemplateStore
+from vmrun.hypervisor.accel import Acceleration
+from vmrun.hypervisor.templates import Template, TemplateDefinition, TemplateStore, fingerprint
 
 
 def make_template(store: TemplateStore, name: str, content: str) -> Template:
@@ -68,3 +70,23 @@ def test_builders_take_turns(tmp_path):
         thread.join(5)
     assert len(order) == 4 and order[0].split()[0] == order[1].split()[0]
     assert order[2].split()[0] == order[3].split()[0]
+
+
+def test_a_template_made_for_another_kernel_command_line_is_stale(tmp_path):
+    # The agent's warm-up is asked for on the command line, under TCG only; a template's
+    # clones keep its command line, so it is part of what the template was built from.
+    definition = TemplateDefinition(name="default")
+    tcg, kvm = Acceleration("tcg", "test"), Acceleration("kvm", "test")
+    assert "vmrun.warm_up=1" in definition.kernel_command_line(tcg).split()
+    assert "vmrun.warm_up=1" not in definition.kernel_command_line(kvm).split()
+    for name in ("qemu", "vmlinux", "initrd"):
+        (tmp_path / name).write_text(name)
+    expected = fingerprint(definition, str(tmp_path / "qemu"), tmp_path / "vmlinux", tmp_path / "initrd", tcg)
+    assert expected["kernel_command_line"] == definition.kernel_command_line(tcg)
+    store = TemplateStore(tmp_path / "templates")
+    template = make_template(store, "default", "v1")
+    older = {**expected, "kernel_command_line": expected["kernel_command_line"].replace(" vmrun.warm_up=1", "")}
+    template.record_path.write_text(json.dumps({"name": "default", "fingerprint": older}))
+    assert template.why_unusable(expected) == "it was built from another kernel_command_line"
+    template.record_path.write_text(json.dumps({"name": "default", "fingerprint": expected}))
+    assert template.why_unusable(expected) == ""

@@ -27,6 +27,13 @@ AGENT_UNIX_SOCKET = "/run/vmrun/agent.sock"
 CMDLINE_PREFIX = "vmrun."
 
 
+def agent_kernel_params(warm_up: bool) -> str:
+    """The agent's kernel command-line parameters: its port, and whether it runs a warm-up
+    container (vmrun/agent/warm_up.py; worth it only under TCG)."""
+    params = f"{CMDLINE_PREFIX}agent_port={AGENT_PORT}"
+    return f"{params} {CMDLINE_PREFIX}warm_up=1" if warm_up else params
+
+
 def container_rootfs(container_id: str) -> str:
     """Where a container's rootfs appears in the guest (on the shared directory)."""
     return f"{SHARED_DIR}/{container_id}/rootfs"

@@ -13,18 +13,16 @@ import select
 import socket
 import sys
 import time
-from concurrent import futures
 
-import grpc
 
 import vmrun
-from vmrun.agent import agent_pb2_grpc, linux
+from vmrun.agent import linux
 from vmrun.agent.bridge import SocketBridge
 from vmrun.agent.constants import AGENT_PORT, AGENT_UNIX_SOCKET, READY_MESSAGE, ready_port
 from vmrun.agent.crun import pin_crun_binary
-from vmrun.agent.processes import Reaper
-from vmrun.agent.service import AgentService
+from vmrun.agent.processes import Reaper, Spawner
 from vmrun.agent.spare_netns import SpareNetns
+from vmrun.agent.warm_up import WarmUp
 
 _HOST_CID = 2
 # A lost connection request is retried after this, not after the kernel's 2 s.
@@ -108,12 +106,14 @@ def _announce_ready(bridge: SocketBridge, first_connection: socket.socket) -> No
         return
 
 
-def _warm_up(calls: int) -> None:
+def _serve_first_calls(calls: int) -> None:
     """Serve a few concurrent calls before a template is saved: its clones then start with
     the gRPC server's worker threads running and its first-call paths already taken, and
     with pyroute2 loaded for their pods' networks."""
+    import grpc
+
     from vmrun.agent import agent_pb2 as pb
-    from vmrun.agent import network
+    from vmrun.agent import agent_pb2_grpc, network
 
     network.preload()
     with grpc.insecure_channel(f"unix:{AGENT_UNIX_SOCKET}") as channel:
@@ -121,6 +121,16 @@ def _warm_up(calls: int) -> None:
         pending = [stub.Health.future(pb.Empty()) for _ in range(calls)]
         for call in pending:
             call.result(timeout=30)
+
+
+def _prepared_warm_up(reaper: Reaper) -> WarmUp | None:
+    warm_up = WarmUp(Spawner(reaper), _log)
+    try:
+        warm_up.prepare()
+    except OSError as exc:
+        _log(f"no warm-up container: {exc}")
+        return None
+    return warm_up
 
 
 def main() -> None:
@@ -133,6 +143,19 @@ def main() -> None:
         pin_crun_binary()
     except OSError as exc:
         _log(f"crun will copy itself on every call: {exc}")
+
+    template = params.get("template") == "1"
+    warm_up = _prepared_warm_up(reaper) if params.get("warm_up") == "1" else None
+    if warm_up is not None and not template:
+        # A booted guest: at once, on the other vCPU, while gRPC loads (2 s under TCG).
+        warm_up.run_soon()
+    # Imported only now, for the line above.
+    from concurrent import futures
+
+    import grpc
+
+    from vmrun.agent import agent_pb2_grpc
+    from vmrun.agent.service import AgentService
 
     os.makedirs(os.path.dirname(AGENT_UNIX_SOCKET), exist_ok=True)
     if os.path.exists(AGENT_UNIX_SOCKET):
@@ -147,8 +170,11 @@ def main() -> None:
     server.add_insecure_port(f"unix:{AGENT_UNIX_SOCKET}")
     server.start()
     bridge = SocketBridge(_vsock_listener(agent_port), _dial_agent, "vsock-agent").start()
-    if params.get("template") == "1":
-        _warm_up(calls=8)
+    if template:
+        _serve_first_calls(calls=8)
+        if warm_up is not None:
+            # A clone's: as soon as it is resumed, while its devices are hot-plugged.
+            warm_up.run_after_resume()
     first_connection = _open_first_connection()
     # A template is saved once this line is on the console; its clones get vsock later.
     _log("listening")

@@ -25,6 +25,11 @@ class Acceleration:
     name: str  # "kvm" or "tcg"
     reason: str
 
+    @property
+    def translates(self) -> bool:
+        """Whether guest code runs only once QEMU has translated it (TCG)."""
+        return self.name == "tcg"
+
 
 def _kvm_verdict() -> Acceleration:
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Iterator
 
 import vmrun
-from vmrun.agent.constants import AGENT_PORT
+from vmrun.agent.constants import agent_kernel_params
 from vmrun.errors import ConfigError, HypervisorError
 from vmrun.hypervisor.accel import Acceleration
 from vmrun.hypervisor.memory_copy import punch_zero_pages
@@ -68,10 +68,10 @@ class TemplateDefinition:
             raise ConfigError(f"template definition {path}: hotplug_ports must be at least 2 (virtio-fs, vsock)")
         return definition
 
-    def kernel_command_line(self) -> str:
+    def kernel_command_line(self, acceleration: Acceleration) -> str:
         # Fixed for the template and every clone: a clone cannot change its command line.
-        return f"{BASE_KERNEL_PARAMS} vmrun.agent_port={AGENT_PORT} vmrun.template=1 " \
-               f"{self.kernel_params}".strip()
+        agent = agent_kernel_params(warm_up=acceleration.translates)
+        return f"{BASE_KERNEL_PARAMS} {agent} vmrun.template=1 {self.kernel_params}".strip()
 
 
 def _file_identity(path: Path) -> str:
@@ -86,6 +86,7 @@ def fingerprint(definition: TemplateDefinition, qemu: str, kernel: Path, initrd:
     qemu_path = Path(shutil.which(qemu) or qemu)
     return {
         "definition": asdict(definition),
+        "kernel_command_line": definition.kernel_command_line(acceleration),
         "qemu": _file_identity(qemu_path),
         "kernel": _file_identity(kernel),
         "initrd": _file_identity(initrd),
@@ -274,7 +275,7 @@ def template_vm_spec(definition: TemplateDefinition, *, qemu: str, acceleration:
         memory_mib=definition.memory_mib,
         kernel=kernel,
         initrd=initrd,
-        kernel_params=definition.kernel_command_line(),
+        kernel_params=definition.kernel_command_line(acceleration),
         console_log=console_log,
         memory_file=memory_file,
         hotplug_ports=definition.hotplug_ports,

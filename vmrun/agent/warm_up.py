@@ -1,0 +1,132 @@
+"""A throwaway container the agent runs once, under TCG, so that the host's first container
+finds crun's code and the kernel's container code already translated.
+
+Under TCG a guest instruction runs only once QEMU has translated its block, and a clone's
+QEMU starts with nothing translated: its first `crun run` translates crun, the dynamic
+loader and the kernel's namespace, mount, cgroup and exec code (about 33,000 blocks, most
+of that call's time). Meanwhile one of the guest's two vCPUs, and a host core, sit idle
+while the host hot-plugs the clone's devices and sets up its sandbox. The agent runs this
+container then, on that vCPU; QEMU's translations are shared by all vCPUs. A clone's
+`vmrun run` of /bin/true is 50 to 75 ms faster for it (docs/performance.md).
+
+The host asks for it (`vmrun.warm_up=1` on the kernel command line) only under TCG: with
+KVM there is nothing to translate. It runs once per guest: in a booted guest as the agent
+starts, in a template's clones as soon as they are resumed (the first uevent after the
+template was saved: the hot-plug of the clone's devices). It is nobody's container: its own
+crun root and cgroup, no network namespace, no files of the sandbox; it is gone when done,
+and a failure is only logged.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from vmrun.agent.crun import CRUN, write_json
+from vmrun.agent.processes import Spawner
+
+WARM_UP_BUNDLE = "/run/vmrun/warm-up"
+WARM_UP_CRUN_ROOT = "/run/vmrun/crun-warm-up"
+WARM_UP_ID = "vmrun-warm-up"
+# Outside /vmrun, where crun puts the sandbox's containers: no container id can clash.
+WARM_UP_CGROUP = "/vmrun-warm-up"
+_BUSYBOX = "/usr/bin/busybox"
+_TIMEOUT = 60.0
+_NETLINK_KOBJECT_UEVENT = 15
+_KERNEL_UEVENTS = 1  # the multicast group the kernel sends uevents to
+
+
+def warm_up_spec(rootfs: str) -> dict:
+    """/bin/true (busybox, bound in) with what a container's spec usually asks for: its own
+    namespaces but the network's (a container's new network namespace is the agent's spare
+    one, already made), the usual mounts, masked paths, capabilities and a device cgroup."""
+    capabilities = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": False,
+            "user": {"uid": 0, "gid": 0},
+            "args": ["/bin/true"],
+            "env": ["PATH=/bin"],
+            "cwd": "/",
+            "capabilities": {kind: capabilities for kind in ("bounding", "effective", "permitted", "ambient")},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+            "noNewPrivileges": True,
+        },
+        "root": {"path": rootfs, "readonly": True},
+        "hostname": WARM_UP_ID,
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777"]},
+            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+            {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "ro"]},
+            {"destination": "/bin/true", "type": "bind", "source": _BUSYBOX, "options": ["rbind", "ro"]},
+        ],
+        "linux": {
+            "resources": {"devices": [{"allow": False, "access": "rwm"}]},
+            "namespaces": [{"type": kind} for kind in ("pid", "ipc", "uts", "mount", "cgroup")],
+            "cgroupsPath": WARM_UP_CGROUP,
+            "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/sys/firmware"],
+            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
+        },
+    }
+
+
+class WarmUp:
+    """`prepare()` the container once; `run_soon()` or `run_after_resume()` runs it in a thread."""
+
+    def __init__(self, spawner: Spawner, log: Callable[[str], None], bundle: str = WARM_UP_BUNDLE):
+        self._spawner = spawner
+        self._log = log
+        self._bundle = Path(bundle)
+
+    def prepare(self) -> None:
+        rootfs = self._bundle / "rootfs"
+        rootfs.mkdir(parents=True, exist_ok=True)
+        write_json(self._bundle / "config.json", warm_up_spec(str(rootfs)))
+
+    def command(self) -> list[str]:
+        return [CRUN, "--root", WARM_UP_CRUN_ROOT, "run", "--bundle", str(self._bundle), WARM_UP_ID]
+
+    def run(self) -> bool:
+        """Run the container to its end; True when it ran."""
+        started = time.monotonic()
+        try:
+            result = self._spawner.run(self.command(), timeout=_TIMEOUT)
+        except Exception as exc:  # noqa: BLE001 - only a speed-up: logged, never fatal
+            self._log(f"warm-up container not run: {exc}")
+            return False
+        if result.returncode != 0:
+            message = result.stderr.decode(errors="replace").strip().splitlines()
+            self._log(f"warm-up container failed ({result.returncode}): {message[-1] if message else ''}")
+            return False
+        self._log(f"warm-up container ran in {time.monotonic() - started:.3f}s")
+        return True
+
+    def run_soon(self) -> threading.Thread:
+        thread = threading.Thread(target=self.run, name="warm-up", daemon=True)
+        thread.start()
+        return thread
+
+    def run_after_resume(self) -> threading.Thread:
+        """In a template: run once the guest is resumed as a clone. A clone's first uevent is
+        the hot-plug of its devices; the socket is made now, so no uevent of the template's
+        own boot counts."""
+        events = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_KOBJECT_UEVENT)
+        events.bind((0, _KERNEL_UEVENTS))
+
+        def wait_then_run() -> None:
+            with events:
+                events.recv(8192)
+            self.run()
+
+        thread = threading.Thread(target=wait_then_run, name="warm-up", daemon=True)
+        thread.start()
+        return thread
