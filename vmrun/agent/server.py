@@ -14,7 +14,6 @@ import socket
 import sys
 import time
 
-
 import vmrun
 from vmrun.agent import linux
 from vmrun.agent.bridge import SocketBridge
@@ -149,7 +148,7 @@ def main() -> None:
     if warm_up is not None and not template:
         # A booted guest: at once, on the other vCPU, while gRPC loads (2 s under TCG).
         warm_up.run_soon()
-    # Imported only now, for the line above.
+    # gRPC and the service load only now, so that the warm-up starts first.
     from concurrent import futures
 
     import grpc

@@ -7,7 +7,7 @@ loader and the kernel's namespace, mount, cgroup and exec code (about 33,000 blo
 of that call's time). Meanwhile one of the guest's two vCPUs, and a host core, sit idle
 while the host hot-plugs the clone's devices and sets up its sandbox. The agent runs this
 container then, on that vCPU; QEMU's translations are shared by all vCPUs. A clone's
-`vmrun run` of /bin/true is 50 to 75 ms faster for it (docs/performance.md).
+`vmrun run` of /bin/true is about 45 to 75 ms faster for it (docs/performance.md).
 
 The host asks for it (`vmrun.warm_up=1` on the kernel command line) only under TCG: with
 KVM there is nothing to translate. It runs once per guest: in a booted guest as the agent
