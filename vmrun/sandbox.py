@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from vmrun.agent import linux
 from vmrun.agent.bridge import SocketBridge, first_then, read_line
@@ -84,6 +84,35 @@ def remove_tree_safely(path: Path) -> None:
     if _mounts_under(path):
         raise HypervisorError(f"cannot remove {path}: something is still mounted under it")
     shutil.rmtree(path, ignore_errors=True)
+
+
+def accept_greeting(listener: socket.socket, check_guest: Callable[[], None]) -> tuple[socket.socket, bytes]:
+    """The next connection on `listener` that says something, and its first line.
+
+    A connection closed before its first byte is one the agent gave up on: under load its
+    connect can time out in the guest after the host has accepted it, and the agent dials
+    again. `check_guest` raises when there is no point in waiting any longer."""
+    listener.settimeout(0.05)
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except TimeoutError:
+            check_guest()
+            continue
+        try:
+            conn.settimeout(5.0)
+            greeting = read_line(conn, 256)
+            conn.settimeout(None)
+        except ConnectionResetError:
+            greeting = b""
+        except OSError:
+            conn.close()
+            raise
+        if greeting:
+            return conn, greeting
+        log.debug("the agent closed a ready connection before its READY: waiting for the next")
+        conn.close()
+        check_guest()
 
 
 def share_container_files(shared_dir: Path, container_id: str, bundle: Bundle) -> None:
@@ -300,30 +329,21 @@ class Sandbox:
     def _wait_ready(self, listener: socket.socket) -> socket.socket:
         """The guest agent's READY connection, once it has said so."""
         assert self.vm is not None
+        vm = self.vm
         deadline = time.monotonic() + self.config.boot_timeout
-        listener.settimeout(0.05)
-        while True:
-            try:
-                conn, _ = listener.accept()
-                break
-            except TimeoutError:
-                pass
-            if not self.vm.alive():
+
+        def check_guest() -> None:
+            if not vm.alive():
                 console = self._console_tail()
-                raise HypervisorError(self.vm.failure() + (f" (guest console: {console})" if console else ""))
+                raise HypervisorError(vm.failure() + (f" (guest console: {console})" if console else ""))
             if time.monotonic() > deadline:
                 console = self._console_tail()
                 raise HypervisorError(
                     f"the guest agent was not ready within {self.config.boot_timeout:g}s"
                     + (f" (guest console: {console})" if console else "")
                 )
-        try:
-            conn.settimeout(5.0)
-            greeting = read_line(conn, 256)
-            conn.settimeout(None)
-        except OSError:
-            conn.close()
-            raise
+
+        conn, greeting = accept_greeting(listener, check_guest)
         if not greeting.startswith(READY_MESSAGE):
             conn.close()
             raise HypervisorError(f"unexpected greeting from the guest agent: {greeting[:40]!r}")
