@@ -89,9 +89,10 @@ def remove_tree_safely(path: Path) -> None:
 def accept_greeting(listener: socket.socket, check_guest: Callable[[], None]) -> tuple[socket.socket, bytes]:
     """The next connection on `listener` that says something, and its first line.
 
-    A connection closed before its first byte is one the agent gave up on: under load its
-    connect can time out in the guest after the host has accepted it, and the agent dials
-    again. `check_guest` raises when there is no point in waiting any longer."""
+    A connection closed (or silent for 5 s) before its first byte is one the agent gave up
+    on: under load its connect can time out in the guest after the host has accepted it,
+    and the agent dials again. `check_guest` raises when there is no point in waiting any
+    longer."""
     listener.settimeout(0.05)
     while True:
         try:
@@ -103,8 +104,8 @@ def accept_greeting(listener: socket.socket, check_guest: Callable[[], None]) ->
             conn.settimeout(5.0)
             greeting = read_line(conn, 256)
             conn.settimeout(None)
-        except ConnectionResetError:
-            greeting = b""
+        except (ConnectionResetError, TimeoutError):
+            greeting = b""  # dropped, or silent (the agent's reset was lost): as if closed
         except OSError:
             conn.close()
             raise
@@ -230,7 +231,7 @@ class Sandbox:
             self.vm.resume()
         else:
             wait_for_helpers()
-            params = f"{BASE_KERNEL_PARAMS} {agent_kernel_params(warm_up=acceleration.translates)}"
+            params = f"{BASE_KERNEL_PARAMS} {agent_kernel_params(acceleration.translates, self.config.vcpus)}"
             spec = VMSpec(
                 name=f"vmrun-{self.sandbox_id[:32]}",
                 qemu=self.config.qemu,

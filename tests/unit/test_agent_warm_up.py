@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import json
+import socket
 
 from vmrun.agent.constants import agent_kernel_params
 from vmrun.agent.processes import CommandResult
-from vmrun.agent.warm_up import WARM_UP_CGROUP, WARM_UP_CRUN_ROOT, WARM_UP_ID, WarmUp, warm_up_spec
+from vmrun.agent.warm_up import (
+    WARM_UP_CGROUP,
+    WARM_UP_CRUN_ROOT,
+    WARM_UP_ID,
+    WarmUp,
+    wait_for_device_added,
+    warm_up_spec,
+)
 
 
 class FakeSpawner:
+    """Answers every command with `result` (or raises it), and keeps the commands."""
+
     def __init__(self, result: CommandResult | Exception):
         self.result = result
         self.commands: list[list[str]] = []
@@ -50,17 +60,43 @@ def test_prepare_writes_a_bundle_crun_runs_with_its_own_root(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("warm-up container ran in ")
 
 
-def test_a_warm_up_that_fails_is_logged_and_never_raises(tmp_path):
+def test_a_warm_up_that_fails_is_logged_forced_away_and_never_raises(tmp_path):
     lines: list[str] = []
-    failing = WarmUp(FakeSpawner(CommandResult(1, b"", b"noise\ncrun: cannot mount\n")), lines.append,
-                     bundle=str(tmp_path))
+    spawner = FakeSpawner(CommandResult(1, b"", b"noise\ncrun: cannot mount\n"))
+    failing = WarmUp(spawner, lines.append, bundle=str(tmp_path))
     assert not failing.run()
+    # What crun left (its state, its cgroup) is deleted.
+    assert spawner.commands[1][1:] == ["--root", WARM_UP_CRUN_ROOT, "delete", "--force", WARM_UP_ID]
     unstartable = WarmUp(FakeSpawner(OSError(2, "No such file or directory")), lines.append, bundle=str(tmp_path))
     assert not unstartable.run()
     assert lines == ["warm-up container failed (1): crun: cannot mount",
                      "warm-up container not run: [Errno 2] No such file or directory"]
 
 
-def test_the_host_asks_for_a_warm_up_only_when_it_says_so():
-    assert agent_kernel_params(warm_up=True).split() == ["vmrun.agent_port=1024", "vmrun.warm_up=1"]
-    assert agent_kernel_params(warm_up=False).split() == ["vmrun.agent_port=1024"]
+def test_a_clone_runs_it_once_a_device_is_added(tmp_path):
+    kernel, events = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    spawner = FakeSpawner(CommandResult(0, b"", b""))
+    thread = WarmUp(spawner, lambda line: None, bundle=str(tmp_path)).run_after_resume(events)
+    kernel.send(b"change@/devices/virtual/misc/something\0ACTION=change")
+    thread.join(0.3)
+    assert thread.is_alive() and spawner.commands == []  # not for a change
+    kernel.send(b"add@/devices/pci0000:00/0000:00:02.0/0000:01:00.0\0ACTION=add")
+    thread.join(5)
+    assert not thread.is_alive() and len(spawner.commands) == 1
+    assert events.fileno() == -1  # the uevent socket is closed once used
+    kernel.close()
+
+
+def test_an_error_on_the_uevent_socket_counts_as_events():
+    # ENOBUFS: more events than the socket's buffer held, the hot-plug's burst.
+    class Overflowing:
+        def recv(self, size: int) -> bytes:
+            raise OSError(105, "No buffer space available")
+
+    wait_for_device_added(Overflowing())  # returns, does not raise
+
+
+def test_the_host_asks_for_a_warm_up_under_tcg_with_a_vcpu_to_spare():
+    assert agent_kernel_params(True, 2).split() == ["vmrun.agent_port=1024", "vmrun.warm_up=1"]
+    assert agent_kernel_params(True, 1).split() == ["vmrun.agent_port=1024"]
+    assert agent_kernel_params(False, 4).split() == ["vmrun.agent_port=1024"]

@@ -75,7 +75,7 @@ def test_builders_take_turns(tmp_path):
 def test_a_template_made_for_another_kernel_command_line_is_stale(tmp_path):
     # The agent's warm-up is asked for on the command line, under TCG only; a template's
     # clones keep its command line, so it is part of what the template was built from.
-    definition = TemplateDefinition(name="default")
+    definition = TemplateDefinition(name="default", vcpus=2)
     tcg, kvm = Acceleration("tcg", "test"), Acceleration("kvm", "test")
     assert "vmrun.warm_up=1" in definition.kernel_command_line(tcg).split()
     assert "vmrun.warm_up=1" not in definition.kernel_command_line(kvm).split()

@@ -146,7 +146,7 @@ def main() -> None:
     template = params.get("template") == "1"
     warm_up = _prepared_warm_up(reaper) if params.get("warm_up") == "1" else None
     if warm_up is not None and not template:
-        # A booted guest: at once, on the other vCPU, while gRPC loads (2 s under TCG).
+        # A booted guest: at once, while gRPC loads (2 s under TCG), on another vCPU if any.
         warm_up.run_soon()
     # gRPC and the service load only now, so that the warm-up starts first.
     from concurrent import futures

@@ -9,12 +9,14 @@ while the host hot-plugs the clone's devices and sets up its sandbox. The agent 
 container then, on that vCPU; QEMU's translations are shared by all vCPUs. A clone's
 `vmrun run` of /bin/true is about 45 to 75 ms faster for it (docs/performance.md).
 
-The host asks for it (`vmrun.warm_up=1` on the kernel command line) only under TCG: with
-KVM there is nothing to translate. It runs once per guest: in a booted guest as the agent
-starts, in a template's clones as soon as they are resumed (the first uevent after the
-template was saved: the hot-plug of the clone's devices). It is nobody's container: its own
-crun root and cgroup, no network namespace, no files of the sandbox; it is gone when done,
-and a failure is only logged.
+The host asks for it (`vmrun.warm_up=1` on the kernel command line) only under TCG (with
+KVM there is nothing to translate) and for guests with a vCPU to spare (with one it only
+delays the agent). It runs once per guest: in a booted guest as the agent starts, in a
+template's clones as soon as they are resumed (the first device added after the template
+was saved: the hot-plug of the clone's own). It is nobody's container: its own crun root and cgroup, no network
+namespace, no files of the sandbox. crun removes it when it ends, or the agent forces it
+away when it failed; only its bundle (a config and empty mount points) stays in /run.
+Nothing of it is fatal: errors are logged.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from vmrun.agent.crun import CRUN, write_json
 from vmrun.agent.processes import Spawner
@@ -34,12 +36,12 @@ WARM_UP_ID = "vmrun-warm-up"
 # Outside /vmrun, where crun puts the sandbox's containers: no container id can clash.
 WARM_UP_CGROUP = "/vmrun-warm-up"
 _BUSYBOX = "/usr/bin/busybox"
-_TIMEOUT = 60.0
+_RUN_TIMEOUT = 60.0
 _NETLINK_KOBJECT_UEVENT = 15
 _KERNEL_UEVENTS = 1  # the multicast group the kernel sends uevents to
 
 
-def warm_up_spec(rootfs: str) -> dict:
+def warm_up_spec(rootfs: str) -> dict[str, Any]:
     """/bin/true (busybox, bound in) with what a container's spec usually asks for: its own
     namespaces but the network's (a container's new network namespace is the agent's spare
     one, already made), the usual mounts, masked paths, capabilities and a device cgroup."""
@@ -92,41 +94,75 @@ class WarmUp:
         rootfs.mkdir(parents=True, exist_ok=True)
         write_json(self._bundle / "config.json", warm_up_spec(str(rootfs)))
 
-    def command(self) -> list[str]:
-        return [CRUN, "--root", WARM_UP_CRUN_ROOT, "run", "--bundle", str(self._bundle), WARM_UP_ID]
+    def _crun(self, *args: str) -> list[str]:
+        return [CRUN, "--root", WARM_UP_CRUN_ROOT, *args]
 
     def run(self) -> bool:
         """Run the container to its end; True when it ran."""
         started = time.monotonic()
         try:
-            result = self._spawner.run(self.command(), timeout=_TIMEOUT)
+            result = self._spawner.run(self._crun("run", "--bundle", str(self._bundle), WARM_UP_ID),
+                                       timeout=_RUN_TIMEOUT)
         except Exception as exc:  # noqa: BLE001 - only a speed-up: logged, never fatal
             self._log(f"warm-up container not run: {exc}")
             return False
         if result.returncode != 0:
             message = result.stderr.decode(errors="replace").strip().splitlines()
             self._log(f"warm-up container failed ({result.returncode}): {message[-1] if message else ''}")
+            self._force_away()
             return False
         self._log(f"warm-up container ran in {time.monotonic() - started:.3f}s")
         return True
+
+    def _force_away(self) -> None:
+        """What a failed or killed crun left: its state and its cgroup."""
+        try:
+            self._spawner.run(self._crun("delete", "--force", WARM_UP_ID), timeout=_RUN_TIMEOUT)
+        except Exception as exc:  # noqa: BLE001 - as in run()
+            self._log(f"warm-up container not removed: {exc}")
 
     def run_soon(self) -> threading.Thread:
         thread = threading.Thread(target=self.run, name="warm-up", daemon=True)
         thread.start()
         return thread
 
-    def run_after_resume(self) -> threading.Thread:
-        """In a template: run once the guest is resumed as a clone. A clone's first uevent is
-        the hot-plug of its devices; the socket is made now, so no uevent of the template's
-        own boot counts."""
-        events = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_KOBJECT_UEVENT)
-        events.bind((0, _KERNEL_UEVENTS))
+    def run_after_resume(self, events: socket.socket | None = None) -> threading.Thread | None:
+        """In a template: run once the guest is resumed as a clone, whose first uevents are
+        the hot-plug of its devices. `events` (a uevent socket, made now when None) is made
+        before the template is saved, so no event of the template's own boot counts."""
+        if events is None:
+            try:
+                events = uevent_socket()
+            except OSError as exc:
+                self._log(f"no warm-up container in clones: {exc}")
+                return None
+        waiting = events
 
         def wait_then_run() -> None:
-            with events:
-                events.recv(8192)
+            with waiting:
+                wait_for_device_added(waiting)
             self.run()
 
         thread = threading.Thread(target=wait_then_run, name="warm-up", daemon=True)
         thread.start()
         return thread
+
+
+def uevent_socket() -> socket.socket:
+    events = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_KOBJECT_UEVENT)
+    try:
+        events.bind((0, _KERNEL_UEVENTS))
+    except OSError:
+        events.close()
+        raise
+    return events
+
+
+def wait_for_device_added(events: socket.socket) -> None:
+    """Until the kernel says a device was added ("add@/devices/..."). An error (an overflow
+    of the socket's buffer: a burst of events) means events came: enough as well."""
+    try:
+        while not events.recv(8192).startswith(b"add@"):
+            pass
+    except OSError:
+        pass

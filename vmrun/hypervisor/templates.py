@@ -70,7 +70,7 @@ class TemplateDefinition:
 
     def kernel_command_line(self, acceleration: Acceleration) -> str:
         # Fixed for the template and every clone: a clone cannot change its command line.
-        agent = agent_kernel_params(warm_up=acceleration.translates)
+        agent = agent_kernel_params(acceleration.translates, self.vcpus)
         return f"{BASE_KERNEL_PARAMS} {agent} vmrun.template=1 {self.kernel_params}".strip()
 
 
