@@ -13,10 +13,10 @@ The host asks for it (`vmrun.warm_up=1` on the kernel command line) only under T
 KVM there is nothing to translate) and for guests with a vCPU to spare (with one it only
 delays the agent). It runs once per guest: in a booted guest as the agent starts, in a
 template's clones as soon as they are resumed (the first device added after the template
-was saved: the hot-plug of the clone's own). It is nobody's container: its own crun root and cgroup, no network
-namespace, no files of the sandbox. crun removes it when it ends, or the agent forces it
-away when it failed; only its bundle (a config and empty mount points) stays in /run.
-Nothing of it is fatal: errors are logged.
+was saved: the hot-plug of the clone's own). It is nobody's container: its own crun root
+and cgroup, no network namespace, no files of the sandbox. crun removes it when it ends,
+or the agent forces it away when it failed; only its bundle (a config and empty mount
+points) stays in /run. Nothing of it is fatal: errors are logged.
 """
 
 from __future__ import annotations
