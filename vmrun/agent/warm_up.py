@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from vmrun.agent.crun import CRUN, write_json
+from vmrun.agent.default_spec import default_spec
 from vmrun.agent.processes import Spawner
 
 WARM_UP_BUNDLE = "/run/vmrun/warm-up"
@@ -42,43 +43,18 @@ _KERNEL_UEVENTS = 1  # the multicast group the kernel sends uevents to
 
 
 def warm_up_spec(rootfs: str) -> dict[str, Any]:
-    """/bin/true (busybox, bound in) with what a container's spec usually asks for: its own
-    namespaces but the network's (a container's new network namespace is the agent's spare
-    one, already made), the usual mounts, masked paths, capabilities and a device cgroup."""
-    capabilities = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
-    return {
-        "ociVersion": "1.0.2",
-        "process": {
-            "terminal": False,
-            "user": {"uid": 0, "gid": 0},
-            "args": ["/bin/true"],
-            "env": ["PATH=/bin"],
-            "cwd": "/",
-            "capabilities": {kind: capabilities for kind in ("bounding", "effective", "permitted", "ambient")},
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
-            "noNewPrivileges": True,
-        },
-        "root": {"path": rootfs, "readonly": True},
-        "hostname": WARM_UP_ID,
-        "mounts": [
-            {"destination": "/proc", "type": "proc", "source": "proc"},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755"]},
-            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
-            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777"]},
-            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
-            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
-            {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "ro"]},
-            {"destination": "/bin/true", "type": "bind", "source": _BUSYBOX, "options": ["rbind", "ro"]},
-        ],
-        "linux": {
-            "resources": {"devices": [{"allow": False, "access": "rwm"}]},
-            "namespaces": [{"type": kind} for kind in ("pid", "ipc", "uts", "mount", "cgroup")],
-            "cgroupsPath": WARM_UP_CGROUP,
-            "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/sys/firmware"],
-            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
-        },
-    }
+    """`vmrun spec`'s (runc's) default spec, running /bin/true (busybox, bound in), without a
+    terminal, in its own cgroup, and without a network namespace: a container's new one is
+    the agent's spare one, already made."""
+    spec = default_spec()
+    spec["process"].update(terminal=False, args=["/bin/true"], env=["PATH=/bin"])
+    spec["root"]["path"] = rootfs
+    spec["hostname"] = WARM_UP_ID
+    spec["mounts"].append({"destination": "/bin/true", "type": "bind", "source": _BUSYBOX, "options": ["rbind", "ro"]})
+    linux = spec["linux"]
+    linux["namespaces"] = [ns for ns in linux["namespaces"] if ns["type"] != "network"]
+    linux["cgroupsPath"] = WARM_UP_CGROUP
+    return spec
 
 
 class WarmUp:
@@ -121,10 +97,8 @@ class WarmUp:
         except Exception as exc:  # noqa: BLE001 - as in run()
             self._log(f"warm-up container not removed: {exc}")
 
-    def run_soon(self) -> threading.Thread:
-        thread = threading.Thread(target=self.run, name="warm-up", daemon=True)
-        thread.start()
-        return thread
+    def run_soon(self) -> None:
+        threading.Thread(target=self.run, name="warm-up", daemon=True).start()
 
     def run_after_resume(self, events: socket.socket | None = None) -> threading.Thread | None:
         """In a template: run once the guest is resumed as a clone, whose first uevents are
@@ -136,16 +110,14 @@ class WarmUp:
             except OSError as exc:
                 self._log(f"no warm-up container in clones: {exc}")
                 return None
-        waiting = events
-
-        def wait_then_run() -> None:
-            with waiting:
-                wait_for_device_added(waiting)
-            self.run()
-
-        thread = threading.Thread(target=wait_then_run, name="warm-up", daemon=True)
+        thread = threading.Thread(target=self._run_once_device_added, args=(events,), name="warm-up", daemon=True)
         thread.start()
         return thread
+
+    def _run_once_device_added(self, events: socket.socket) -> None:
+        with events:
+            wait_for_device_added(events)
+        self.run()
 
 
 def uevent_socket() -> socket.socket:
