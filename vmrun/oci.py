@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,10 +76,18 @@ def load_bundle(bundle_dir: str | Path) -> Bundle:
     if not rootfs.is_absolute():
         rootfs = path / rootfs
     _require(rootfs.is_dir(), path, f"rootfs {rootfs} does not exist or is not a directory")
+    # As runc: the guest would write the host's own root filesystem through the share.
+    _require(not is_host_root(rootfs.stat()), path, f"rootfs {rootfs} is the host's root directory")
     mounts = spec.get("mounts", [])
     _require(isinstance(mounts, list) and all(isinstance(m, dict) and isinstance(m.get("destination"), str)
                                               for m in mounts), path, "mounts must be a list of objects with a destination")
     return Bundle(path, spec, rootfs)
+
+
+def is_host_root(info: os.stat_result) -> bool:
+    """Whether `info` (a stat) is of this host's root directory."""
+    root = os.stat("/")
+    return (info.st_dev, info.st_ino) == (root.st_dev, root.st_ino)
 
 
 def is_bind_mount(mount: dict) -> bool:

@@ -10,7 +10,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import shutil
 import socket
 import stat
 import threading
@@ -19,13 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from vmrun.agent import linux
 from vmrun.agent.bridge import SocketBridge, first_then, read_line
 from vmrun.agent.constants import AGENT_PORT, READY_MESSAGE, SHARED_FS_TAG, agent_kernel_params, ready_port
 from vmrun.bootfiles import BootFiles, boot_files
 from vmrun.config import Config
 from vmrun.control import CONTROL_SOCKET, ControlServer
-from vmrun.errors import BundleError, HypervisorError, NetworkError
+from vmrun.errors import HypervisorError, NetworkError
 from vmrun.hypervisor.accel import Acceleration, detect_acceleration
 from vmrun.hypervisor.memory_copy import MemoryCopy
 from vmrun.hypervisor.qemu import BASE_KERNEL_PARAMS, QemuVM, VMSpec, hotplug_port_id
@@ -33,7 +31,9 @@ from vmrun.hypervisor.templates import restore_state, template_vm_spec
 from vmrun.hypervisor.virtiofsd import Virtiofsd, find_virtiofsd
 from vmrun.hypervisor.vsock.transports import make_transport
 from vmrun.network.attachment import NetworkAttachment
-from vmrun.oci import Bundle, is_bind_mount
+from vmrun.mounts import remove_tree_safely
+from vmrun.oci import Bundle
+from vmrun.share import SHARED, make_share, remove_share, share_container_files, unshare_container_files
 from vmrun.templating import TemplateLease, lease_template
 from vmrun.threads import InThread
 
@@ -72,20 +72,6 @@ def _private_clone_memory_dir() -> None:
         os.chmod(CLONE_MEMORY_DIR, 0o700)
 
 
-def _mounts_under(path: Path) -> list[str]:
-    prefix = str(path).rstrip("/") + "/"
-    return [p for p in linux.mount_points() if p.startswith(prefix) or p == str(path)]
-
-
-def remove_tree_safely(path: Path) -> None:
-    """rmtree, but never through a mount: what is mounted there belongs to the user."""
-    for point in sorted(_mounts_under(path), key=len, reverse=True):
-        linux.umount(point, detach=True)
-    if _mounts_under(path):
-        raise HypervisorError(f"cannot remove {path}: something is still mounted under it")
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def accept_greeting(listener: socket.socket, check_guest: Callable[[], None]) -> tuple[socket.socket, bytes]:
     """The next connection on `listener` that says something, and its first line.
 
@@ -116,40 +102,6 @@ def accept_greeting(listener: socket.socket, check_guest: Callable[[], None]) ->
         check_guest()
 
 
-def share_container_files(shared_dir: Path, container_id: str, bundle: Bundle) -> None:
-    """Bind the container's rootfs and bind-mount sources into the sandbox's shared dir."""
-    base = shared_dir / container_id
-    try:
-        rootfs = base / "rootfs"
-        rootfs.mkdir(parents=True)
-        linux.bind_mount(str(bundle.rootfs), str(rootfs))
-        for index, mount in enumerate(bundle.spec.get("mounts", [])):
-            if not is_bind_mount(mount):
-                continue
-            source = Path(mount.get("source", ""))
-            if not source.is_absolute():
-                source = bundle.path / source
-            if not source.exists():
-                raise BundleError(f"bundle {bundle.path}: mount source {source} does not exist")
-            target = base / "mounts" / str(index)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if source.is_dir():
-                target.mkdir()
-            else:
-                target.touch()
-            # Read-only on the host side too: the guest must not be able to write a volume
-            # its spec mounts read-only, whatever happens inside it.
-            linux.bind_mount(str(source), str(target), readonly="ro" in (mount.get("options") or []))
-    except BaseException:
-        unshare_container_files(shared_dir, container_id)
-        raise
-
-
-def unshare_container_files(shared_dir: Path, container_id: str) -> None:
-    if (shared_dir / container_id).exists():
-        remove_tree_safely(shared_dir / container_id)
-
-
 @dataclass
 class Sandbox:
     """One guest. Use as a context manager, or call `start()` and `close()`."""
@@ -162,7 +114,7 @@ class Sandbox:
 
     def __post_init__(self) -> None:
         self.dir = vm_dir_for(self.config, self.sandbox_id)
-        self.shared_dir = self.dir / "shared"
+        self.shared_dir = self.dir / SHARED
         self.console_log = self.dir / "console.log"
         self.agent_socket = self.dir / "agent.sock"
         self._stack = contextlib.ExitStack()
@@ -190,7 +142,8 @@ class Sandbox:
             raise HypervisorError(f"sandbox directory {self.dir} already exists")
         self.dir.mkdir(parents=True, mode=0o700)
         self._stack.callback(remove_tree_safely, self.dir)
-        self.shared_dir.mkdir()
+        make_share(self.dir)
+        self._stack.callback(remove_share, self.dir)
         acceleration = detect_acceleration(self.config.acceleration, self.config.run_dir)
         lease = lease_template(self.config, files, acceleration)
         if lease is not None:

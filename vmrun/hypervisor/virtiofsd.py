@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import shutil
+import socket
 from pathlib import Path
 
-from vmrun.errors import HypervisorError
+from vmrun.errors import CommandError, HypervisorError
 from vmrun.hypervisor.devices import QemuDevice
-from vmrun.proc import HelperProcess, run
+from vmrun.hypervisor.mode_supervisor import ModeSupervisor
+from vmrun.proc import HelperProcess, run, stdlib_module_command
 
 _CANDIDATES = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd")
 _START_TIMEOUT = 5.0
@@ -30,20 +32,33 @@ def _is_rust_virtiofsd(binary: str) -> bool:
     return "--shared-dir" in run([binary, "--help"], check=False).stdout.decode(errors="replace")
 
 
+# Without these capabilities the host kernel refuses device nodes and file capabilities,
+# and clears S_ISUID/S_ISGID whenever file data changes (a rewritten setuid file loses
+# them). They do not stop `chmod 4755` or a create with that mode: the seccomp filter does.
+_DROPPED_CAPABILITIES = "-mknod:-fsetid:-setfcap"
+
+
 def virtiofsd_args(binary: str, socket_path: Path, shared_dir: Path) -> list[str]:
     if _is_rust_virtiofsd(binary):
         return [binary, f"--socket-path={socket_path}", f"--shared-dir={shared_dir}", "--cache=auto",
-                "--sandbox=chroot", "--announce-submounts"]
+                "--sandbox=chroot", "--announce-submounts", f"--modcaps={_DROPPED_CAPABILITIES}"]
     return [binary, f"--socket-path={socket_path}", "-o", f"source={shared_dir}", "-o", "cache=auto",
-            "-o", "sandbox=chroot", "-o", "announce_submounts"]
+            "-o", "sandbox=chroot", "-o", "announce_submounts", "-o", f"modcaps={_DROPPED_CAPABILITIES}"]
 
 
 class Virtiofsd(HelperProcess):
-    """One virtiofsd serving `shared_dir` on `socket_path`; listening once started."""
+    """One virtiofsd serving `shared_dir` on `socket_path`; listening once started.
+
+    Nothing the guest creates through it gains privilege on the host (see
+    ../shared/notes/isolation.md for what each part stops): virtiofsd runs without
+    CAP_MKNOD, CAP_FSETID and CAP_SETFCAP, under a seccomp filter installed before it is
+    executed (seccomp_exec.py), whose set-id chmods a supervisor thread of ours applies
+    without the bits (mode_supervisor.py)."""
 
     def __init__(self, binary: str, socket_path: Path, shared_dir: Path, log_path: Path):
         super().__init__("virtiofsd", virtiofsd_args(binary, socket_path, shared_dir), log_path=log_path)
         self.socket_path = socket_path
+        self.modes = ModeSupervisor("virtiofsd")
 
     def device(self, tag: str) -> QemuDevice:
         """The guest's vhost-user-fs device; the guest mounts the share by `tag`."""
@@ -56,7 +71,21 @@ class Virtiofsd(HelperProcess):
 
     def launch(self) -> "Virtiofsd":
         """Start virtiofsd without waiting for it to listen (work can overlap its start)."""
-        super().start()
+        binary = str(self.argv[0])
+        if shutil.which(binary) is None:
+            raise CommandError(f"cannot start virtiofsd ({binary}): not found or not executable")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.argv, self.env = stdlib_module_command("vmrun.hypervisor.seccomp_exec", str(theirs.fileno()),
+                                                        *map(str, self.argv))
+            self.pass_fds = (theirs.fileno(),)
+            super().start()
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.modes.serve(ours, self.pid)
         return self
 
     def wait_started(self) -> None:
@@ -68,6 +97,7 @@ class Virtiofsd(HelperProcess):
 
     def stop(self, grace: float = 3.0) -> None:
         super().stop(grace)
+        self.modes.join(1.0)  # it ends as virtiofsd does
         self.socket_path.unlink(missing_ok=True)
 
     close = stop
