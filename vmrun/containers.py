@@ -14,7 +14,6 @@ import os
 import secrets
 import signal
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,10 +25,11 @@ from vmrun.network.netns import check_netns
 from vmrun.oci import Bundle, guest_process, guest_spec, load_bundle, network_namespace_path, validate_id
 from vmrun.pod import placement
 from vmrun.pool import take_from_pool
+from vmrun.process_ref import ProcessRef, wait_until_gone
 from vmrun.sandbox import share_container_files, unshare_container_files, vm_dir_for
 from vmrun.sandbox_daemon import adopt_sandbox_daemon, spawn_sandbox_daemon, stop_sandbox_daemon
 from vmrun.shim import StartingShim, spawn_shim
-from vmrun.state import ContainerState, StateStore, alive, write_pid_file
+from vmrun.state import ContainerState, StateStore, write_pid_file
 from vmrun.signals import interrupted_by_signals
 from vmrun.threads import InThread
 
@@ -39,14 +39,10 @@ if TYPE_CHECKING:
 _SHIM_EXIT_GRACE = 5.0
 
 
-def _wait_gone(pids: list[int], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while any(alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    for pid in pids:
-        if alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+def _wait_gone(processes: list[ProcessRef], timeout: float) -> None:
+    # Only our own processes: ProcessRef signals none whose pid another process took over.
+    for process in wait_until_gone(processes, timeout):
+        process.signal(signal.SIGKILL)
 
 
 @dataclass
@@ -85,8 +81,9 @@ class Containers:
         annotations = bundle.spec.get("annotations") or {}
         place = placement(container_id, annotations)
         # Until the shim stands for it, this process does: if it dies, the state reads stopped.
-        state = ContainerState(container_id, str(bundle.path), str(bundle.rootfs), "creating", pid=os.getpid(),
+        state = ContainerState(container_id, str(bundle.path), str(bundle.rootfs), "creating",
                                annotations=annotations, sandbox_id=place.sandbox_id)
+        state.process = ProcessRef.of(os.getpid())
         guest_pids: dict[int, int] = {}
         with contextlib.ExitStack() as pod_lock:
             if not place.owns_guest:
@@ -97,7 +94,7 @@ class Containers:
                 except ContainerNotFoundError:
                     raise VmrunError(f"the sandbox {place.sandbox_id!r} of container {container_id!r} "
                                      "does not exist") from None
-                if not alive(pod.daemon_pid):
+                if not pod.daemon.alive():
                     raise StateConflictError(f"the guest of sandbox {place.sandbox_id!r} is gone")
                 state.vm_dir = pod.vm_dir
                 guest_pids[pod.pid] = pod.guest_pid
@@ -123,7 +120,7 @@ class Containers:
                     check_netns(netns)
                 pooled = take_from_pool(self.config)
                 if pooled is not None:
-                    state.vm_dir, state.daemon_pid = pooled.vm_dir, pooled.daemon_pid
+                    state.vm_dir, state.daemon = pooled.vm_dir, pooled.daemon
                 else:
                     # Recorded before it boots: if we die meanwhile, delete cleans it up.
                     state.vm_dir = str(vm_dir_for(self.config, container_id))
@@ -132,10 +129,10 @@ class Containers:
                     # is up, load while it boots (an import failure shows again at its use).
                     shim = start_shim()
                     InThread(lambda: importlib.import_module("vmrun.agent.client"), "agent-client-import")
-                    state.daemon_pid = spawn_sandbox_daemon(container_id, hostname, self.config.boot_timeout, netns)
-                undo.callback(stop_sandbox_daemon, state.daemon_pid, Path(state.vm_dir))
+                    state.daemon = spawn_sandbox_daemon(container_id, hostname, self.config.boot_timeout, netns)
+                undo.callback(stop_sandbox_daemon, state.daemon, Path(state.vm_dir))
                 self.store.save(state)
-                adopt_sandbox_daemon(state.daemon_pid)
+                adopt_sandbox_daemon(state.daemon)
                 if pooled is not None:
                     with self._agent(state) as agent:
                         agent.refresh_guest(hostname)
@@ -150,7 +147,8 @@ class Containers:
             with self._agent(state) as agent:
                 state.guest_pid = agent.create_container(container_id, guest_spec(bundle.spec, container_id, guest_pids))
                 undo.callback(self._remove_in_guest, state)
-                state.pid = shim.go()
+                # Taken while the shim is our child, not yet reaped: its pid is still its own.
+                state.process = ProcessRef.of(shim.go())
                 if pid_file:
                     write_pid_file(pid_file, state.pid)
                 state.status = "created"
@@ -198,13 +196,13 @@ class Containers:
             raise StateConflictError(f"container {container_id!r} is being created")
         if status in ("running", "paused") and not force:
             raise StateConflictError(f"cannot delete container {container_id!r} that is {status}: use --force")
-        if state.vm_dir and (alive(state.daemon_pid) or not state.owns_guest):
+        if state.vm_dir and (state.daemon.alive() or not state.owns_guest):
             self._remove_in_guest(state)
-        _wait_gone([state.pid, *state.execs.values()], _SHIM_EXIT_GRACE)
+        _wait_gone([state.process, *state.execs.values()], _SHIM_EXIT_GRACE)
         if state.vm_dir:
             unshare_container_files(Path(state.vm_dir) / "shared", container_id)
             if state.owns_guest:
-                stop_sandbox_daemon(state.daemon_pid, Path(state.vm_dir))
+                stop_sandbox_daemon(state.daemon, Path(state.vm_dir))
         self.store.remove(container_id)
 
     # ---- exec ----
@@ -225,17 +223,18 @@ class Containers:
                 return relay_until_exit(agent, container_id, exec_id, stdin=sys.stdin.fileno(),
                                         stdout=sys.stdout.fileno(), stderr=sys.stderr.fileno(), terminal=terminal)
         try:
-            pid = spawn_shim(state.agent_socket, container_id, exec_id, console_socket=console_socket)
+            # Taken while the shim is our child, not yet reaped: its pid is still its own.
+            shim = ProcessRef.of(spawn_shim(state.agent_socket, container_id, exec_id, console_socket=console_socket))
         except BaseException:
             with contextlib.suppress(AgentError), self._agent(state) as agent:
                 agent.signal_process(container_id, signal.SIGKILL, exec_id)  # nobody would stand for it
             raise
         if pid_file:
-            write_pid_file(pid_file, pid)
+            write_pid_file(pid_file, shim.pid)
         with self.store.locked(container_id):
             state = self.store.load(container_id)
-            state.execs = {k: v for k, v in state.execs.items() if alive(v)}
-            state.execs[exec_id] = pid
+            state.execs = {k: v for k, v in state.execs.items() if v.alive()}
+            state.execs[exec_id] = shim
             self.store.save(state)
         return 0
 
@@ -266,7 +265,7 @@ class Containers:
     def pids(self, container_id: str) -> list[int]:
         """The host processes standing for the container's processes (init, then execs)."""
         state = self.store.load(container_id)
-        return [pid for pid in (state.pid, *state.execs.values()) if alive(pid)]
+        return [process.pid for process in (state.process, *state.execs.values()) if process.alive()]
 
     def pause(self, container_id: str) -> None:
         self._set_paused(container_id, True)

@@ -2,7 +2,8 @@
 booted (or cloned from the template) and idle; `create` takes one over a local socket
 instead of starting a guest, and the pool starts a replacement.
 
-It answers on a control socket (vmrun.control): `take` gives {"daemon_pid", "vm_dir"}, or
+It answers on a control socket (vmrun.control): `take` gives {"daemon_pid",
+"daemon_start_time", "vm_dir"}, or
 fails when the pool is empty; `status` gives {"idle", "size"}. The container that takes a guest adopts
 it once recorded, so it outlives the pool; a guest not adopted goes when the pool goes.
 """
@@ -21,9 +22,9 @@ from pathlib import Path
 from vmrun.config import Config
 from vmrun.control import ControlError, ControlServer, control_call
 from vmrun.errors import VmrunError
+from vmrun.process_ref import ProcessRef
 from vmrun.sandbox import vm_dir_for
 from vmrun.sandbox_daemon import spawn_sandbox_daemon, stop_sandbox_daemon
-from vmrun.state import alive
 
 log = logging.getLogger("vmrun.pool")
 _CLIENT_TIMEOUT = 2.0
@@ -32,7 +33,7 @@ _RETRY_DELAY = 2.0
 
 @dataclass(frozen=True)
 class PooledGuest:
-    daemon_pid: int
+    daemon: ProcessRef
     vm_dir: str
 
 
@@ -52,7 +53,7 @@ class Pool:
 
     def _prune(self) -> None:
         """Forget guests that died idle; the filler replaces them."""
-        living = [g for g in self._idle if alive(g.daemon_pid)]
+        living = [g for g in self._idle if g.daemon.alive()]
         if len(living) != len(self._idle):
             self._idle = living
             self._cond.notify_all()
@@ -70,8 +71,8 @@ class Pool:
                 self._starting += 1
             sandbox_id = f"pool-{secrets.token_hex(8)}"
             try:
-                pid = spawn_sandbox_daemon(sandbox_id, "", self.config.boot_timeout)
-                guest = PooledGuest(pid, str(vm_dir_for(self.config, sandbox_id)))
+                daemon = spawn_sandbox_daemon(sandbox_id, "", self.config.boot_timeout)
+                guest = PooledGuest(daemon, str(vm_dir_for(self.config, sandbox_id)))
             except VmrunError as exc:
                 log.error("cannot start a guest for the pool: %s", exc)
                 guest = None
@@ -81,7 +82,7 @@ class Pool:
                     self._idle.append(guest)
             if guest is not None and stopping:
                 # Started while the pool was stopping: it goes too, before serve() returns.
-                stop_sandbox_daemon(guest.daemon_pid, Path(guest.vm_dir))
+                stop_sandbox_daemon(guest.daemon, Path(guest.vm_dir))
             with self._cond:
                 self._starting -= 1
                 self._cond.notify_all()
@@ -102,7 +103,8 @@ class Pool:
         guest = self.take()
         if guest is None:
             raise VmrunError("the pool is empty")
-        return {"daemon_pid": guest.daemon_pid, "vm_dir": guest.vm_dir}
+        # With its start time: the taker checks that the pid it signals is still this daemon.
+        return {"daemon_pid": guest.daemon.pid, "daemon_start_time": guest.daemon.start_time, "vm_dir": guest.vm_dir}
 
     def serve(self, socket_path: Path) -> None:
         """Serve until SIGTERM/SIGINT; then stop every idle guest."""
@@ -125,7 +127,7 @@ class Pool:
                 idle, self._idle = self._idle, []
                 self._cond.notify_all()
             for guest in idle:
-                stop_sandbox_daemon(guest.daemon_pid, Path(guest.vm_dir))
+                stop_sandbox_daemon(guest.daemon, Path(guest.vm_dir))
             with self._cond:
                 # A guest still starting is stopped by the filler once it is up.
                 self._cond.wait_for(lambda: self._starting == 0, timeout=self.config.boot_timeout + 30)
@@ -156,8 +158,10 @@ def take_from_pool(config: Config) -> PooledGuest | None:
     except ControlError as exc:
         log.debug("no guest from the pool at %s: %s", config.pool_socket, exc)
         return None
-    guest = PooledGuest(int(reply["daemon_pid"]), str(reply["vm_dir"]))
-    if Path(guest.vm_dir).parent != config.vm_dir or guest.daemon_pid <= 0:
+    start_time = reply.get("daemon_start_time")  # None from an older pool: unknown
+    daemon = ProcessRef(int(reply["daemon_pid"]), None if start_time is None else int(start_time))
+    guest = PooledGuest(daemon, str(reply["vm_dir"]))
+    if Path(guest.vm_dir).parent != config.vm_dir or guest.daemon.pid <= 0:
         log.warning("ignoring a pool guest outside %s: %s", config.vm_dir, guest)
         return None
     return guest

@@ -14,21 +14,20 @@ import os
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 
 from vmrun.config import load_config
 from vmrun.errors import VmrunError
 from vmrun.proc import HelperProcess, ReadyPipe
+from vmrun.process_ref import ProcessRef, wait_until_gone
 from vmrun.sandbox import Sandbox, clone_memory_path, remove_tree_safely
 from vmrun.signals import interrupted_by_signals
-from vmrun.state import alive
 
 _STOP_GRACE = 10.0
 
 
-def spawn_sandbox_daemon(sandbox_id: str, hostname: str, boot_timeout: float, netns: str = "") -> int:
-    """Start the daemon for `sandbox_id` and wait until its guest is ready; its pid.
+def spawn_sandbox_daemon(sandbox_id: str, hostname: str, boot_timeout: float, netns: str = "") -> ProcessRef:
+    """Start the daemon for `sandbox_id` and wait until its guest is ready; the daemon.
 
     Until adopted (`adopt_sandbox_daemon`, once its starter has recorded it), the daemon
     goes when its starter goes: a `create` killed half-way, or a pool that stops, leaves
@@ -47,18 +46,19 @@ def spawn_sandbox_daemon(sandbox_id: str, hostname: str, boot_timeout: float, ne
     except BaseException:
         daemon.stop(_STOP_GRACE)
         raise
-    return daemon.pid
+    # Taken while it is our child, not yet reaped: its pid is still its own.
+    return ProcessRef.of(daemon.pid)
 
 
-def adopt_sandbox_daemon(pid: int) -> None:
+def adopt_sandbox_daemon(daemon: ProcessRef) -> None:
     """Tell the daemon it is recorded: from now on it outlives whoever started it."""
-    os.kill(pid, signal.SIGUSR1)
+    if not daemon.signal(signal.SIGUSR1):
+        raise VmrunError(f"the sandbox daemon (pid {daemon.pid}) exited before it was adopted")
 
 
-def stop_sandbox_daemon(pid: int, vm_dir: Path) -> None:
+def stop_sandbox_daemon(daemon: ProcessRef, vm_dir: Path) -> None:
     """Ask the daemon to tear its guest down, and wait for it (killing it if need be)."""
-    if pid > 0:
-        _stop_process(pid)
+    _stop_process(daemon)
     if not vm_dir.is_absolute() or not vm_dir.name:
         return  # never a relative or empty path: that would be the caller's directory
     # After a kill its helpers die with it, but its mounts and files stay: remove them.
@@ -67,16 +67,12 @@ def stop_sandbox_daemon(pid: int, vm_dir: Path) -> None:
     clone_memory_path(vm_dir).unlink(missing_ok=True)
 
 
-def _stop_process(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + _STOP_GRACE
-        while alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if alive(pid):
-            os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+def _stop_process(daemon: ProcessRef) -> None:
+    # A daemon that is gone, or whose pid another process took, gets no signal at all.
+    if not daemon.signal(signal.SIGTERM):
+        return
+    for stuck in wait_until_gone([daemon], _STOP_GRACE):
+        stuck.signal(signal.SIGKILL)  # refused, and logged, for a daemon recorded without its start time
 
 
 def main(argv: list[str] | None = None) -> int:

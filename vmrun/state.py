@@ -1,4 +1,9 @@
-"""Container state under the global --root: one directory per container id."""
+"""Container state under the global --root: one directory per container id.
+
+Only root reads it (runc's callers run as root): the root, each directory and each file
+are made 0700/0600. Each host process is recorded with its start time (ProcessRef), so a
+pid reused by another process is neither trusted nor signalled.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +19,13 @@ from pathlib import Path
 from typing import Iterator
 
 from vmrun.agent.files import write_atomic, write_json_atomic
-from vmrun.agent.linux import pid_exists
 from vmrun.errors import ContainerExistsError, ContainerNotFoundError, VmrunError
 from vmrun.oci import OCI_VERSION, validate_id
+from vmrun.process_ref import ProcessRef
 
 DEFAULT_ROOT = Path("/run/vmrun")
+_DIR_MODE = 0o700
+_FILE_MODE = 0o600
 
 
 def now_rfc3339() -> str:
@@ -32,15 +39,43 @@ class ContainerState:
     rootfs: str
     status: str  # creating, created, running, paused, stopped
     pid: int = 0  # the host process that stands for the container
+    pid_start_time: int | None = None  # its start time (None: unknown, from an older vmrun)
     created: str = field(default_factory=now_rfc3339)
     annotations: dict = field(default_factory=dict)
     owner: str = ""
     vm_dir: str = ""  # the sandbox's sockets and logs
     sandbox_id: str = ""  # the container whose guest this one runs in (itself if it owns one)
     daemon_pid: int = 0  # the sandbox daemon holding the guest, for the owner
+    daemon_start_time: int | None = None
     guest_pid: int = 0  # the init process's pid inside the guest
-    execs: dict[str, int] = field(default_factory=dict)  # exec id -> its shim's pid
+    execs: dict[str, ProcessRef] = field(default_factory=dict)  # exec id -> its shim
     paused_from: str = ""  # the status a paused container returns to when resumed
+
+    # pid and daemon_pid stay plain fields: `vmrun state` prints the pid, and older state
+    # files (without start times) still load.
+    @property
+    def process(self) -> ProcessRef:
+        """The host process standing for the container (its shim, or `create` itself while creating)."""
+        return ProcessRef(self.pid, self.pid_start_time)
+
+    @process.setter
+    def process(self, ref: ProcessRef) -> None:
+        self.pid, self.pid_start_time = ref.pid, ref.start_time
+
+    @property
+    def daemon(self) -> ProcessRef:
+        return ProcessRef(self.daemon_pid, self.daemon_start_time)
+
+    @daemon.setter
+    def daemon(self, ref: ProcessRef) -> None:
+        self.daemon_pid, self.daemon_start_time = ref.pid, ref.start_time
+
+    @classmethod
+    def from_json(cls, document: dict) -> ContainerState:
+        """A state as save() wrote it, or as an older vmrun did (execs as bare pids)."""
+        execs = {exec_id: ProcessRef(shim) if isinstance(shim, int) else ProcessRef(**shim)
+                 for exec_id, shim in document.pop("execs", {}).items()}
+        return cls(**document, execs=execs)
 
     @property
     def owns_guest(self) -> bool:
@@ -70,20 +105,9 @@ class ContainerState:
         While "creating", that process is the one creating it: if it died half-way, the
         container reads as stopped, so `delete` can clean up what it left.
         """
-        if self.status != "stopped" and not alive(self.pid):
+        if self.status != "stopped" and not self.process.alive():
             return "stopped"
         return self.status
-
-
-def alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie does not)."""
-    if pid <= 0 or not pid_exists(pid):
-        return False
-    # A zombie is dead for our purposes.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def write_pid_file(path: str, pid: int) -> None:
@@ -111,23 +135,30 @@ class StateStore:
         return self.root / validate_id(container_id)
 
     def create(self, state: ContainerState) -> None:
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o711)
+        """Record a new container. Its processes are the ones running now: those given
+        without a start time (`vmrun run` records itself by pid) get theirs here."""
+        # An existing root keeps the mode its owner gave it; parents are made as mkdir -p would.
+        self.root.mkdir(parents=True, exist_ok=True, mode=_DIR_MODE)
         try:
-            self._dir(state.id).mkdir(mode=0o711)
+            self._dir(state.id).mkdir(mode=_DIR_MODE)
         except FileExistsError:
             raise ContainerExistsError(f"container {state.id!r} already exists") from None
+        if state.pid > 0 and state.pid_start_time is None:
+            state.process = ProcessRef.of(state.pid)
+        if state.daemon_pid > 0 and state.daemon_start_time is None:
+            state.daemon = ProcessRef.of(state.daemon_pid)
         self.save(state)
 
     def save(self, state: ContainerState) -> None:
-        write_json_atomic(self._dir(state.id) / "state.json", dataclasses.asdict(state))
+        write_json_atomic(self._dir(state.id) / "state.json", dataclasses.asdict(state), mode=_FILE_MODE)
 
     def load(self, container_id: str) -> ContainerState:
         path = self._dir(container_id) / "state.json"
         try:
-            return ContainerState(**json.loads(path.read_text()))
+            return ContainerState.from_json(json.loads(path.read_text()))
         except FileNotFoundError:
             raise ContainerNotFoundError(f"container {container_id!r} does not exist") from None
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, AttributeError):
             raise VmrunError(f"the state of container {container_id!r} is damaged ({path})") from None
 
     def remove(self, container_id: str) -> None:

@@ -1,9 +1,12 @@
+import json
 import os
+import stat
 import subprocess
 
 import pytest
 
 from vmrun.errors import ContainerExistsError, ContainerNotFoundError, InvalidIdError
+from vmrun.process_ref import ProcessRef
 from vmrun.state import ContainerState, StateStore
 
 
@@ -36,3 +39,71 @@ def test_ids_cannot_escape_the_root(tmp_path):
     store = StateStore(tmp_path / "root")
     with pytest.raises(InvalidIdError):
         store.load("../etc")
+
+
+def test_state_is_private_to_root(tmp_path):
+    """The root a store makes, each container's directory and its state.json: 0700/0600,
+    whatever the umask lets through."""
+    store = StateStore(tmp_path / "parent" / "root")
+    old_umask = os.umask(0)
+    try:
+        store.create(ContainerState("c1", "/b", "/b/rootfs", "created", pid=os.getpid()))
+        store.save(store.load("c1"))  # a replaced file too
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE((tmp_path / "parent" / "root").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "parent" / "root" / "c1").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "parent" / "root" / "c1" / "state.json").stat().st_mode) == 0o600
+    assert [p.name for p in (tmp_path / "parent" / "root" / "c1").iterdir()] == ["state.json"]
+
+
+def test_an_existing_root_keeps_its_mode(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir(mode=0o755)
+    StateStore(root).create(ContainerState("c1", "/b", "/b/rootfs", "created", pid=os.getpid()))
+    assert stat.S_IMODE(root.stat().st_mode) == 0o755
+
+
+def test_processes_are_recorded_with_their_start_times(tmp_path):
+    store = StateStore(tmp_path / "root")
+    store.create(ContainerState("c1", "/b", "/b/rootfs", "creating", pid=os.getpid(), daemon_pid=os.getpid()))
+    state = store.load("c1")
+    assert state.process == ProcessRef.of(os.getpid()) and state.process.verified
+    assert state.daemon == ProcessRef.of(os.getpid())
+    with subprocess.Popen(["sleep", "60"]) as shim:
+        try:
+            state.execs["exec-1"] = ProcessRef.of(shim.pid)
+            store.save(state)
+            assert store.load("c1").execs == {"exec-1": ProcessRef.of(shim.pid)}
+        finally:
+            shim.kill()
+
+
+def test_a_reused_pid_reads_as_stopped(tmp_path):
+    with subprocess.Popen(["sleep", "60"]) as other:
+        try:
+            recorded = ProcessRef.of(other.pid)
+            state = ContainerState("c3", "/b", "/b/rootfs", "running")
+            state.process = ProcessRef(other.pid, recorded.start_time - 1)  # its predecessor's
+            assert state.live_status() == "stopped"
+            assert state.runc_json()["pid"] == 0
+            state.process = recorded
+            assert state.live_status() == "running"
+        finally:
+            other.kill()
+
+
+def test_a_state_file_without_start_times_still_loads(tmp_path):
+    """As an older vmrun wrote it: pids alone, the exec shims' as bare numbers."""
+    store = StateStore(tmp_path / "root")
+    store.create(ContainerState("c1", "/b", "/b/rootfs", "running", pid=os.getpid()))
+    path = tmp_path / "root" / "c1" / "state.json"
+    document = json.loads(path.read_text())
+    del document["pid_start_time"], document["daemon_start_time"]
+    document["execs"] = {"exec-1": os.getpid()}
+    path.write_text(json.dumps(document))
+    state = store.load("c1")
+    assert state.process == ProcessRef(os.getpid()) and not state.process.verified
+    assert state.execs == {"exec-1": ProcessRef(os.getpid())}
+    assert state.live_status() == "running"  # unknown: the pid is trusted as before
+    assert state.runc_json()["pid"] == os.getpid()

@@ -7,13 +7,22 @@ import os
 from pathlib import Path
 
 
-def write_atomic(path: Path | str, text: str) -> None:
-    """Replace `path` with `text` all at once: readers see the old or the new, never half."""
+def write_atomic(path: Path | str, text: str, mode: int | None = None) -> None:
+    """Replace `path` with `text` all at once: readers see the old or the new, never half.
+
+    `mode`: the file's permissions (less the umask's bits) from the moment it exists, so it
+    is never readable by others even briefly; None gives a new file's default.
+    """
     target = Path(path)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
+    if mode is None:
+        tmp.write_text(text)
+    else:
+        tmp.unlink(missing_ok=True)  # a dead writer's leftover would keep its own mode
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "w") as file:
+            file.write(text)
     os.replace(tmp, target)
 
 
-def write_json_atomic(path: Path | str, document: object) -> None:
-    write_atomic(path, json.dumps(document))
+def write_json_atomic(path: Path | str, document: object, mode: int | None = None) -> None:
+    write_atomic(path, json.dumps(document), mode)
