@@ -72,8 +72,10 @@ def _private_clone_memory_dir() -> None:
         os.chmod(CLONE_MEMORY_DIR, 0o700)
 
 
-def accept_greeting(listener: socket.socket, check_guest: Callable[[], None]) -> tuple[socket.socket, bytes]:
-    """The next connection on `listener` that says something, and its first line.
+def accept_greeting(listener: socket.socket, check_guest: Callable[[], None],
+                    is_guest: Callable[[object], bool] = lambda peer: True) -> tuple[socket.socket, bytes]:
+    """The next connection on `listener` from our guest (`is_guest` of its peer address)
+    that says something, and its first line.
 
     A connection closed (or silent for 5 s) before its first byte is one the agent gave up
     on: under load its connect can time out in the guest after the host has accepted it,
@@ -82,8 +84,13 @@ def accept_greeting(listener: socket.socket, check_guest: Callable[[], None]) ->
     listener.settimeout(0.05)
     while True:
         try:
-            conn, _ = listener.accept()
+            conn, peer = listener.accept()
         except TimeoutError:
+            check_guest()
+            continue
+        if not is_guest(peer):
+            log.debug("a ready connection from %s, not from our guest: closed", peer)
+            conn.close()
             check_guest()
             continue
         try:
@@ -206,7 +213,8 @@ class Sandbox:
         self._nic_ports = [hotplug_port_id(i) for i in range(first_free, self.vm.spec.hotplug_ports)]
         self._mark("qemu_started")
 
-        ready_connection = self._wait_ready(ready_listener)
+        ready_connection = self._wait_ready(ready_listener, transport.is_guest)
+        ready_listener.close()  # one READY per guest: nobody may say it again
         self._stack.callback(ready_connection.close)
         self._mark("agent_ready")
 
@@ -280,7 +288,7 @@ class Sandbox:
             return ""
         return lines[-1].strip() if lines else ""
 
-    def _wait_ready(self, listener: socket.socket) -> socket.socket:
+    def _wait_ready(self, listener: socket.socket, is_guest: Callable[[object], bool]) -> socket.socket:
         """The guest agent's READY connection, once it has said so."""
         assert self.vm is not None
         vm = self.vm
@@ -297,7 +305,7 @@ class Sandbox:
                     + (f" (guest console: {console})" if console else "")
                 )
 
-        conn, greeting = accept_greeting(listener, check_guest)
+        conn, greeting = accept_greeting(listener, check_guest, is_guest)
         if not greeting.startswith(READY_MESSAGE):
             conn.close()
             raise HypervisorError(f"unexpected greeting from the guest agent: {greeting[:40]!r}")

@@ -23,7 +23,7 @@ def _build(config: Config, store: TemplateStore, definition: TemplateDefinition,
     """Build `definition` now (the caller holds its build lock)."""
     work_dir = config.run_dir / f"template-{definition.name}"
     shutil.rmtree(work_dir, ignore_errors=True)
-    work_dir.mkdir(parents=True)
+    work_dir.mkdir(parents=True, mode=0o700)
     try:
         return store.create(definition, expected, work_dir, qemu=config.qemu, acceleration=acceleration,
                             kernel=files.kernel, initrd=files.initrd)

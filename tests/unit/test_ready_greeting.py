@@ -71,3 +71,40 @@ def test_anything_but_silence_is_handed_back(tmp_path):
     assert greeting == b"HELLO\n"  # the caller refuses it
     for sock in (conn, client, listener):
         sock.close()
+
+
+class KernelVsockListener:
+    """A listener as kernel vsock's: each accepted connection comes with its peer's
+    (CID, port); here the CIDs are said in advance, one per connection."""
+
+    def __init__(self, listener: socket.socket, peer_cids: list[int]):
+        self.listener, self.peer_cids = listener, peer_cids
+
+    def settimeout(self, seconds: float) -> None:
+        self.listener.settimeout(seconds)
+
+    def accept(self):
+        conn, _ = self.listener.accept()
+        return conn, (self.peer_cids.pop(0), 1234)
+
+
+def test_a_ready_line_from_another_guest_is_not_taken(tmp_path):
+    from vmrun.hypervisor.vsock.kernel import KernelVsock
+
+    listener, path = listening(tmp_path)
+    impostor = socket.socket(socket.AF_UNIX)
+    impostor.connect(path)
+    impostor.sendall(b"READY 0.1.0 uptime=0.1\n")
+    ours = socket.socket(socket.AF_UNIX)
+    ours.connect(path)
+    ours.sendall(b"READY 0.1.0 uptime=2.0\n")
+    transport = KernelVsock(guest_cid=7)
+    conn, greeting = accept_greeting(KernelVsockListener(listener, [9, 7]), deadline_check(10, []),
+                                     transport.is_guest)
+    assert greeting == b"READY 0.1.0 uptime=2.0\n"
+    try:
+        assert impostor.recv(16) == b""  # closed unheard
+    except ConnectionResetError:
+        pass  # closed unheard, with its line unread
+    for sock in (conn, impostor, ours, listener):
+        sock.close()

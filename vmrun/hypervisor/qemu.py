@@ -64,6 +64,9 @@ class VMSpec:
     incoming: bool = False
 
 
+_SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+
 def hotplug_port_id(index: int) -> str:
     return f"hp{index}"
 
@@ -88,6 +91,9 @@ def qemu_command(spec: VMSpec, qmp_socket: Path) -> list[str]:
         "-serial", f"file:{spec.console_log}",
         "-chardev", f"socket,id=qmp,path={qmp_socket}",
         "-mon", "chardev=qmp,mode=control",
+        # QEMU parses what the guest writes to its devices: if that is ever exploited, the
+        # process may not exec, fork, change its ids or scheduling, nor use old syscalls.
+        "-sandbox", _SANDBOX,
     ]
     if spec.free_page_reporting:
         args += ["-device", "virtio-balloon-pci,free-page-reporting=on"]

@@ -136,7 +136,7 @@ class TemplateStore:
 
     @contextlib.contextmanager
     def _locked(self, name: str, kind: str, shared: bool) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(self.root / f".{name}.{kind}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
@@ -184,10 +184,10 @@ class TemplateStore:
     def create(self, definition: TemplateDefinition, expected: dict, work_dir: Path, *, qemu: str,
                acceleration: Acceleration, kernel: Path, initrd: Path) -> Template:
         """Boot the template's machine until its agent listens; save it as `definition.name`."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         staging = self.root / f".{definition.name}.building-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
+        staging.mkdir(mode=0o700)  # its RAM holds the agent's memory: no one else's to read
         try:
             spec = template_vm_spec(definition, qemu=qemu, acceleration=acceleration, kernel=kernel, initrd=initrd,
                                     console_log=work_dir / "template-console.log", memory_file=staging / "memory",
@@ -210,6 +210,8 @@ class TemplateStore:
                 "save_seconds": round(save_seconds, 3),
                 "zero_pages_punched_mib": round(zeros_punched / (1 << 20), 1),
             }, indent=2))
+            for made in staging.iterdir():
+                made.chmod(0o600)  # QEMU made the RAM file with its umask
             final = self.root / definition.name
             with self._replacing(definition.name):
                 self._remove_unlocked(definition.name)

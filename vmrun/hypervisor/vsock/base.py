@@ -55,6 +55,12 @@ class VsockTransport(ABC):
         is reset.
         """
 
+    def is_guest(self, peer_address: object) -> bool:
+        """Whether a connection accepted on a `listen()` socket, from `peer_address`, comes
+        from this transport's guest. True where only its guest can reach the listener (a
+        backend of its own, behind a socket in the sandbox's private directory)."""
+        return True
+
     def signal_stop(self) -> None:
         """Ask this transport's helper processes, if any, to stop; close() reaps them."""
 

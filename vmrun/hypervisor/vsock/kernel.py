@@ -57,6 +57,10 @@ class KernelVsock(VsockTransport):
         self._listeners.append(sock)
         return sock
 
+    def is_guest(self, peer_address: object) -> bool:
+        # Host ports are shared by every guest of the host: any of them may connect.
+        return isinstance(peer_address, tuple) and bool(peer_address) and peer_address[0] == self.guest_cid
+
     def close(self) -> None:
         for sock in self._listeners:
             sock.close()
