@@ -1,13 +1,9 @@
-"""The backend end to end, against a fake QEMU + guest driver written in the test.
-
-The fake speaks vhost-user like QEMU 7.2 does (same message sequence), shares a memfd as
-guest RAM, and plays the guest's virtio-vsock driver on the rx/tx split rings in it.
-"""
+"""The backend end to end, against a fake QEMU + guest driver (tests/vsock_frontend.py)."""
 
 from __future__ import annotations
 
+import logging
 import os
-import select
 import socket
 import struct
 import threading
@@ -16,201 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from vmrun.hypervisor.vsock.vhost_user import protocol as proto
-from vmrun.hypervisor.vsock.vhost_user.backend import VsockBackend
+from vmrun.hypervisor.vsock.vhost_user import backend as backend_module
+from vmrun.hypervisor.vsock.vhost_user.backend import MAX_QUEUED_REPLIES, VsockBackend
 from vmrun.hypervisor.vsock.vhost_user.packet import (
-    HEADER_SIZE, SHUTDOWN_BOTH, SHUTDOWN_SEND, Op, VsockHeader,
+    HEADER_SIZE, SHUTDOWN_BOTH, SHUTDOWN_SEND, Op,
 )
-from vmrun.hypervisor.vsock.vhost_user.protocol import MemRegionDesc, Request, VringAddr
-from vmrun.hypervisor.vsock.vhost_user.virtqueue import (
-    VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
-)
-
-CID = 42
-UVA = 0x7F12_0000_0000  # "QEMU's" mapping of guest RAM; guest-physical base is 0
-RAM = 4 * 1024 * 1024
-NUM = 64
-RX_BUF = 3776  # what Linux 6.1 posts, header included
-TX_SLOT = 64 * 1024
-WAIT = 5.0
-
-
-class Ring:
-    def __init__(self, fd: int, base: int, num: int) -> None:
-        self.fd, self.num = fd, num
-        self.desc, self.avail, self.used = base, base + 16 * num, base + 0x1000
-        self.avail_idx = 0
-        self.seen_used = 0
-
-    def set_desc(self, i: int, addr: int, length: int, flags: int = 0, nxt: int = 0) -> None:
-        os.pwrite(self.fd, struct.pack("<QIHH", addr, length, flags, nxt), self.desc + 16 * i)
-
-    def offer(self, head: int) -> None:
-        os.pwrite(self.fd, struct.pack("<H", head), self.avail + 4 + 2 * (self.avail_idx % self.num))
-        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-        os.pwrite(self.fd, struct.pack("<H", self.avail_idx), self.avail + 2)
-
-    def take_used(self) -> list[tuple[int, int]]:
-        idx = struct.unpack("<H", os.pread(self.fd, 2, self.used + 2))[0]
-        out = []
-        while self.seen_used != idx:
-            slot = self.seen_used % self.num
-            out.append(struct.unpack("<II", os.pread(self.fd, 8, self.used + 4 + 8 * slot)))
-            self.seen_used = (self.seen_used + 1) & 0xFFFF
-        return out
-
-
-class FakeGuest:
-    """QEMU's vhost-user front-end and the guest's virtio-vsock driver."""
-
-    def __init__(self, sock_path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(str(sock_path))
-        self.sock.settimeout(WAIT)
-        self.ram = os.memfd_create("guest-ram")
-        os.ftruncate(self.ram, RAM)
-        self.rx = Ring(self.ram, 0x1000, NUM)
-        self.tx = Ring(self.ram, 0x4000, NUM)
-        self.rx_bufs = 0x10000
-        self.tx_bufs = self.rx_bufs + NUM * RX_BUF
-        self.kick = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(2)]
-        self.call = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(2)]
-        self.tx_free = list(range(NUM // 2))
-        self.inbox: list[tuple[VsockHeader, bytes]] = []
-
-    def close(self) -> None:
-        self.sock.close()
-        for fd in [self.ram, *self.kick, *self.call]:
-            os.close(fd)
-
-    # --- vhost-user ------------------------------------------------------------------------
-
-    def msg(self, request: int, payload: bytes = b"", fds: list[int] | None = None) -> None:
-        proto.send_message(self.sock, proto.encode(request, payload), fds)
-
-    def ask(self, request: int, payload: bytes = b"") -> bytes:
-        self.msg(request, payload)
-        reply = proto.recv_message(self.sock)
-        assert reply.request == request and reply.flags & proto.FLAG_REPLY
-        return reply.payload
-
-    def realize(self) -> tuple[int, int, bytes]:
-        """QEMU 7.2's realize sequence; returns (features, protocol features, config)."""
-        features = struct.unpack("<Q", self.ask(Request.GET_FEATURES))[0]
-        pfeatures = struct.unpack("<Q", self.ask(Request.GET_PROTOCOL_FEATURES))[0]
-        self.msg(Request.SET_PROTOCOL_FEATURES, proto.u64_payload(0x200))
-        self.msg(Request.SET_OWNER)
-        self.ask(Request.GET_FEATURES)
-        for q in range(2):
-            self.msg(Request.SET_VRING_CALL, proto.u64_payload(q), [self.call[q]])
-            self.msg(Request.SET_VRING_ERR, proto.u64_payload(q), [self.call[q]])
-        config = self.ask(Request.GET_CONFIG, proto.encode_config(0, 8, 0, bytes(8)))
-        return features, pfeatures, config
-
-    def start(self, base: tuple[int, int] = (0, 0)) -> None:
-        """What QEMU sends when the driver sets DRIVER_OK."""
-        for q in range(2):
-            self.msg(Request.SET_VRING_CALL, proto.u64_payload(q), [self.call[q]])
-        self.msg(Request.SET_FEATURES, proto.u64_payload(0x140000000))
-        self.msg(Request.SET_MEM_TABLE,
-                 proto.encode_mem_table([MemRegionDesc(0, RAM, UVA, 0)]), [self.ram])
-        for q, ring in enumerate((self.rx, self.tx)):
-            self.msg(Request.SET_VRING_NUM, proto.vring_state_payload(q, NUM))
-            self.msg(Request.SET_VRING_BASE, proto.vring_state_payload(q, base[q]))
-            self.msg(Request.SET_VRING_ADDR, proto.encode_vring_addr(
-                VringAddr(q, 0, UVA + ring.desc, UVA + ring.used, UVA + ring.avail, 0)))
-            self.msg(Request.SET_VRING_KICK, proto.u64_payload(q), [self.kick[q]])
-        for q in range(2):
-            self.msg(Request.SET_VRING_ENABLE, proto.vring_state_payload(q, 1))
-        for q in range(2):
-            self.msg(Request.SET_VRING_CALL, proto.u64_payload(q), [self.call[q]])
-
-    def stop(self) -> tuple[int, int]:
-        for q in range(2):
-            self.msg(Request.SET_VRING_ENABLE, proto.vring_state_payload(q, 0))
-        bases = []
-        for q in range(2):
-            index, base = struct.unpack("<II", self.ask(
-                Request.GET_VRING_BASE, proto.vring_state_payload(q, 0)))
-            assert index == q
-            bases.append(base)
-        return bases[0], bases[1]
-
-    # --- the guest driver ------------------------------------------------------------------
-
-    def post_rx(self, count: int = NUM) -> None:
-        for i in range(count):
-            self.rx.set_desc(i, self.rx_bufs + i * RX_BUF, RX_BUF, VRING_DESC_F_WRITE)
-            self.rx.offer(i)
-        os.eventfd_write(self.kick[0], 1)
-
-    def send(self, hdr: VsockHeader, payload: bytes = b"") -> None:
-        """Queue one tx packet (header and payload in separate descriptors, like Linux)."""
-        deadline = time.monotonic() + WAIT
-        while not self.tx_free:
-            self._reclaim_tx()
-            assert time.monotonic() < deadline, "backend does not return tx buffers"
-            time.sleep(0.001)
-        slot = self.tx_free.pop()
-        addr = self.tx_bufs + slot * (HEADER_SIZE + TX_SLOT)
-        hdr.len = len(payload)
-        os.pwrite(self.ram, hdr.pack() + payload, addr)
-        if payload:
-            self.tx.set_desc(2 * slot, addr, HEADER_SIZE, VRING_DESC_F_NEXT, 2 * slot + 1)
-            self.tx.set_desc(2 * slot + 1, addr + HEADER_SIZE, len(payload))
-        else:
-            self.tx.set_desc(2 * slot, addr, HEADER_SIZE)
-        self.tx.offer(2 * slot)
-        os.eventfd_write(self.kick[1], 1)
-
-    def send_raw_chain(self, descs: list[tuple[int, int, int]]) -> None:
-        """Queue a hand-made (possibly bogus) chain at the end of the descriptor table."""
-        first = NUM - len(descs)
-        for i, (addr, length, flags) in enumerate(descs):
-            self.tx.set_desc(first + i, addr, length, flags, first + i + 1)
-        self.tx.offer(first)
-        os.eventfd_write(self.kick[1], 1)
-
-    def _reclaim_tx(self) -> None:
-        for head, _ in self.tx.take_used():
-            if head < NUM - 4:
-                self.tx_free.append(head // 2)
-
-    def poll(self, timeout: float = WAIT) -> list[tuple[VsockHeader, bytes]]:
-        """Packets the backend delivered on rx; re-posts their buffers."""
-        select.select([self.call[0]], [], [], timeout)
-        try:
-            os.eventfd_read(self.call[0])
-        except BlockingIOError:
-            pass
-        got = []
-        for head, length in self.rx.take_used():
-            raw = os.pread(self.ram, length, self.rx_bufs + head * RX_BUF)
-            hdr = VsockHeader.unpack(raw)
-            assert length == HEADER_SIZE + hdr.len, "used length must cover header + payload"
-            got.append((hdr, raw[HEADER_SIZE:]))
-            self.rx.offer(head)
-        if got:
-            os.eventfd_write(self.kick[0], 1)
-        return got
-
-    def expect(self, op: int, timeout: float = WAIT, **fields: int) -> tuple[VsockHeader, bytes]:
-        """The next packet with this op (others are kept in the inbox)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for i, (hdr, data) in enumerate(self.inbox):
-                if hdr.op == op and all(getattr(hdr, k) == v for k, v in fields.items()):
-                    del self.inbox[i]
-                    return hdr, data
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"no {Op(op).name} {fields} in {[h.describe() for h, _ in self.inbox]}")
-            self.inbox.extend(self.poll(min(left, 0.2)))
-
-    def pkt(self, op: int, src_port: int, dst_port: int, buf_alloc: int = 256 * 1024,
-            fwd_cnt: int = 0, flags: int = 0) -> VsockHeader:
-        return VsockHeader(src_cid=CID, dst_cid=2, src_port=src_port, dst_port=dst_port,
-                           op=op, flags=flags, buf_alloc=buf_alloc, fwd_cnt=fwd_cnt)
+from vmrun.hypervisor.vsock.vhost_user.protocol import Request
+from vmrun.hypervisor.vsock.vhost_user.virtqueue import VRING_DESC_F_WRITE
+from vsock_frontend import CID, NUM, RAM, RX_BUF, TX_SLOT, WAIT, FakeGuest
 
 
 @pytest.fixture
@@ -489,6 +298,128 @@ def test_guest_overrunning_credit_is_reset(env):
     else:
         guest.expect(Op.RST, dst_port=3002)
     assert eventually(lambda: backend.conns.get(705, 3002) is None)
+
+
+def test_a_guest_taking_no_replies_stalls_its_own_tx_not_our_memory(env):
+    backend, guest, tmp = env
+    ls = host_listen(tmp, 720)
+    guest.send(guest.pkt(Op.REQUEST, 7000, 720))
+    guest.expect(Op.RESPONSE, dst_port=7000)
+    # Credit requests, each owed a reply, and no rx buffer ever again past the NUM posted.
+    taken = guest.flood([(guest.pkt(Op.CREDIT_REQUEST, 7000, 720), 0)], 0.5, refill_rx=False)
+    assert eventually(lambda: backend._tx_stalled)
+    assert len(backend.ctrl) <= MAX_QUEUED_REPLIES
+    assert taken <= MAX_QUEUED_REPLIES + 2 * NUM
+    assert guest.tx.used_idx() != guest.tx.avail_idx  # the rest waits in the guest's ring
+    # Once the guest takes its replies the backend reads tx again, to the last packet.
+    guest.resync()
+    assert eventually(lambda: not backend._tx_stalled and not backend.ctrl)
+    host, _ = ls.accept()
+    host.settimeout(WAIT)
+    guest.send(guest.pkt(Op.RW, 7000, 720), b"still here")
+    assert read_exactly(host, 10) == b"still here"
+    ls.close()
+
+
+def test_connections_per_guest_are_capped(env, monkeypatch):
+    backend, guest, tmp = env
+    monkeypatch.setattr(backend_module, "MAX_CONNECTIONS", 3)
+    ls = host_listen(tmp, 721)
+    for port in (1, 2, 3):
+        guest.send(guest.pkt(Op.REQUEST, port, 721))
+        guest.expect(Op.RESPONSE, dst_port=port)
+    guest.send(guest.pkt(Op.REQUEST, 4, 721))
+    guest.expect(Op.RST, dst_port=4)
+    host = host_connect(tmp, 87)  # the host's connections count too: closed unanswered
+    assert host.recv(100) == b""
+    host.close()
+    assert len(backend.conns) == 3
+    guest.send(guest.pkt(Op.RST, 1, 721))  # one goes: room for another
+    guest.send(guest.pkt(Op.REQUEST, 5, 721))
+    guest.expect(Op.RESPONSE, dst_port=5)
+    ls.close()
+
+
+def _fill_within_credit(backend, guest, host_port: int, guest_port: int, chunk: bytes) -> None:
+    """Send data the host never reads, never past our credit, until the backend holds a
+    window's worth or resets the connection."""
+    conn = backend.conns.get(host_port, guest_port)
+    sent = 0
+    while backend.conns.get(host_port, guest_port) is conn:
+        assert eventually(lambda: conn.rx_cnt == sent or conn.sock is None)
+        if conn.buffered_from_guest() + len(chunk) > conn.buf_alloc:
+            return
+        guest.send(guest.pkt(Op.RW, guest_port, host_port), chunk)
+        sent += len(chunk)
+
+
+def test_guest_data_held_for_host_sockets_is_bounded_in_total(env, monkeypatch):
+    backend, guest, tmp = env
+    monkeypatch.setattr(backend_module, "MAX_BUFFERED_TO_HOST", 96 * 1024)
+    ls = host_listen(tmp, 722)
+    held = []
+    for port in (8000, 8001):
+        guest.send(guest.pkt(Op.REQUEST, port, 722))
+        guest.expect(Op.RESPONSE, dst_port=port)
+        held.append(ls.accept()[0])  # never read
+    chunk = b"d" * 8192
+    _fill_within_credit(backend, guest, 722, 8000, chunk)
+    first = backend.conns.get(722, 8000)
+    assert first is not None and len(first.to_host) > 96 * 1024 - first.buf_alloc
+    # The second connection stays within its own credit, but not within the total.
+    _fill_within_credit(backend, guest, 722, 8001, chunk)
+    guest.expect(Op.RST, dst_port=8001)
+    assert backend.conns.get(722, 8001) is None
+    assert backend.conns.get(722, 8000) is first
+    assert eventually(lambda: backend.to_host_bytes == len(first.to_host))
+    # The host reads: the budget is given back.
+    held[0].settimeout(WAIT)
+    while first.to_host:
+        held[0].recv(1 << 20)
+    assert eventually(lambda: backend.to_host_bytes == 0)
+    for s in held:
+        s.close()
+    ls.close()
+
+
+def test_host_connections_yet_to_say_connect_are_capped(env, monkeypatch):
+    backend, guest, tmp = env
+    monkeypatch.setattr(backend_module, "MAX_PENDING_HOSTS", 2)
+    quiet = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(3)]
+    for s in quiet[:2]:
+        s.settimeout(WAIT)
+        s.connect(str(tmp / "vsock.sock"))
+    assert eventually(lambda: len(backend.pending_hosts) == 2)
+    quiet[2].settimeout(WAIT)
+    quiet[2].connect(str(tmp / "vsock.sock"))
+    assert quiet[2].recv(10) == b""
+    quiet[0].sendall(b"CONNECT 88\n")
+    guest.expect(Op.REQUEST, dst_port=88)
+    for s in quiet:
+        s.close()
+
+
+def test_connection_churn_logs_nothing_at_info(env, caplog):
+    caplog.set_level(logging.INFO)
+    backend, guest, tmp = env
+    ls = host_listen(tmp, 723)
+    guest.send(guest.pkt(Op.REQUEST, 8999, 724))
+    guest.expect(Op.RST, dst_port=8999)
+    caplog.clear()  # the device's start-up (guest memory) is logged, once
+    for i in range(10):
+        guest.send(guest.pkt(Op.REQUEST, 9000 + i, 723))
+        guest.expect(Op.RESPONSE, dst_port=9000 + i)
+        ls.accept()[0].close()
+        guest.send(guest.pkt(Op.RST, 9000 + i, 723))
+        guest.send(guest.pkt(Op.REQUEST, 9100 + i, 724))  # nobody listens
+        guest.expect(Op.RST, dst_port=9100 + i)
+        host = host_connect(tmp, 89)
+        req, _ = guest.expect(Op.REQUEST, dst_port=89)
+        guest.send(guest.pkt(Op.RST, 89, req.src_port))
+        assert host.recv(10) == b""
+        host.close()
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("vmrun.")]
+    ls.close()
 
 
 def test_malformed_tx_chains_do_not_stop_the_backend(env):

@@ -8,8 +8,8 @@ import pytest
 from vmrun.hypervisor.vsock.vhost_user.memory import GuestMemory
 from vmrun.hypervisor.vsock.vhost_user.protocol import MemRegionDesc
 from vmrun.hypervisor.vsock.vhost_user.virtqueue import (
-    VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, RingError, Virtqueue,
-    scatter, split_at, truncate,
+    MAX_CHAIN_LEN, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, RingError,
+    Virtqueue, scatter, split_at, truncate,
 )
 
 GPA = 0x10_0000  # guest-physical base of the fake RAM
@@ -162,6 +162,24 @@ def test_malformed_chains_are_reported_not_raised(ring, setup, error):
     assert chain.head == 0 and error in chain.error
     ring.vq.push(chain.head, 0)  # the caller hands it back unused
     assert ring.used()[0] == 1
+
+
+def test_chain_length_is_bounded_below_the_ring_size():
+    # A guest may offer one long chain in every avail entry: each pop walks at most
+    # MAX_CHAIN_LEN descriptors, however large the table.
+    big = FakeRing(num=4 * MAX_CHAIN_LEN)
+    try:
+        for i in range(MAX_CHAIN_LEN):
+            big.desc(i, GPA + BUFS, 4, VRING_DESC_F_NEXT, i + 1)
+        big.desc(MAX_CHAIN_LEN, GPA + BUFS, 4)  # the chain's end, one too far
+        big.make_available(1)  # from 1: exactly MAX_CHAIN_LEN descriptors
+        big.make_available(0)  # from 0: one more
+        ok, too_long = big.vq.pop(), big.vq.pop()
+        assert ok.error is None and len(ok.readable) == MAX_CHAIN_LEN
+        assert too_long.error and "longer than" in too_long.error
+        assert len(too_long.readable) == MAX_CHAIN_LEN
+    finally:
+        big.close()
 
 
 def test_head_out_of_range_breaks_the_ring(ring):

@@ -2,7 +2,7 @@
 
 Listens on --socket (vhost-user, for QEMU) and --uds (hybrid vsock, for the host) before
 anything else, serves until SIGTERM/SIGINT or until QEMU disconnects, and removes both
-socket files on the way out.
+socket files on the way out. Logs to stderr, rate-limited and size-capped (logs.py).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
+from . import logs
 from .backend import VsockBackend
 from .connections import DEFAULT_BUF_ALLOC
 
@@ -37,10 +38,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="receive window per connection, in bytes")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every message")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-        format="%(asctime)s vsock-backend[%(process)d] %(levelname)s %(message)s",
-    )
+    log_handler = logs.configure(args.verbose)
     _raise_fd_limit()
     try:
         backend = VsockBackend(args.socket, args.uds, args.cid, buf_alloc=args.buf_alloc)
@@ -57,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     logging.info("listening: vhost-user %s, host %s, guest cid %d",
                  args.socket, args.uds, args.cid)
+    log_handler.mark_head()  # a cut of the log keeps this much
     backend.run()
     logging.info("stopped")
     return 0

@@ -12,6 +12,11 @@ Host side, "hybrid vsock" (the Firecracker convention):
     (nobody listening), the host socket is closed without a reply.
   * guest -> host CID 2 port P: we connect to the unix socket `<uds>_P`; if nobody listens
     there, the guest's connect is reset.
+
+The guest is not trusted: whatever it can make us hold is bounded (the limits below). A
+guest that does not take its replies stops being read; one that breaks the protocol on a
+connection loses that connection. What it can trigger again and again is logged at debug
+level, or through _guest_fault, which thins it out (and logs.py rate-limits every line).
 """
 
 from __future__ import annotations
@@ -43,8 +48,28 @@ log = logging.getLogger(__name__)
 HOST_READ_CHUNK = 64 * 1024  # one host read per connection per round
 TX_BUDGET = 512  # packets per round, so one busy guest sender cannot starve the loop
 CONNECT_LINE_MAX = 64
-MAX_ORPHAN_CTRL = 1024  # queued resets for unknown connections, while rx has no buffers
 QEMU_MESSAGE_TIMEOUT = 5.0
+
+# --- what one guest can make us hold -----------------------------------------------------
+# Control packets owed to the guest (replies, resets, credit updates) waiting for rx
+# buffers. At this many we stop reading tx until the guest takes some, as Linux's
+# vhost-vsock does: each tx packet owes at most one reply, so a guest that never posts rx
+# buffers stalls its own sending instead of growing the queue. Twice the rx ring QEMU
+# gives the device (128): a guest that keeps its rx ring stocked stays well below it.
+MAX_QUEUED_REPLIES = 256
+# Connections, both directions, counting those still flushing to the host after the guest
+# closed. Each holds a host socket, guest data up to its credit (and MAX_BUFFERED_TO_HOST
+# for all) and at most HOST_READ_CHUNK of host data (16 MiB for all). vmrun needs one per
+# container or exec shim plus a few of its own: this leaves a busy pod ample room.
+MAX_CONNECTIONS = 256
+# Guest bytes held for host sockets that are not reading, all connections together.
+# Credit bounds each connection to buf_alloc (256 KiB); this bounds the sum far below
+# MAX_CONNECTIONS windows (64 MiB) yet allows 32 full ones. The connection whose data
+# would go past it is reset.
+MAX_BUFFERED_TO_HOST = 8 * 1024 * 1024
+# Host connections that have not sent their CONNECT line yet (the listener's backlog is
+# 128 more): a client sends it at once, so these are few.
+MAX_PENDING_HOSTS = 64
 
 
 def _listen_unix(path: Path, backlog: int) -> socket.socket:
@@ -102,6 +127,8 @@ class VsockBackend:
         self.hold_read: set[Connection] = set()
         self.ctrl: collections.deque[VsockHeader] = collections.deque()
         self.pending_hosts: dict[socket.socket, bytearray] = {}  # waiting for CONNECT lines
+        self.to_host_bytes = 0  # sum of every connection's to_host (MAX_BUFFERED_TO_HOST)
+        self._tx_stalled = False  # tx left unread: MAX_QUEUED_REPLIES replies are waiting
         self.qemu: socket.socket | None = None
         self._stopping = False
         self._more_work = False
@@ -274,11 +301,16 @@ class VsockBackend:
         for sock in list(self.pending_hosts):
             self._drop_pending_host(sock)
         self.ctrl.clear()
+        self._tx_stalled = False
 
     # --- the service round -------------------------------------------------------------------
 
     def _service(self) -> None:
         self._process_queues()
+        if self._tx_stalled and len(self.ctrl) < MAX_QUEUED_REPLIES:
+            # The guest took replies: read tx again (it will not kick for what it queued).
+            self._tx_stalled = False
+            self._more_work = True
         self._refresh_interest()
         for q in self.device.queues:
             q.notify()
@@ -296,6 +328,9 @@ class VsockBackend:
         budget = TX_BUDGET
         try:
             while budget > 0:
+                if len(self.ctrl) >= MAX_QUEUED_REPLIES:
+                    self._tx_stalled = True  # until the guest takes replies off rx
+                    return
                 chain = q.pop()
                 if chain is None:
                     return
@@ -348,14 +383,14 @@ class VsockBackend:
         conn.update_peer_credit(hdr)
         if op == Op.RW:
             if conn.state is not State.ESTABLISHED or conn.peer_shut_send:
-                self._reset(conn, "data outside an open stream")
+                self._reset(conn, "data outside an open stream", fault=True)
             else:
                 self._to_host(conn, payload)
         elif op == Op.RESPONSE:
             if conn.state is State.CONNECTING:
                 self._host_connected(conn)
             else:
-                self._reset(conn, "unexpected RESPONSE")
+                self._reset(conn, "unexpected RESPONSE", fault=True)
         elif op == Op.CREDIT_UPDATE:
             pass  # the credit is all it carries
         elif op == Op.CREDIT_REQUEST:
@@ -369,7 +404,7 @@ class VsockBackend:
                 except OSError:
                     pass
         else:
-            self._reset(conn, f"unexpected {hdr.describe()}")
+            self._reset(conn, f"unexpected {hdr.describe()}", fault=True)
 
     def _guest_fault(self, fmt: str, *args: object) -> None:
         """Log a guest mistake; a misbehaving guest must not flood the log."""
@@ -378,11 +413,8 @@ class VsockBackend:
             log.warning(fmt + " (guest fault #%d)", *args, self._faults)
 
     def _reject(self, hdr: VsockHeader) -> None:
-        if hdr.op == Op.RST:
-            return
-        if len(self.ctrl) >= MAX_ORPHAN_CTRL:
-            return  # rx is not draining; the guest will time out on its own
-        self._send(rst_for(hdr))
+        if hdr.op != Op.RST:
+            self._send(rst_for(hdr))
 
     def _to_host(self, conn: Connection, payload: list[memoryview]) -> None:
         n = sum(len(p) for p in payload)
@@ -390,7 +422,7 @@ class VsockBackend:
             return
         if not conn.on_guest_data(n):
             self._reset(conn, f"guest overran its credit ({conn.buffered_from_guest()} bytes "
-                              f"buffered, buf_alloc {conn.buf_alloc})")
+                              f"buffered, buf_alloc {conn.buf_alloc})", fault=True)
             return
         sent = 0
         if not conn.to_host and conn.sock is not None:
@@ -403,6 +435,11 @@ class VsockBackend:
                 return
             conn.on_forwarded(sent)
         if sent < n:
+            if self.to_host_bytes + n - sent > MAX_BUFFERED_TO_HOST:
+                self._reset(conn, f"guest data for host sockets that do not read is over "
+                                  f"{MAX_BUFFERED_TO_HOST} bytes", fault=True)
+                return
+            self.to_host_bytes += n - sent
             # Copy what the host socket did not take: the guest gets its buffer back now.
             for piece in payload:
                 if sent >= len(piece):
@@ -420,15 +457,28 @@ class VsockBackend:
             return
         except OSError as exc:
             if conn.state is State.CLOSING:
-                conn.to_host.clear()
+                self._discard_to_host(conn)
             else:
                 self._reset(conn, f"host socket: {exc.strerror}")
             return
         del conn.to_host[:sent]
+        self.to_host_bytes -= sent
         conn.on_forwarded(sent)
+
+    def _discard_to_host(self, conn: Connection) -> None:
+        self.to_host_bytes -= len(conn.to_host)
+        conn.to_host.clear()
+
+    def _connection_count(self) -> int:
+        return len(self.conns) + len(self.closing)
 
     def _guest_connect(self, hdr: VsockHeader) -> None:
         """The guest connects to host port P: join it to the unix socket <uds>_P."""
+        if self._connection_count() >= MAX_CONNECTIONS:
+            self._guest_fault("guest port %d -> host port %d: %d connections already; "
+                              "resetting", hdr.src_port, hdr.dst_port, MAX_CONNECTIONS)
+            self._reject(hdr)
+            return
         path = f"{self.uds_path}_{hdr.dst_port}"
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
@@ -436,8 +486,8 @@ class VsockBackend:
             sock.connect(path)
         except OSError as exc:
             sock.close()
-            log.info("guest port %d -> host port %d: %s: %s; resetting", hdr.src_port,
-                     hdr.dst_port, path, exc.strerror or exc)
+            log.debug("guest port %d -> host port %d: %s: %s; resetting", hdr.src_port,
+                      hdr.dst_port, path, exc.strerror or exc)
             self._reject(hdr)
             return
         conn = Connection(
@@ -448,7 +498,7 @@ class VsockBackend:
         conn.sock = sock
         self.conns.add(conn)
         self._send(conn.header(Op.RESPONSE))
-        log.info("guest port %d connected to host port %d", conn.guest_port, conn.host_port)
+        log.debug("guest port %d connected to host port %d", conn.guest_port, conn.host_port)
 
     # --- host -> guest ---------------------------------------------------------------------
 
@@ -465,6 +515,11 @@ class VsockBackend:
                 self._unregister(self.host_listener)
                 self._accept_paused = True
                 return
+            if len(self.pending_hosts) >= MAX_PENDING_HOSTS:
+                log.warning("host connection: %d others have not sent CONNECT yet; closing it",
+                            MAX_PENDING_HOSTS)
+                sock.close()
+                continue
             sock.setblocking(False)
             self.pending_hosts[sock] = bytearray()
             self.sel.register(sock, selectors.EVENT_READ,
@@ -510,6 +565,14 @@ class VsockBackend:
         if port is None:
             log.warning("host connection: bad request %r", bytes(buf[:CONNECT_LINE_MAX]))
             sock.close()
+            self._resume_accept()
+            return
+        if self._connection_count() >= MAX_CONNECTIONS:
+            # Closed without an answer, as when the guest refuses.
+            log.warning("host connection to guest port %d: %d connections already; closing it",
+                        port, MAX_CONNECTIONS)
+            sock.close()
+            self._resume_accept()
             return
         conn = Connection(
             guest_cid=self.guest_cid, guest_port=port,
@@ -519,7 +582,7 @@ class VsockBackend:
         conn.sock = sock
         self.conns.add(conn)
         self._send(conn.header(Op.REQUEST))
-        log.info("host connecting to guest port %d (host port %d)", port, conn.host_port)
+        log.debug("host connecting to guest port %d (host port %d)", port, conn.host_port)
 
     def _host_connected(self, conn: Connection) -> None:
         conn.state = State.ESTABLISHED
@@ -533,7 +596,7 @@ class VsockBackend:
         except OSError as exc:
             self._reset(conn, f"host socket: {exc.strerror}")
             return
-        log.info("host connected to guest port %d", conn.guest_port)
+        log.debug("host connected to guest port %d", conn.guest_port)
 
     def _on_host_event(self, conn: Connection, mask: int) -> None:
         # The connection may have been closed earlier in this very round.
@@ -653,7 +716,7 @@ class VsockBackend:
         self.conns.remove(conn)
         self.hold_read.discard(conn)
         if conn.state is State.CONNECTING:
-            log.info("guest refused the connection to its port %d", conn.guest_port)
+            log.debug("guest refused the connection to its port %d", conn.guest_port)
             self._close_host(conn)
             return
         conn.state = State.CLOSING
@@ -663,10 +726,14 @@ class VsockBackend:
         else:
             self._close_host(conn)
 
-    def _reset(self, conn: Connection, why: str) -> None:
-        """Abort a connection on both sides."""
-        log.info("resetting guest port %d <-> host port %d: %s", conn.guest_port,
-                 conn.host_port, why)
+    def _reset(self, conn: Connection, why: str, fault: bool = False) -> None:
+        """Abort a connection on both sides (`fault`: the guest broke the protocol)."""
+        if fault:
+            self._guest_fault("resetting guest port %d <-> host port %d: %s",
+                              conn.guest_port, conn.host_port, why)
+        else:
+            log.debug("resetting guest port %d <-> host port %d: %s", conn.guest_port,
+                      conn.host_port, why)
         if conn.state in (State.CONNECTING, State.ESTABLISHED):
             self._send(conn.header(Op.RST))
         self.conns.remove(conn)
@@ -678,7 +745,7 @@ class VsockBackend:
         self.masks.pop(conn, None)
         conn.state = State.CLOSED
         conn.to_guest = b""
-        conn.to_host.clear()
+        self._discard_to_host(conn)
         if conn.sock is not None:
             self._unregister(conn.sock)
             conn.sock.close()

@@ -34,6 +34,11 @@ _USED_ELEM = struct.Struct("<II")
 _EVENTFD_ONE = (1).to_bytes(8, "little")
 
 MAX_QUEUE_SIZE = 32768
+# The longest descriptor chain we walk. Linux's virtio-vsock driver uses one descriptor per
+# rx buffer and, on tx, one for the header, one for the linear data and one per skb
+# fragment (at most 47 with the largest CONFIG_MAX_SKB_FRAGS, 45). A guest may offer one
+# long chain in every avail entry: unbounded, each pop could walk the whole table (32768).
+MAX_CHAIN_LEN = 64
 
 
 def desc_table_size(num: int) -> int:
@@ -216,7 +221,7 @@ class Virtqueue:
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         chain = DescChain(head)
         index = head
-        for _ in range(self.num):  # a chain longer than the table is a loop
+        for _ in range(min(self.num, MAX_CHAIN_LEN)):  # also stops a loop
             addr, length, flags, nxt = _DESC.unpack_from(self._desc, index * _DESC.size)
             if flags & VRING_DESC_F_INDIRECT:
                 chain.error = "indirect descriptor (not negotiated)"
@@ -241,7 +246,7 @@ class Virtqueue:
                 chain.error = f"next descriptor {nxt} out of range"
                 return chain
             index = nxt
-        chain.error = "descriptor chain loops"
+        chain.error = f"descriptor chain loops or is longer than {MAX_CHAIN_LEN}"
         return chain
 
     def push(self, head: int, length: int) -> None:
