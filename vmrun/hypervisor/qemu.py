@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vmrun.errors import CommandError, HypervisorError
+from vmrun.hypervisor.console import ConsoleLog
 from vmrun.hypervisor.accel import Acceleration
 from vmrun.proc import HelperProcess
 
@@ -71,7 +72,9 @@ def hotplug_port_id(index: int) -> str:
     return f"hp{index}"
 
 
-def qemu_command(spec: VMSpec, qmp_socket: Path) -> list[str]:
+def qemu_command(spec: VMSpec, qmp_socket: Path, console: str = "") -> list[str]:
+    """QEMU's argv; the guest's serial console goes to the file `console` (QEMU's view of
+    it), or else to `spec.console_log`."""
     accel = spec.acceleration.name
     args = [
         spec.qemu,
@@ -88,7 +91,7 @@ def qemu_command(spec: VMSpec, qmp_socket: Path) -> list[str]:
         "-append", spec.kernel_params,
         # Without an entropy source the guest's first random read blocks for ~1 s.
         "-device", "virtio-rng-pci",
-        "-serial", f"file:{spec.console_log}",
+        "-serial", f"file:{console or spec.console_log}",
         "-chardev", f"socket,id=qmp,path={qmp_socket}",
         "-mon", "chardev=qmp,mode=control",
         # QEMU parses what the guest writes to its devices: if that is ever exploited, the
@@ -118,6 +121,7 @@ class QemuVM:
                                       stop_signal=signal.SIGKILL)
         self._qmp_listener: socket.socket | None = None
         self._qmp: QEMUMonitorProtocol | None = None
+        self._console: ConsoleLog | None = None
 
     @property
     def pid(self) -> int:
@@ -139,7 +143,12 @@ class QemuVM:
         try:
             self._qmp_listener.bind(str(self._qmp_socket))
             self._qmp_listener.listen(1)
+            # The console through a pipe of ours, kept in spec.console_log at a bounded size.
+            self._console = ConsoleLog(self.spec.console_log)
+            self._process.argv = qemu_command(self.spec, self._qmp_socket, self._console.qemu_path)
+            self._process.pass_fds = (self._console.write_fd,)
             self._process.start()
+            self._console.handed_over()
         except (OSError, CommandError) as exc:
             self.close()
             raise HypervisorError(f"QEMU failed to start: {exc}") from None
@@ -228,4 +237,6 @@ class QemuVM:
             self._qmp_listener.close()
             self._qmp_listener = None
         self._process.stop(grace)
+        if self._console is not None:
+            self._console.close()
         self._qmp_socket.unlink(missing_ok=True)
