@@ -14,6 +14,7 @@ APT_PACKAGES=(
   containerd                           # tests/clients: containerd + ctr drive vmrun as a real client
   dpkg-dev golang-github-gogo-protobuf-dev  # tests/clients/test_cri.py: `apt-get source containerd` (CRI api.proto) + gogo.proto
   podman conmon                        # tests/clients: podman + conmon drive vmrun as a real client
+  gcc libc6-dev                        # tests/security: a static vsock probe for the guest
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -28,8 +28,9 @@ from vmrun.agent import network
 from vmrun.agent.bridge import close_listener
 from vmrun.agent.constants import BUNDLES_DIR, CONSOLES_DIR, SHARED_DIR
 from vmrun.agent.crun import Crun, CrunError, Stdio, write_json
-from vmrun.agent.processes import Child, Reaper, Spawner, exit_status
+from vmrun.agent.processes import Child, Reaper, exit_status
 from vmrun.agent.spare_netns import SpareNetns
+from vmrun.agent.vsock_guard import GuardedSpawner
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
 _READ_CHUNK = 256 * 1024
@@ -287,7 +288,8 @@ def _flat_keyed(path: Path) -> dict[str, int]:
 
 class AgentService(agent_pb2_grpc.AgentServicer):
     def __init__(self, reaper: Reaper, spare_netns: SpareNetns | None = None):
-        self._spawner = Spawner(reaper)
+        # crun, and so every container and exec, starts under the vsock guard's filter.
+        self._spawner = GuardedSpawner(reaper)
         self._spare_netns = spare_netns
         self._reaper = reaper
         self._crun = Crun(self._spawner)
