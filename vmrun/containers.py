@@ -26,8 +26,9 @@ from vmrun.oci import Bundle, guest_process, guest_spec, load_bundle, network_na
 from vmrun.pod import placement
 from vmrun.pool import take_from_pool
 from vmrun.process_ref import ProcessRef, wait_until_gone
-from vmrun.sandbox import share_container_files, unshare_container_files, vm_dir_for
+from vmrun.sandbox import vm_dir_for
 from vmrun.sandbox_daemon import adopt_sandbox_daemon, spawn_sandbox_daemon, stop_sandbox_daemon
+from vmrun.share import share_container_files, unshare_container_files
 from vmrun.shim import StartingShim, spawn_shim
 from vmrun.state import ContainerState, StateStore, write_pid_file
 from vmrun.signals import interrupted_by_signals

@@ -20,7 +20,8 @@ from vmrun.config import load_config
 from vmrun.errors import VmrunError
 from vmrun.proc import HelperProcess, ReadyPipe
 from vmrun.process_ref import ProcessRef, wait_until_gone
-from vmrun.sandbox import Sandbox, clone_memory_path, remove_tree_safely
+from vmrun.mounts import remove_tree_safely
+from vmrun.sandbox import Sandbox, clone_memory_path
 from vmrun.signals import interrupted_by_signals
 
 _STOP_GRACE = 10.0
