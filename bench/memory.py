@@ -5,7 +5,7 @@ For each: `vmrun create` + `start` of a container running `sleep`, a short settl
 the proportional set size (PSS, from /proc/PID/smaps_rollup) of every host process the
 pod has: QEMU, virtiofsd, the vsock backend, the sandbox daemon and the shim. PSS counts
 a page shared by N processes as 1/N to each, so the sum is the pod's real cost; a
-clone's RAM file in /dev/shm is counted through QEMU's mapping of it.
+clone's RAM (a memfd) is counted through QEMU's mapping of it.
 """
 
 from __future__ import annotations

@@ -41,6 +41,22 @@ def mounts_under(path: str | Path) -> list[str]:
     return [p for p in mount_points() if p.startswith(prefix) or p == str(path)]
 
 
+def clone_memory_of(vm_dir: Path) -> Path | None:
+    """Where the RAM of the clone living in `vm_dir` can be opened (its QEMU's fd of the
+    memfd the sandbox made); None for a booted guest, or none running."""
+    name = f"/memfd:vmrun-clone-{vm_dir.name}"
+    for pid, cmdline in scan_processes(str(vm_dir)):
+        if "qemu-system" not in cmdline:
+            continue
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                if os.readlink(fd).startswith(name):
+                    return fd
+            except OSError:
+                continue
+    return None
+
+
 def client_session(env, *start_steps):
     """For a fixture: `env` started by `start_steps`, yielded, then closed. What its close
     finds left behind fails the test; when it never started, that is printed and the start's

@@ -11,7 +11,6 @@ import hashlib
 import logging
 import os
 import socket
-import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -46,30 +45,11 @@ log = logging.getLogger("vmrun.sandbox")
 # template's).
 COLD_BOOT_HOTPLUG_PORTS = 4
 
-# A clone's RAM: a file mapped share=on, in memory (tmpfs), removed with the sandbox.
-CLONE_MEMORY_DIR = Path("/dev/shm/vmrun")
-
-
 def vm_dir_for(config: Config, sandbox_id: str) -> Path:
     # Hashed and short: unix socket paths must fit in 108 bytes. The run dir is part of the
     # hash: sandboxes of two configurations never share a name (nor a clone memory file).
     key = f"{config.run_dir}\0{sandbox_id}".encode()
     return config.vm_dir / hashlib.sha256(key).hexdigest()[:16]
-
-
-def clone_memory_path(vm_dir: Path) -> Path:
-    """Where the RAM of the clone living in `vm_dir` is (removed with the sandbox)."""
-    return CLONE_MEMORY_DIR / f"{vm_dir.name}.mem"
-
-
-def _private_clone_memory_dir() -> None:
-    # /dev/shm is world-writable: our directory must be ours alone, and not a symlink.
-    CLONE_MEMORY_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = CLONE_MEMORY_DIR.lstat()
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
-        raise HypervisorError(f"{CLONE_MEMORY_DIR} is not a directory of ours: refusing to use it")
-    if info.st_mode & 0o077:
-        os.chmod(CLONE_MEMORY_DIR, 0o700)
 
 
 def accept_greeting(listener: socket.socket, check_guest: Callable[[], None],
@@ -252,19 +232,20 @@ class Sandbox:
 
     def _start_clone(self, lease: TemplateLease, files: BootFiles,
                      acceleration: Acceleration) -> tuple[MemoryCopy, QemuVM]:
-        """Start copying the template's RAM into the clone's own file (sparse, in tmpfs), and
+        """Start copying the template's RAM into the clone's own memory (sparse), and
         start QEMU to restore into it: QEMU touches guest RAM only when the state loads.
 
         A private copy: vhost-user backends need the clone's RAM shared, and the guest's
-        writes must reach neither the template nor a sibling clone.
+        writes must reach neither the template nor a sibling clone. In a memfd: no name
+        anyone could take first or read, and it is freed with the last process holding it,
+        however they end.
         """
-        memory = clone_memory_path(self.dir)
-        _private_clone_memory_dir()
-        self._stack.callback(memory.unlink, missing_ok=True)
+        memory = os.memfd_create(f"vmrun-clone-{self.dir.name}", os.MFD_CLOEXEC)
+        self._stack.callback(os.close, memory)
         memory_copy = self._stack.enter_context(MemoryCopy(lease.template.memory, memory))
         spec = template_vm_spec(lease.definition, qemu=self.config.qemu, acceleration=acceleration,
                                 kernel=files.kernel, initrd=files.initrd, console_log=self.console_log,
-                                memory_file=memory, incoming=True)
+                                memory_fd=memory, incoming=True)
         vm = QemuVM(spec, self.dir / "qmp.sock", self.dir / "qemu.log").launch()
         self._stack.callback(vm.close)
         return memory_copy, vm

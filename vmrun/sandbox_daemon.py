@@ -21,7 +21,7 @@ from vmrun.errors import VmrunError
 from vmrun.proc import HelperProcess, ReadyPipe
 from vmrun.process_ref import ProcessRef, wait_until_gone
 from vmrun.mounts import remove_tree_safely
-from vmrun.sandbox import Sandbox, clone_memory_path
+from vmrun.sandbox import Sandbox
 from vmrun.signals import interrupted_by_signals
 
 _STOP_GRACE = 10.0
@@ -62,10 +62,10 @@ def stop_sandbox_daemon(daemon: ProcessRef, vm_dir: Path) -> None:
     _stop_process(daemon)
     if not vm_dir.is_absolute() or not vm_dir.name:
         return  # never a relative or empty path: that would be the caller's directory
-    # After a kill its helpers die with it, but its mounts and files stay: remove them.
+    # After a kill its helpers die with it (and with them the clone's RAM), but its mounts
+    # and files stay: remove them.
     if vm_dir.exists():
         remove_tree_safely(vm_dir)
-    clone_memory_path(vm_dir).unlink(missing_ok=True)
 
 
 def _stop_process(daemon: ProcessRef) -> None:

@@ -72,8 +72,6 @@ def vm_env(guest_image):
     # Cold boots here (templating, the default, has its own tests and the client tests).
     config_path.write_text(f'run_dir = "{run_dir}"\nboot_timeout = 120\ntemplate = ""\n')
     env = Env(base, config_path, base / "state")
-    clone_memory = Path("/dev/shm/vmrun")
-    memory_before = set(clone_memory.iterdir()) if clone_memory.exists() else set()
     yield env
     deadline = time.monotonic() + 10
     while processes_mentioning(str(run_dir)) and time.monotonic() < deadline:
@@ -88,9 +86,7 @@ def vm_env(guest_image):
         subprocess.run(["umount", "-l", point], check=False)
     if not mounts:
         shutil.rmtree(base, ignore_errors=True)
-    memory_left = (set(clone_memory.iterdir()) if clone_memory.exists() else set()) - memory_before
     assert not leftovers, f"processes left behind: {leftovers}"
-    assert not memory_left, f"clone memory left behind: {memory_left}"
     assert not mounts, f"mounts left behind: {mounts}"
     assert not vm_dirs, f"sandbox dirs left behind: {vm_dirs}"
     assert not states, f"state left behind: {states}"

@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from leftovers import clone_memory_of
 
-from vmrun.sandbox import clone_memory_path
 
 pytestmark = pytest.mark.integration
 
@@ -115,7 +115,7 @@ def test_a_write_in_one_clones_memory_is_not_in_the_next(templated):
 
     def in_memory_of(name: str, data: bytes) -> bool:
         vm_dir = Path(json.loads((templated.root / name / "state.json").read_text())["vm_dir"])
-        with open(clone_memory_path(vm_dir), "rb") as ram, mmap.mmap(ram.fileno(), 0, prot=mmap.PROT_READ) as view:
+        with open(clone_memory_of(vm_dir), "rb") as ram, mmap.mmap(ram.fileno(), 0, prot=mmap.PROT_READ) as view:
             return view.find(data) != -1
 
     first = start("first", f"echo {token} | rev > /dev/shm/x; echo up; sleep 600")

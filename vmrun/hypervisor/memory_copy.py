@@ -89,9 +89,10 @@ def _copy_range(source: int, target: int, offset: int, length: int) -> None:
 
 
 class MemoryCopy:
-    """Copy `source` to a new file `target` in a thread; `wait()` for it, `close()` to stop it."""
+    """Copy `source` into the empty file open as `target` (a memfd), in a thread; `wait()`
+    for it, `close()` to stop it. `target` stays the caller's to close."""
 
-    def __init__(self, source: Path, target: Path):
+    def __init__(self, source: Path, target: int):
         self.source = source
         self.target = target
         self._stop = threading.Event()
@@ -102,8 +103,7 @@ class MemoryCopy:
         source = os.open(self.source, os.O_RDONLY | os.O_CLOEXEC)
         try:
             size = os.fstat(source).st_size
-            # O_EXCL: never write into somebody else's file.
-            target = os.open(self.target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            target = os.dup(self.target)  # the thread's own: it closes it when done
         except BaseException:
             os.close(source)
             raise

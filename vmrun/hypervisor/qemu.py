@@ -54,8 +54,10 @@ class VMSpec:
     kernel_params: str
     console_log: Path
     device_args: list[str] = field(default_factory=list)
-    # Guest RAM in this file (for templates and their clones) instead of an anonymous memfd.
+    # Guest RAM in this file (a template's) or in this memfd of ours (a clone's, with its
+    # template's RAM copied in), instead of an anonymous memfd QEMU makes.
     memory_file: Path | None = None
+    memory_fd: int | None = None
     # Empty PCIe root ports, for devices hot-plugged later (a clone's own devices).
     hotplug_ports: int = 0
     # virtio-balloon free page reporting: the guest hands back memory it freed, and QEMU
@@ -63,6 +65,16 @@ class VMSpec:
     free_page_reporting: bool = False
     # Wait for migrate-incoming (a clone restoring a template's state).
     incoming: bool = False
+
+
+def _memory_backend(spec: VMSpec) -> str:
+    # Shared memory: vhost-user backends (virtiofsd, the vsock backend) map guest RAM.
+    size = f"id=mem,size={spec.memory_mib}M,share=on"
+    if spec.memory_fd is not None:
+        return f"memory-backend-file,{size},mem-path=/dev/fd/{spec.memory_fd}"  # passed to QEMU
+    if spec.memory_file is not None:
+        return f"memory-backend-file,{size},mem-path={spec.memory_file}"
+    return f"memory-backend-memfd,{size}"
 
 
 _SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
@@ -82,9 +94,7 @@ def qemu_command(spec: VMSpec, qmp_socket: Path, console: str = "") -> list[str]
         "-machine", f"q35,accel={accel},memory-backend=mem",
         "-smp", str(spec.vcpus),
         "-m", f"{spec.memory_mib}M",
-        # Shared memory: vhost-user backends (virtiofsd, the vsock backend) map guest RAM.
-        "-object", (f"memory-backend-file,id=mem,size={spec.memory_mib}M,share=on,mem-path={spec.memory_file}"
-                    if spec.memory_file else f"memory-backend-memfd,id=mem,size={spec.memory_mib}M,share=on"),
+        "-object", _memory_backend(spec),
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-kernel", str(spec.kernel),
         "-initrd", str(spec.initrd),
@@ -146,7 +156,8 @@ class QemuVM:
             # The console through a pipe of ours, kept in spec.console_log at a bounded size.
             self._console = ConsoleLog(self.spec.console_log)
             self._process.argv = qemu_command(self.spec, self._qmp_socket, self._console.qemu_path)
-            self._process.pass_fds = (self._console.write_fd,)
+            self._process.pass_fds = (self._console.write_fd,
+                                      *(() if self.spec.memory_fd is None else (self.spec.memory_fd,)))
             self._process.start()
             self._console.handed_over()
         except (OSError, CommandError) as exc:

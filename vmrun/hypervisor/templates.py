@@ -267,7 +267,8 @@ def restore_state(vm: QemuVM, state_fd: int) -> None:
 
 
 def template_vm_spec(definition: TemplateDefinition, *, qemu: str, acceleration: Acceleration, kernel: Path,
-                     initrd: Path, console_log: Path, memory_file: Path, incoming: bool) -> VMSpec:
+                     initrd: Path, console_log: Path, incoming: bool, memory_file: Path | None = None,
+                     memory_fd: int | None = None) -> VMSpec:
     """The machine of a template and of its clones: they must be the same but for RAM and -incoming."""
     return VMSpec(
         name=f"vmrun-template-{definition.name}",
@@ -280,6 +281,7 @@ def template_vm_spec(definition: TemplateDefinition, *, qemu: str, acceleration:
         kernel_params=definition.kernel_command_line(acceleration),
         console_log=console_log,
         memory_file=memory_file,
+        memory_fd=memory_fd,
         hotplug_ports=definition.hotplug_ports,
         incoming=incoming,
         free_page_reporting=True,
