@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Callable, Mapping, Sequence
 
+from vmrun.capped_log import CappedLog
 from vmrun.errors import CommandError
 
 _PR_SET_PDEATHSIG = 1
@@ -120,7 +121,8 @@ class HelperProcess:
     """A long-running helper process, stopped when the object is closed.
 
     Its stdout and stderr go to `log_path` (or are discarded), so a failure can be
-    explained from the log afterwards.
+    explained from the log afterwards. With `log_limit`, through a pipe of ours that keeps
+    the file at a bounded size (capped_log.py): for a helper a guest can make talk.
     """
 
     name: str
@@ -132,8 +134,9 @@ class HelperProcess:
     # A shim relays the caller's own stdin/stdout/stderr: it inherits them.
     inherit_stdio: bool = False
     stop_signal: int = signal.SIGTERM
+    log_limit: int | None = None
     _popen: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
-    _log: IO[bytes] | None = field(default=None, init=False, repr=False)
+    _log: IO[bytes] | CappedLog | None = field(default=None, init=False, repr=False)
 
     def start(self) -> "HelperProcess":
         args = [os.fspath(a) for a in self.argv]
@@ -141,8 +144,12 @@ class HelperProcess:
         if shutil.which(args[0], path=search_path) is None:  # said now, not late from setpriv
             raise CommandError(f"cannot start {self.name} ({args[0]}): not found or not executable")
         argv, preexec = _dying_with_parent(args) if self.die_with_parent else (args, None)
-        self._log = open(self.log_path, "ab") if self.log_path else None
-        sink = self._log if self._log is not None else subprocess.DEVNULL
+        sink: IO[bytes] | int = subprocess.DEVNULL
+        if self.log_path and self.log_limit:
+            self._log = CappedLog(self.log_path, self.log_limit)
+            sink = self._log.write_fd
+        elif self.log_path:
+            self._log = sink = open(self.log_path, "ab")
         try:
             self._popen = subprocess.Popen(
                 argv,
@@ -157,6 +164,8 @@ class HelperProcess:
         except OSError as exc:
             self._close_log()
             raise CommandError(f"cannot start {self.name} ({args[0]}): {exc.strerror}") from exc
+        if isinstance(self._log, CappedLog):
+            self._log.handed_over()
         return self
 
     @property
@@ -171,6 +180,8 @@ class HelperProcess:
         return None if self._popen is None else self._popen.poll()
 
     def log_tail(self, lines: int = 5) -> str:
+        if isinstance(self._log, CappedLog) and not self.alive():
+            self._log.close(0.5)  # what the helper wrote last is still in the pipe
         if not self.log_path or not self.log_path.exists():
             return ""
         text = self.log_path.read_bytes()[-4096:].decode(errors="replace")

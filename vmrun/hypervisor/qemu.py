@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vmrun.capped_log import LOG_LIMIT, CappedLog
 from vmrun.errors import CommandError, HypervisorError
-from vmrun.hypervisor.console import ConsoleLog
 from vmrun.hypervisor.accel import Acceleration
 from vmrun.proc import HelperProcess
 
@@ -128,10 +128,10 @@ class QemuVM:
         self.spec = spec
         self._qmp_socket = qmp_socket
         self._process = HelperProcess("qemu", qemu_command(spec, qmp_socket), log_path=log_path,
-                                      stop_signal=signal.SIGKILL)
+                                      stop_signal=signal.SIGKILL, log_limit=LOG_LIMIT)
         self._qmp_listener: socket.socket | None = None
         self._qmp: QEMUMonitorProtocol | None = None
-        self._console: ConsoleLog | None = None
+        self._console: CappedLog | None = None
 
     @property
     def pid(self) -> int:
@@ -154,8 +154,8 @@ class QemuVM:
             self._qmp_listener.bind(str(self._qmp_socket))
             self._qmp_listener.listen(1)
             # The console through a pipe of ours, kept in spec.console_log at a bounded size.
-            self._console = ConsoleLog(self.spec.console_log)
-            self._process.argv = qemu_command(self.spec, self._qmp_socket, self._console.qemu_path)
+            self._console = CappedLog(self.spec.console_log)
+            self._process.argv = qemu_command(self.spec, self._qmp_socket, self._console.path_in_child)
             self._process.pass_fds = (self._console.write_fd,
                                       *(() if self.spec.memory_fd is None else (self.spec.memory_fd,)))
             self._process.start()

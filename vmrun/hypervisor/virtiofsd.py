@@ -6,6 +6,7 @@ import shutil
 import socket
 from pathlib import Path
 
+from vmrun.capped_log import LOG_LIMIT
 from vmrun.errors import CommandError, HypervisorError
 from vmrun.hypervisor.devices import QemuDevice
 from vmrun.hypervisor.mode_supervisor import ModeSupervisor
@@ -56,7 +57,8 @@ class Virtiofsd(HelperProcess):
     without the bits (mode_supervisor.py)."""
 
     def __init__(self, binary: str, socket_path: Path, shared_dir: Path, log_path: Path):
-        super().__init__("virtiofsd", virtiofsd_args(binary, socket_path, shared_dir), log_path=log_path)
+        super().__init__("virtiofsd", virtiofsd_args(binary, socket_path, shared_dir), log_path=log_path,
+                         log_limit=LOG_LIMIT)
         self.socket_path = socket_path
         self.modes = ModeSupervisor("virtiofsd")
 

@@ -1,0 +1,58 @@
+"""A log a guest can fill, kept in a file of bounded size.
+
+The guest writes to its console what it likes, as fast as it likes, and can make its
+helpers (QEMU, virtiofsd) complain as often: such output goes to a pipe, and a thread of
+ours copies it to `path`. Once `path` holds `limit` bytes it becomes `path.1` (the one
+before is dropped) and a new `path` starts: at most twice `limit` on disk, and the newest
+output, which explains a failure, always kept. The thread reads all the pipe holds as it
+comes: QEMU writes the console from its vCPU thread, which a full pipe would stall.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+LOG_LIMIT = 1 << 20  # bytes per file: a boot and its agent's lines take ~10 KiB
+
+
+class CappedLog:
+    def __init__(self, path: Path, limit: int = LOG_LIMIT):
+        self.path, self.limit = path, limit
+        self._read_fd, self.write_fd = os.pipe()
+        self._thread = threading.Thread(target=self._copy, name=f"log-{path.name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def path_in_child(self) -> str:
+        """The write end as a path, in a child given `write_fd` (e.g. QEMU's `-serial file:`)."""
+        return f"/dev/fd/{self.write_fd}"
+
+    def handed_over(self) -> None:
+        """The writer holds its own copy of the write end: ours goes, so the copy ends with it."""
+        if self.write_fd >= 0:
+            os.close(self.write_fd)
+            self.write_fd = -1
+
+    def _copy(self) -> None:
+        written = 0
+        out = open(self.path, "ab", buffering=0)
+        try:
+            while chunk := os.read(self._read_fd, 65536):
+                while chunk:
+                    if written >= self.limit:
+                        out.close()
+                        os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+                        out, written = open(self.path, "ab", buffering=0), 0
+                    part, chunk = chunk[:self.limit - written], chunk[self.limit - written:]
+                    out.write(part)
+                    written += len(part)
+        finally:
+            out.close()
+            os.close(self._read_fd)
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Wait for the copy to end (once the last writer has gone)."""
+        self.handed_over()
+        self._thread.join(timeout)
