@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from vmrun.config import Config
 from vmrun.errors import AgentError, ContainerNotFoundError, StateConflictError, VmrunError
+from vmrun.host_cgroup import HostCgroup, cgroup_path, process_tree
 from vmrun.control import CONTROL_SOCKET, control_call
 from vmrun.network.netns import check_netns
 from vmrun.oci import Bundle, guest_process, guest_spec, load_bundle, network_namespace_path, validate_id
@@ -83,7 +84,8 @@ class Containers:
         place = placement(container_id, annotations)
         # Until the shim stands for it, this process does: if it dies, the state reads stopped.
         state = ContainerState(container_id, str(bundle.path), str(bundle.rootfs), "creating",
-                               annotations=annotations, sandbox_id=place.sandbox_id)
+                               annotations=annotations, sandbox_id=place.sandbox_id,
+                               host_cgroup=cgroup_path(bundle.spec) if place.owns_guest else "")
         state.process = ProcessRef.of(os.getpid())
         guest_pids: dict[int, int] = {}
         with contextlib.ExitStack() as pod_lock:
@@ -130,8 +132,12 @@ class Containers:
                     # is up, load while it boots (an import failure shows again at its use).
                     shim = start_shim()
                     InThread(lambda: importlib.import_module("vmrun.agent.client"), "agent-client-import")
-                    state.daemon = spawn_sandbox_daemon(container_id, hostname, self.config.boot_timeout, netns)
-                undo.callback(stop_sandbox_daemon, state.daemon, Path(state.vm_dir))
+                    state.daemon = spawn_sandbox_daemon(container_id, hostname, self.config.boot_timeout, netns,
+                                                        state.host_cgroup)
+                undo.callback(stop_sandbox_daemon, state.daemon, Path(state.vm_dir), state.host_cgroup)
+                if pooled is not None and state.host_cgroup:
+                    # Started before its pod was known: it and its helpers move there now.
+                    HostCgroup(state.host_cgroup).join(process_tree(pooled.daemon.pid))
                 self.store.save(state)
                 adopt_sandbox_daemon(state.daemon)
                 if pooled is not None:
@@ -203,7 +209,7 @@ class Containers:
         if state.vm_dir:
             unshare_container_files(Path(state.vm_dir) / "shared", container_id)
             if state.owns_guest:
-                stop_sandbox_daemon(state.daemon, Path(state.vm_dir))
+                stop_sandbox_daemon(state.daemon, Path(state.vm_dir), state.host_cgroup)
         self.store.remove(container_id)
 
     # ---- exec ----

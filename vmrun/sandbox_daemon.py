@@ -18,17 +18,20 @@ from pathlib import Path
 
 from vmrun.config import load_config
 from vmrun.errors import VmrunError
+from vmrun.host_cgroup import HostCgroup
 from vmrun.proc import HelperProcess, ReadyPipe
-from vmrun.process_ref import ProcessRef, wait_until_gone
 from vmrun.mounts import remove_tree_safely
+from vmrun.process_ref import ProcessRef, wait_until_gone
 from vmrun.sandbox import Sandbox
 from vmrun.signals import interrupted_by_signals
 
 _STOP_GRACE = 10.0
 
 
-def spawn_sandbox_daemon(sandbox_id: str, hostname: str, boot_timeout: float, netns: str = "") -> ProcessRef:
-    """Start the daemon for `sandbox_id` and wait until its guest is ready; the daemon.
+def spawn_sandbox_daemon(sandbox_id: str, hostname: str, boot_timeout: float, netns: str = "",
+                         cgroup: str = "") -> ProcessRef:
+    """Start the daemon for `sandbox_id` and wait until its guest is ready; the daemon. It
+    and every helper of the guest run in the host cgroup `cgroup` (host_cgroup.py), if any.
 
     Until adopted (`adopt_sandbox_daemon`, once its starter has recorded it), the daemon
     goes when its starter goes: a `create` killed half-way, or a pool that stops, leaves
@@ -38,7 +41,7 @@ def spawn_sandbox_daemon(sandbox_id: str, hostname: str, boot_timeout: float, ne
     daemon = HelperProcess(
         "sandbox daemon",
         [sys.executable, "-m", "vmrun.sandbox_daemon", "--id", sandbox_id, "--hostname", hostname,
-         "--netns", netns, "--ready-fd", str(ready.write_fd)],
+         "--netns", netns, "--cgroup", cgroup, "--ready-fd", str(ready.write_fd)],
         pass_fds=(ready.write_fd,),
         die_with_parent=False,  # it outlives this CLI call
     ).start()
@@ -57,9 +60,11 @@ def adopt_sandbox_daemon(daemon: ProcessRef) -> None:
         raise VmrunError(f"the sandbox daemon (pid {daemon.pid}) exited before it was adopted")
 
 
-def stop_sandbox_daemon(daemon: ProcessRef, vm_dir: Path) -> None:
+def stop_sandbox_daemon(daemon: ProcessRef, vm_dir: Path, cgroup: str = "") -> None:
     """Ask the daemon to tear its guest down, and wait for it (killing it if need be)."""
     _stop_process(daemon)
+    if cgroup:
+        HostCgroup(cgroup).remove()  # the daemon does, but not if it was killed
     if not vm_dir.is_absolute() or not vm_dir.name:
         return  # never a relative or empty path: that would be the caller's directory
     # After a kill its helpers die with it (and with them the clone's RAM), but its mounts
@@ -81,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--id", required=True)
     parser.add_argument("--hostname", default="")
     parser.add_argument("--netns", default="", help="the pod's network namespace, carried into the guest")
+    parser.add_argument("--cgroup", default="", help="the pod's host cgroup, for this daemon and its helpers")
     parser.add_argument("--ready-fd", type=int, required=True)
     args = parser.parse_args(argv)
 
@@ -94,8 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         starter = 0
 
     signal.signal(signal.SIGUSR1, adopted)
+    cgroup = HostCgroup(args.cgroup) if args.cgroup else None
     try:
         with interrupted_by_signals():
+            if cgroup is not None:
+                cgroup.join()  # before any helper starts: they start in it
             sandbox = Sandbox(args.id, load_config(), hostname=args.hostname).start()
             try:
                 if args.netns:
@@ -104,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                 sandbox.close()
                 raise
     except VmrunError as exc:
+        if cgroup is not None:
+            cgroup.leave_and_remove()
         ReadyPipe.report(args.ready_fd, str(exc))
         return 1
     except Exception as exc:  # noqa: BLE001 - the starter must hear why, then we fail loudly
@@ -118,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                 break  # not adopted, and its starter is gone: nobody will ever use it
     finally:
         sandbox.close()
+        if cgroup is not None:
+            cgroup.leave_and_remove()
     return 0
 
 

@@ -44,6 +44,7 @@ class ContainerState:
     annotations: dict = field(default_factory=dict)
     owner: str = ""
     vm_dir: str = ""  # the sandbox's sockets and logs
+    host_cgroup: str = ""  # where the guest's host processes run, for the owner (host_cgroup.py)
     sandbox_id: str = ""  # the container whose guest this one runs in (itself if it owns one)
     daemon_pid: int = 0  # the sandbox daemon holding the guest, for the owner
     daemon_start_time: int | None = None

@@ -1,0 +1,135 @@
+"""The pod's cgroup on the host, where the processes that hold its guest run.
+
+A guest can make its host helpers work (QEMU emulating its devices, virtiofsd serving its
+files, the vsock backend its packets): that work must count against the pod, under the
+limits its caller set on the cgroup it named (`linux.cgroupsPath` of the pod's first
+container), not against the host. The process holding the guest (the sandbox daemon, or
+`vmrun run`) joins that cgroup before it starts anything, so QEMU and every helper start
+in it. No limits are written: the guest's RAM and QEMU's own overhead are far above what a
+container's spec gives its processes; the caller sizes the pod's cgroup above it
+(kubelet's pod cgroup with RuntimeClass overhead, as for Kata).
+
+The path is the cgroupfs one; a systemd-style `slice:prefix:name` becomes the path
+systemd would give that scope (`/a.slice/a-b.slice/prefix-name.scope`). Every mounted
+hierarchy is joined: cgroup v2, or each v1 controller and name=systemd.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from vmrun.errors import VmrunError
+
+_SYSTEMD_STYLE = re.compile(r"^([^/:]*):([^/:]*):([^/:]+)$")
+
+
+def _expand_slice(slice_name: str) -> str:
+    """`a-b-c.slice` as systemd nests it: `/a.slice/a-b.slice/a-b-c.slice`."""
+    if slice_name in ("", "-.slice"):
+        return ""
+    if not slice_name.endswith(".slice") or "/" in slice_name:
+        raise VmrunError(f"invalid systemd slice {slice_name!r} in linux.cgroupsPath")
+    words = slice_name[: -len(".slice")].split("-")
+    if any(not word for word in words):
+        raise VmrunError(f"invalid systemd slice {slice_name!r} in linux.cgroupsPath")
+    return "".join("/" + "-".join(words[: i + 1]) + ".slice" for i in range(len(words)))
+
+
+def cgroup_path(spec: dict) -> str:
+    """The host cgroup the spec names, as a path below each hierarchy's root; "" for none."""
+    linux = spec.get("linux")
+    raw = linux.get("cgroupsPath") if isinstance(linux, dict) else None
+    if not raw:
+        return ""
+    if not isinstance(raw, str):
+        raise VmrunError("linux.cgroupsPath must be a string")
+    systemd = _SYSTEMD_STYLE.match(raw)
+    if systemd:
+        slice_name, prefix, name = systemd.groups()
+        unit = name if name.endswith(".slice") else f"{prefix}-{name}.scope" if prefix else f"{name}.scope"
+        return _expand_slice(slice_name or "system.slice") + "/" + unit
+    parts = [p for p in raw.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise VmrunError(f"linux.cgroupsPath {raw!r} may not contain '..'")
+    return "/" + "/".join(parts)
+
+
+def hierarchies(mountinfo: str | None = None) -> list[Path]:
+    """Where each cgroup hierarchy is mounted (v2, and every v1 one)."""
+    if mountinfo is None:
+        mountinfo = Path("/proc/self/mountinfo").read_text()
+    found: list[Path] = []
+    for line in mountinfo.splitlines():
+        fields = line.split(" ")
+        fs_type = fields[fields.index("-") + 1]
+        if fs_type in ("cgroup", "cgroup2") and fields[3] == "/" and Path(fields[4]) not in found:
+            found.append(Path(fields[4]))
+    return found
+
+
+@dataclass(frozen=True)
+class HostCgroup:
+    path: str  # e.g. "/kubepods/besteffort/pod1234/abcd"
+
+    def directories(self) -> list[Path]:
+        return [root / self.path.lstrip("/") for root in hierarchies()]
+
+    def join(self, pids: Iterable[int] = ()) -> None:
+        """Move `pids` (by default this process, and so whatever it starts) into the
+        cgroup, made if need be."""
+        for directory in self.directories():
+            try:
+                _make(directory)
+                for pid in pids or (os.getpid(),):
+                    (directory / "cgroup.procs").write_text(str(pid))
+            except OSError as exc:
+                raise VmrunError(f"cannot join the pod's cgroup {directory}: {exc.strerror or exc}") from None
+
+    def leave_and_remove(self) -> None:
+        """Move this process to the cgroup's parent, and remove the cgroup (once nothing
+        else is in it): for the process that joined it, as its last step."""
+        for directory in self.directories():
+            try:
+                (directory.parent / "cgroup.procs").write_text(str(os.getpid()))
+            except OSError:
+                continue
+        self.remove()
+
+    def remove(self) -> None:
+        """Remove the cgroup where it is empty (its parents are the caller's)."""
+        for directory in self.directories():
+            try:
+                directory.rmdir()
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.EBUSY, errno.ENOTEMPTY):
+                    raise VmrunError(f"cannot remove the pod's cgroup {directory}: {exc.strerror}") from None
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (a pooled guest's daemon and its helpers)."""
+    tree, index = [pid], 0
+    while index < len(tree):
+        for task in Path(f"/proc/{tree[index]}/task").glob("*"):
+            try:
+                tree += [int(child) for child in (task / "children").read_text().split()]
+            except OSError:
+                continue
+        index += 1
+    return tree
+
+
+def _make(directory: Path) -> None:
+    if directory.is_dir():
+        return
+    _make(directory.parent)
+    directory.mkdir()
+    # A new v1 cpuset has no CPUs nor memory nodes: nothing could join it. Its parent's.
+    for name in ("cpuset.cpus", "cpuset.mems"):
+        inherited = directory.parent / name
+        if inherited.exists() and (directory / name).exists() and not (directory / name).read_text().strip():
+            (directory / name).write_text(inherited.read_text())
