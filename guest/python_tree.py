@@ -242,15 +242,16 @@ class AgentSources:
 
 
 def agent_sources(package_dir: Path | None = None) -> AgentSources:
-    """vmrun/__init__.py and vmrun/agent/*.py of the vmrun package next to this builder."""
+    """vmrun/__init__.py, vmrun/agent/*.py and vmrun/common/*.py (what the agent shares
+    with the host) of the vmrun package next to this builder."""
     if package_dir is None:
         import vmrun
 
         package_dir = Path(vmrun.__file__).resolve().parent
     files = ["__init__.py"] if (package_dir / "__init__.py").exists() else []
-    agent = package_dir / "agent"
-    if agent.is_dir():
-        files += sorted(f"agent/{p.name}" for p in agent.glob("*.py") if p.is_file())
+    for subpackage in ("agent", "common"):
+        if (package_dir / subpackage).is_dir():
+            files += sorted(f"{subpackage}/{p.name}" for p in (package_dir / subpackage).glob("*.py") if p.is_file())
     if not files:
         raise ImageError(f"no vmrun package sources found in {package_dir}")
     return AgentSources(package_dir, tuple(files))

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from vmrun.agent.linux import mount_points
+from vmrun.common.linux import mount_points
 
 
 def scan_processes(text: str) -> Iterator[tuple[int, str]]:

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from vmrun.agent.bridge import close_listener, read_line
+from vmrun.common.bridge import close_listener, read_line
 from vmrun.errors import VmrunError
 
 log = logging.getLogger("vmrun.control")

@@ -1,5 +1,5 @@
 """OCI bundles: loading and checking config.json, the default spec (made in
-vmrun/agent/default_spec.py), and the guest's copy."""
+vmrun/common/default_spec.py), and the guest's copy."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmrun.agent.constants import SHARED_DIR, container_rootfs
-from vmrun.agent.default_spec import OCI_VERSION, default_spec  # noqa: F401
+from vmrun.common.constants import SHARED_DIR, container_rootfs
+from vmrun.common.default_spec import OCI_VERSION, default_spec  # noqa: F401
 from vmrun.errors import BundleError, InvalidIdError
 
 # runc's rule: word characters, '+', '-' and '.', and never "." or "..".

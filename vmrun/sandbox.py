@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from vmrun.agent.bridge import SocketBridge, first_then, read_line
-from vmrun.agent.constants import AGENT_PORT, READY_MESSAGE, SHARED_FS_TAG, agent_kernel_params, ready_port
 from vmrun.bootfiles import BootFiles, boot_files
+from vmrun.common.bridge import SocketBridge, first_then, read_line
+from vmrun.common.constants import AGENT_PORT, READY_MESSAGE, SHARED_FS_TAG, agent_kernel_params, ready_port
 from vmrun.config import Config
 from vmrun.control import CONTROL_SOCKET, ControlServer
 from vmrun.errors import HypervisorError, NetworkError
@@ -29,8 +29,8 @@ from vmrun.hypervisor.qemu import BASE_KERNEL_PARAMS, QemuVM, VMSpec, hotplug_po
 from vmrun.hypervisor.templates import restore_state, template_vm_spec
 from vmrun.hypervisor.virtiofsd import Virtiofsd, find_virtiofsd
 from vmrun.hypervisor.vsock.transports import make_transport
-from vmrun.network.attachment import NetworkAttachment
 from vmrun.mounts import remove_tree_safely
+from vmrun.network.attachment import NetworkAttachment
 from vmrun.oci import Bundle
 from vmrun.share import SHARED, make_share, remove_share, share_container_files, unshare_container_files
 from vmrun.templating import TemplateLease, lease_template

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from vmrun.agent.files import write_atomic, write_json_atomic
+from vmrun.common.files import write_atomic, write_json_atomic
 from vmrun.errors import ContainerExistsError, ContainerNotFoundError, VmrunError
 from vmrun.oci import OCI_VERSION, validate_id
 from vmrun.process_ref import ProcessRef

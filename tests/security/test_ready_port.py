@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from vmrun.agent.constants import ready_port
+from vmrun.common.constants import ready_port
 from vmrun.hypervisor.vsock.hybrid import HybridVsock
 from vmrun.hypervisor.vsock.transports import kernel_vsock_available
 from vmrun.sandbox import Sandbox

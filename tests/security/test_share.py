@@ -11,7 +11,7 @@ from pathlib import Path
 from attacker import attacker_bundle
 from leftovers import mounts_under
 
-from vmrun.agent.constants import SHARED_DIR
+from vmrun.common.constants import SHARED_DIR
 
 # The guest's share, as the attacker's container (in the guest's PID namespace) reaches it.
 GUEST_SHARE = f"/proc/1/root{SHARED_DIR}"

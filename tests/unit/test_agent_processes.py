@@ -63,7 +63,7 @@ def test_reaper_reports_signal_deaths_and_keeps_them_on_the_child():
 def test_orphans_are_reaped_as_subreaper():
     run_isolated("""
         import time
-        from vmrun.agent import linux
+        from vmrun.common import linux
         from vmrun.agent.processes import Reaper, Spawner, exit_status
         linux.become_subreaper()
         reaper = Reaper().start()
@@ -81,7 +81,8 @@ def test_orphans_are_reaped_as_subreaper():
 def test_unclaimed_statuses_are_bounded():
     run_isolated("""
         import os, time
-        from vmrun.agent import linux, processes
+        from vmrun.agent import processes
+        from vmrun.common import linux
         from vmrun.agent.processes import Reaper, Spawner
         processes._UNCLAIMED_LIMIT = 3
         linux.become_subreaper()

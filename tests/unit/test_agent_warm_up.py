@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import socket
 
-from vmrun.agent.constants import agent_kernel_params
 from vmrun.agent.processes import CommandResult
 from vmrun.agent.warm_up import (
     WARM_UP_CGROUP,
@@ -15,6 +14,7 @@ from vmrun.agent.warm_up import (
     wait_for_device_added,
     warm_up_spec,
 )
+from vmrun.common.constants import agent_kernel_params
 
 
 class FakeSpawner:

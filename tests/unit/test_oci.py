@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from vmrun.agent.constants import SHARED_DIR
+from vmrun.common.constants import SHARED_DIR
 from vmrun.errors import BundleError, InvalidIdError
 from vmrun.oci import default_spec, guest_process, guest_spec, load_bundle, validate_id, write_default_spec
 

@@ -15,8 +15,8 @@ from vmrun.proc import HelperProcess, stdlib_module_command
 
 
 def test_stdlib_module_command_finds_vmrun_without_site(tmp_path):
-    argv, env = stdlib_module_command("vmrun.agent.constants", "--unused")
-    assert argv == [sys.executable, "-S", "-m", "vmrun.agent.constants", "--unused"]
+    argv, env = stdlib_module_command("vmrun.common.constants", "--unused")
+    assert argv == [sys.executable, "-S", "-m", "vmrun.common.constants", "--unused"]
     # Without site, and away from the checkout, vmrun is found only through the
     # PYTHONPATH the command sets.
     result = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True)

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from vmrun.common import bpf
 from vmrun.hypervisor import seccomp
 from vmrun.hypervisor.mode_supervisor import ModeSupervisor
 from vmrun.proc import stdlib_module_command
@@ -87,8 +88,7 @@ def test_the_filter_refuses_other_abis_and_openat2():
     program = seccomp.set_id_filter(seccomp.ARCHES["x86_64"])
     insns = [program[i:i + 8] for i in range(0, len(program), 8)]
     returns = {int.from_bytes(i[4:], "little") for i in insns if i[0] == 0x06}
-    assert returns == {seccomp.RET_ALLOW, seccomp.RET_USER_NOTIF, seccomp.RET_KILL_PROCESS,
-                       seccomp.ret_errno(1), seccomp.ret_errno(38)}
+    assert returns == {bpf.RET_ALLOW, bpf.RET_USER_NOTIF, bpf.RET_KILL_PROCESS, bpf.ret_errno(1), bpf.ret_errno(38)}
     assert len(insns) < 256
 
 

@@ -6,9 +6,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmrun.agent import linux
-from vmrun.agent.files import write_json_atomic
 from vmrun.agent.processes import Child, Spawner, exit_status
+from vmrun.common import linux
+from vmrun.common.files import write_json_atomic
 
 CRUN = "/usr/bin/crun"
 CRUN_ROOT = "/run/crun"

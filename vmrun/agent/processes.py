@@ -19,7 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
-from vmrun.agent import linux
+from vmrun.common import linux
 
 # Statuses of processes nobody registered (yet): a container's init may exit before the
 # agent has read its pid from crun's pid file. Only the most recent ones are kept.

@@ -15,13 +15,13 @@ import sys
 import time
 
 import vmrun
-from vmrun.agent import linux
-from vmrun.agent.bridge import SocketBridge
-from vmrun.agent.constants import AGENT_PORT, AGENT_UNIX_SOCKET, READY_MESSAGE, ready_port
 from vmrun.agent.crun import pin_crun_binary
 from vmrun.agent.processes import Reaper, Spawner
 from vmrun.agent.spare_netns import SpareNetns
 from vmrun.agent.warm_up import WarmUp
+from vmrun.common import linux
+from vmrun.common.bridge import SocketBridge
+from vmrun.common.constants import AGENT_PORT, AGENT_UNIX_SOCKET, READY_MESSAGE, ready_port
 
 _HOST_CID = 2
 # A lost connection request is retried after this, not after the kernel's 2 s.

@@ -23,14 +23,14 @@ import grpc
 import vmrun
 from vmrun.agent import agent_pb2 as pb
 from vmrun.agent import agent_pb2_grpc
-from vmrun.agent import linux
 from vmrun.agent import network
-from vmrun.agent.bridge import close_listener
-from vmrun.agent.constants import BUNDLES_DIR, CONSOLES_DIR, SHARED_DIR
 from vmrun.agent.crun import Crun, CrunError, Stdio, write_json
 from vmrun.agent.processes import Child, Reaper, exit_status
 from vmrun.agent.spare_netns import SpareNetns
 from vmrun.agent.vsock_guard import GuardedSpawner
+from vmrun.common import linux
+from vmrun.common.bridge import close_listener
+from vmrun.common.constants import BUNDLES_DIR, CONSOLES_DIR, SHARED_DIR
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
 _READ_CHUNK = 256 * 1024

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import threading
 
-from vmrun.agent import linux
+from vmrun.common import linux
 
 SPARE_NETNS = "/run/vmrun/netns/spare"
 

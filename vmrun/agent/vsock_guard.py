@@ -30,11 +30,11 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import struct
 from concurrent.futures import ThreadPoolExecutor
 from typing import Mapping, Sequence
 
 from vmrun.agent.processes import Child, Reaper, Spawner
+from vmrun.common.bpf import ARCH, JEQ_K, NR, RET_ALLOW, Program, arg_low, ret_errno, sock_fprog
 
 AF_VSOCK = 40
 SYS_SOCKET = 1  # socketcall's call number for socket()
@@ -54,68 +54,39 @@ _SOCKETCALL = {"i386": 102}
 # The guest machines (os.uname().machine) whose every ABI the filter covers.
 SUPPORTED_MACHINES = ("x86_64", "aarch64")
 
-# Classic BPF, as seccomp runs it.
-_LD_W_ABS = 0x20
-_ALU_AND_K = 0x54
-_JEQ_K = 0x15
-_RET_K = 0x06
-_SECCOMP_RET_ALLOW = 0x7FFF0000
-_SECCOMP_RET_ERRNO = 0x00050000
-# struct seccomp_data: int nr; __u32 arch; __u64 instruction_pointer; __u64 args[6].
-_NR, _ARCH, _ARG0_LOW = 0, 4, 16  # args[0]'s low 32 bits: the guest is little-endian
-
 _PR_SET_SECCOMP = 22
 _SECCOMP_MODE_FILTER = 2
 
 
-def _program() -> list[tuple[int, int, int, int]]:
-    """(code, jt, jf, k) instructions; jumps are written as labels and resolved below."""
-    code: list[tuple] = [("ld", _ARCH)]
-    for arch, audit_arch in _ARCHES.items():
-        code.append(("jeq", audit_arch, arch))
-    code.append(("ret", _SECCOMP_RET_ALLOW))  # an ABI the guest's kernel does not have
-    for arch in _ARCHES:
-        code += [("label", arch), ("ld", _NR)]
-        if arch == "x86_64":
-            code.append(("and", ~_X32_SYSCALL_BIT & 0xFFFFFFFF))  # x32's numbers are x86_64's
-        code.append(("jeq", _SOCKET[arch], "domain"))
-        if arch in _SOCKETCALL:
-            code.append(("jeq", _SOCKETCALL[arch], "socketcall"))
-        code += [("jeq", nr, "deny") for nr in IO_URING_SYSCALLS]
-        code.append(("ret", _SECCOMP_RET_ALLOW))
-    code += [
-        ("label", "socketcall"), ("ld", _ARG0_LOW), ("jeq", SYS_SOCKET, "deny"), ("ret", _SECCOMP_RET_ALLOW),
-        ("label", "domain"), ("ld", _ARG0_LOW), ("jeq", AF_VSOCK, "deny"), ("ret", _SECCOMP_RET_ALLOW),
-        ("label", "deny"), ("ret", _SECCOMP_RET_ERRNO | errno.EPERM),
-    ]
-    labels: dict[str, int] = {}
-    position = 0
-    for op in code:  # a label is the position of the instruction after it
-        if op[0] == "label":
-            labels[op[1]] = position
-        else:
-            position += 1
-    out: list[tuple[int, int, int, int]] = []
-    for op in code:
-        kind = op[0]
-        if kind == "ld":
-            out.append((_LD_W_ABS, 0, 0, op[1]))
-        elif kind == "and":
-            out.append((_ALU_AND_K, 0, 0, op[1]))
-        elif kind == "ret":
-            out.append((_RET_K, 0, 0, op[1]))
-        elif kind == "jeq":  # to the label if equal, else on to the next instruction
-            out.append((_JEQ_K, labels[op[2]] - len(out) - 1, 0, op[1]))
-    return out
-
-
 def filter_program() -> bytes:
     """The filter as struct sock_filter[]: pure, the same for every guest."""
-    return b"".join(struct.pack("=HBBI", *instruction) for instruction in _program())
-
-
-class _SockFprog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+    p = Program()
+    p.load(ARCH)
+    for arch, audit_arch in _ARCHES.items():
+        p.jump(JEQ_K, audit_arch, arch)
+    p.ret(RET_ALLOW)  # an ABI the guest's kernel does not have
+    for arch in _ARCHES:
+        p.label(arch)
+        p.load(NR)
+        if arch == "x86_64":
+            p.and_(~_X32_SYSCALL_BIT & 0xFFFFFFFF)  # x32's numbers are x86_64's
+        p.jump(JEQ_K, _SOCKET[arch], "domain")
+        if arch in _SOCKETCALL:
+            p.jump(JEQ_K, _SOCKETCALL[arch], "socketcall")
+        for nr in IO_URING_SYSCALLS:
+            p.jump(JEQ_K, nr, "deny")
+        p.ret(RET_ALLOW)
+    p.label("socketcall")
+    p.load(arg_low(0))
+    p.jump(JEQ_K, SYS_SOCKET, "deny")
+    p.ret(RET_ALLOW)
+    p.label("domain")
+    p.load(arg_low(0))  # the kernel reads the domain as an int: its low 32 bits
+    p.jump(JEQ_K, AF_VSOCK, "deny")
+    p.ret(RET_ALLOW)
+    p.label("deny")
+    p.ret(ret_errno(errno.EPERM))
+    return p.assemble()
 
 
 def install_on_this_thread(program: bytes | None = None) -> None:
@@ -124,9 +95,7 @@ def install_on_this_thread(program: bytes | None = None) -> None:
     machine = os.uname().machine
     if machine not in SUPPORTED_MACHINES:
         raise OSError(errno.ENOTSUP, f"no vsock guard for {machine} guests")
-    program = filter_program() if program is None else program
-    buffer = ctypes.create_string_buffer(program, len(program))
-    fprog = _SockFprog(len(program) // 8, ctypes.addressof(buffer))
+    fprog, _buffer = sock_fprog(filter_program() if program is None else program)
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
         err = ctypes.get_errno()

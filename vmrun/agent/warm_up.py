@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from vmrun.agent.crun import CRUN, write_json
-from vmrun.agent.default_spec import default_spec
 from vmrun.agent.processes import Spawner
+from vmrun.common.default_spec import default_spec
 
 WARM_UP_BUNDLE = "/run/vmrun/warm-up"
 WARM_UP_CRUN_ROOT = "/run/vmrun/crun-warm-up"

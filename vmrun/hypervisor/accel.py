@@ -12,7 +12,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from vmrun.agent.files import write_json_atomic
+from vmrun.common.files import write_json_atomic
 from vmrun.errors import CommandError, ConfigError
 from vmrun.proc import run
 

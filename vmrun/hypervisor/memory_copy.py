@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from vmrun.agent import linux
+from vmrun.common import linux
 from vmrun.errors import HypervisorError
 
 _CHUNK = 16 << 20  # bytes per copy call: close() is noticed between chunks

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Iterator
 
 import vmrun
-from vmrun.agent.constants import agent_kernel_params
+from vmrun.common.constants import agent_kernel_params
 from vmrun.errors import ConfigError, HypervisorError
 from vmrun.hypervisor.accel import Acceleration
 from vmrun.hypervisor.memory_copy import punch_zero_pages

@@ -11,7 +11,7 @@ import fcntl
 import os
 from typing import Callable, TypeVar
 
-from vmrun.agent import linux
+from vmrun.common import linux
 from vmrun.errors import NetworkError
 from vmrun.threads import InThread
 

@@ -3,7 +3,7 @@ import os
 import socket
 import threading
 
-from vmrun.agent.bridge import SocketBridge, first_then, read_line
+from vmrun.common.bridge import SocketBridge, first_then, read_line
 
 
 def echo_server(path):

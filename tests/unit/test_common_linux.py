@@ -14,7 +14,7 @@ import pytest
 
 _CHILD = r"""
 import errno, fcntl, json, os, sys
-from vmrun.agent import linux
+from vmrun.common import linux
 
 path, store = sys.argv[1], sys.argv[2]
 linux.pin_read_only_copy(path, store)

@@ -12,7 +12,7 @@ import socket
 import struct
 import time
 
-from vmrun.agent.constants import CMDLINE_PREFIX
+from vmrun.common.constants import CMDLINE_PREFIX
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _PR_SET_CHILD_SUBREAPER = 36
