@@ -222,11 +222,6 @@ class FakeGuest:
         return VsockHeader(src_cid=CID, dst_cid=2, src_port=src_port, dst_port=dst_port,
                            op=op, flags=flags, buf_alloc=buf_alloc, fwd_cnt=fwd_cnt)
 
-    def backend_pid(self) -> int:
-        """The backend process's pid, from the vhost-user socket's peer credentials."""
-        creds = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        return struct.unpack("3i", creds)[0]
-
     # --- a hostile driver --------------------------------------------------------------------
 
     def flood(self, packets: list[tuple[VsockHeader, int]], seconds: float,

@@ -1,10 +1,12 @@
 """What each host helper of a running pod may do: QEMU and virtiofsd under seccomp,
-virtiofsd without the capabilities that would let a guest make privileged files, and the
-pod's files (its directory, a template's RAM and state) private to root."""
+virtiofsd without the capabilities that would let a guest make privileged files, the vsock
+backend as a user of its own with no privilege, and the pod's files (its directory, a
+template's RAM and state) private to root."""
 
 from __future__ import annotations
 
 import stat
+import sys
 from pathlib import Path
 
 from vmrun.sandbox import Sandbox
@@ -44,7 +46,13 @@ def test_a_clones_helpers_are_confined_and_its_files_private(vm_env):
         assert status_of(virtiofsd)["Seccomp_filters"] == "2"  # ours, then its own
         capabilities = int(status_of(virtiofsd)["CapEff"], 16)
         assert not capabilities & (1 << CAP_MKNOD | 1 << CAP_FSETID | 1 << CAP_SETFCAP)
-        assert mode(sandbox.dir) == 0o700
+        # Private, but for the vsock backend: its group may pass through (to the host ports).
+        [backend] = pids_of(sys.executable, sandbox.dir)
+        backend_ids = status_of(backend)["Uid"].split() + status_of(backend)["Gid"].split()
+        assert len(set(backend_ids)) == 1 and backend_ids[0] != "0", backend_ids
+        assert status_of(backend)["CapEff"] == status_of(backend)["CapPrm"] == "0000000000000000"
+        assert status_of(backend)["NoNewPrivs"] == "1"
+        assert mode(sandbox.dir) == 0o710 and sandbox.dir.stat().st_gid == int(backend_ids[0])
     template = vm_env.base / "templates" / "default"
     assert mode(template) == 0o700
     assert {p.name: mode(p) for p in template.iterdir()} == {"memory": 0o600, "state": 0o600,

@@ -51,7 +51,7 @@ def test_guest_flood_leaves_backend_memory_and_log_bounded(tmp_path):
         guest.realize()
         guest.start()
         guest.post_rx()
-        pid = guest.backend_pid()
+        pid = transport.backend_pid
         listener = transport.listen(LISTENING)
         listener.settimeout(WAIT)
         sockets += [listener, transport.listen(CHURN)]

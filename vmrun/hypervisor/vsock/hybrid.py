@@ -8,6 +8,8 @@ guest's connections to host port P arrive on the unix socket `<uds_path>_P`.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import socket
 import time
 from pathlib import Path
@@ -15,10 +17,32 @@ from pathlib import Path
 from vmrun.errors import CommandError, VsockError
 from vmrun.hypervisor.devices import QemuDevice
 from vmrun.hypervisor.vsock.base import VsockTransport
-from vmrun.proc import HelperProcess, stdlib_module_command
+from vmrun.proc import HelperProcess, ReadyPipe, stdlib_module_command
+
+_OK_LINE_MAX = 64
+
 
 START_TIMEOUT = 5.0
-_OK_LINE_MAX = 64
+
+# The backend's user and group ids: one per sandbox, from a range no distribution hands out,
+# so that a backend taken over by its guest shares an id with nothing else.
+_BACKEND_IDS = 0x60000000
+
+
+def backend_id(run_dir: Path) -> int:
+    return _BACKEND_IDS + int(hashlib.sha256(str(run_dir).encode()).hexdigest()[:6], 16)
+
+
+def _listen_unix(path: Path, backlog: int) -> socket.socket:
+    path.unlink(missing_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise VsockError(f"vsock: cannot listen on {path}: {exc.strerror or exc}") from exc
+    return sock
 
 
 class HybridVsock(VsockTransport):
@@ -31,8 +55,14 @@ class HybridVsock(VsockTransport):
         # The host's side of the guest's vsock:
         self.uds_path = self.run_dir / "vsock.sock"
         self.log_path = self.run_dir / "vsock-backend.log"
+        self.backend_id = backend_id(self.run_dir)
         self._helper: HelperProcess | None = None
+        self._ready: ReadyPipe | None = None  # until the backend said it serves
         self._listeners: dict[int, socket.socket] = {}
+
+    @property
+    def backend_pid(self) -> int | None:
+        return self._helper.pid if self._helper is not None else None
 
     def port_path(self, port: int) -> Path:
         """Where the guest's connections to host `port` arrive."""
@@ -41,31 +71,47 @@ class HybridVsock(VsockTransport):
     # --- VsockTransport --------------------------------------------------------------------
 
     def launch(self) -> None:
+        """Start the backend on listeners made here: it serves them as a user of its own,
+        with no privilege (see vhost_user/__main__.py), and may only pass through the run
+        dir (group-traversable) to reach the host ports made for it (`listen`)."""
         if self._helper is not None and self._helper.alive():
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        for path in (self.socket_path, self.uds_path):
-            path.unlink(missing_ok=True)
-        argv, env = stdlib_module_command("vmrun.hypervisor.vsock.vhost_user", "--socket", str(self.socket_path),
-                                          "--uds", str(self.uds_path), "--cid", str(self.guest_cid))
-        helper = HelperProcess(name="vsock backend", argv=argv, env=env, log_path=self.log_path)
+        os.chown(self.run_dir, -1, self.backend_id)
+        os.chmod(self.run_dir, 0o710)
+        listeners = [_listen_unix(self.uds_path, 128), _listen_unix(self.socket_path, 1)]
+        ready = ReadyPipe()
         try:
+            host, qemu = (str(listener.fileno()) for listener in listeners)
+            argv, env = stdlib_module_command("vmrun.hypervisor.vsock.vhost_user", "--socket", str(self.socket_path),
+                                              "--uds", str(self.uds_path), "--cid", str(self.guest_cid),
+                                              "--host-fd", host, "--qemu-fd", qemu, "--run-as", str(self.backend_id),
+                                              "--ready-fd", str(ready.write_fd))
+            helper = HelperProcess(name="vsock backend", argv=argv, env=env, log_path=self.log_path,
+                                   pass_fds=(*(listener.fileno() for listener in listeners), ready.write_fd))
             helper.start()
         except CommandError as exc:
+            ready.discard()
+            for path in (self.socket_path, self.uds_path):
+                path.unlink(missing_ok=True)
             raise VsockError(str(exc)) from exc
-        self._helper = helper
+        finally:
+            for listener in listeners:
+                listener.close()  # the backend's alone: if it dies, QEMU's connect fails at once
+        self._helper, self._ready = helper, ready
 
     def wait_started(self) -> None:
         helper = self._helper
         if helper is None:
             raise VsockError("vsock: the backend was not launched")
-        # The backend makes its socket path appear only once it is listening.
+        ready, self._ready = self._ready, None
         try:
-            helper.wait_for_path(self.socket_path, START_TIMEOUT)
+            if ready is not None:
+                ready.wait(helper, START_TIMEOUT)
         except CommandError as exc:
             self._helper = None
             helper.stop()
-            raise VsockError(str(exc)) from None
+            raise VsockError(f"vsock backend: {exc}") from None
 
     def device(self) -> QemuDevice:
         return QemuDevice("vhost-user-vsock-pci", self.device_id, backend_socket=self.socket_path)
@@ -119,6 +165,9 @@ class HybridVsock(VsockTransport):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(str(path))
+            # The backend (its own group, see launch) connects to it for the guest.
+            os.chown(path, -1, self.backend_id)
+            os.chmod(path, 0o660)
             sock.listen(128)
         except OSError as exc:
             sock.close()
@@ -131,6 +180,9 @@ class HybridVsock(VsockTransport):
             self._helper.signal_stop()
 
     def close(self) -> None:
+        if self._ready is not None:  # launched, never waited for
+            self._ready.discard()
+            self._ready = None
         if self._helper is not None:
             self._helper.stop()
             self._helper = None

@@ -110,7 +110,11 @@ class VsockBackend:
     def __init__(
         self, socket_path: Path, uds_path: Path, guest_cid: int,
         buf_alloc: int = DEFAULT_BUF_ALLOC,
+        listeners: tuple[socket.socket, socket.socket] | None = None,
     ) -> None:
+        """`listeners`: the host's and QEMU's listening sockets, made by whoever started us
+        (at `uds_path` and `socket_path`, which stay theirs); else made here, and removed
+        on close."""
         if not 3 <= guest_cid < 0xFFFFFFFF:
             raise ValueError(f"invalid guest CID {guest_cid}")
         self.socket_path = Path(socket_path)
@@ -138,15 +142,24 @@ class VsockBackend:
         self._wakeup_r.setblocking(False)
         self._wakeup_w.setblocking(False)
         self.sel.register(self._wakeup_r, selectors.EVENT_READ, self._on_wakeup)
-        # The host listener first, the vhost-user socket last: when the latter appears,
-        # everything is ready.
-        self.host_listener = _listen_unix(self.uds_path, 128)
-        try:
-            self.qemu_listener = _listen_unix(self.socket_path, 1)
-        except BaseException:
-            self.host_listener.close()
-            self._unlink(self.uds_path)
-            raise
+        # Where the host's port P listens: <uds>_P (reached through a directory fd once the
+        # process may no longer walk the path to it: see __main__.py).
+        self.port_prefix = f"{self.uds_path}_"
+        self._owns_paths = listeners is None
+        if listeners is not None:
+            self.host_listener, self.qemu_listener = listeners
+            for listener in listeners:
+                listener.setblocking(False)
+        else:
+            # The host listener first, the vhost-user socket last: when the latter appears,
+            # everything is ready.
+            self.host_listener = _listen_unix(self.uds_path, 128)
+            try:
+                self.qemu_listener = _listen_unix(self.socket_path, 1)
+            except BaseException:
+                self.host_listener.close()
+                self._unlink(self.uds_path)
+                raise
         self.sel.register(self.host_listener, selectors.EVENT_READ, self._on_host_accept)
         self.sel.register(self.qemu_listener, selectors.EVENT_READ, self._on_qemu_accept)
 
@@ -189,8 +202,9 @@ class VsockBackend:
         for sock in (self.host_listener, self.qemu_listener):
             self._unregister(sock)
             sock.close()
-        self._unlink(self.socket_path)
-        self._unlink(self.uds_path)
+        if self._owns_paths:
+            self._unlink(self.socket_path)
+            self._unlink(self.uds_path)
         self._unregister(self._wakeup_r)
         self._wakeup_r.close()
         self._wakeup_w.close()
@@ -479,7 +493,7 @@ class VsockBackend:
                               "resetting", hdr.src_port, hdr.dst_port, MAX_CONNECTIONS)
             self._reject(hdr)
             return
-        path = f"{self.uds_path}_{hdr.dst_port}"
+        path = f"{self.port_prefix}{hdr.dst_port}"
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
