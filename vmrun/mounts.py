@@ -11,11 +11,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import re
 import shutil
 import stat
 from pathlib import Path
 
+from vmrun.common import linux
 from vmrun.errors import HypervisorError
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -93,21 +93,11 @@ def detach(target: str | Path) -> bool:
     raise OSError(err, f"umount {target}: {os.strerror(err)}")
 
 
-_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
-
-
-def mount_points() -> list[str]:
-    """Every mount point of this mount namespace, decoded (the kernel writes space, tab,
-    newline and backslash as \\ooo)."""
-    with open("/proc/self/mountinfo") as mountinfo:
-        return [_OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), line.split(" ")[4]) for line in mountinfo]
-
-
 def outermost_mounts_under(path: Path) -> list[str]:
     """The mount points at or under `path` that lie under no other one of them: unmounting
     these (lazily) removes all, and no path inside a mounted tree is ever walked."""
     top = str(path).rstrip("/")
-    inside = sorted(p for p in mount_points() if p == top or p.startswith(top + "/"))
+    inside = sorted(p for p in linux.mount_points() if p == top or p.startswith(top + "/"))
     outermost: list[str] = []
     for point in inside:
         if not any(point == o or point.startswith(o + "/") for o in outermost):
