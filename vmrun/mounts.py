@@ -83,20 +83,21 @@ def bind(source: str | Path, target: str | Path, attributes: int) -> None:
 
 
 def detach(target: str | Path) -> bool:
-    """Lazily unmount `target` and everything under it, without following a link at its
-    end; False when nothing is mounted there."""
-    if _libc.umount2(os.fsencode(target), _MNT_DETACH | _UMOUNT_NOFOLLOW) == 0:
-        return True
+    """Lazily unmount whatever is mounted on `target` (a stack of mounts included) and
+    everything under it, without following a link at its end; False when nothing was."""
+    detached = False
+    while _libc.umount2(os.fsencode(target), _MNT_DETACH | _UMOUNT_NOFOLLOW) == 0:
+        detached = True
     err = ctypes.get_errno()
-    if err in (22, 2):  # EINVAL: not a mount point; ENOENT: not there
-        return False
+    if err in (22, 2):  # EINVAL: not (or no more) a mount point; ENOENT: not there
+        return detached
     raise OSError(err, f"umount {target}: {os.strerror(err)}")
 
 
 def outermost_mounts_under(path: Path) -> list[str]:
     """The mount points at or under `path` that lie under no other one of them: unmounting
     these (lazily) removes all, and no path inside a mounted tree is ever walked."""
-    top = str(path).rstrip("/")
+    top = os.path.realpath(path)  # as the kernel lists them: /var/run/x is /run/x
     inside = sorted(p for p in linux.mount_points() if p == top or p.startswith(top + "/"))
     outermost: list[str] = []
     for point in inside:

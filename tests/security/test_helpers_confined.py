@@ -5,6 +5,7 @@ template's RAM and state) private to root."""
 
 from __future__ import annotations
 
+import os
 import stat
 import sys
 from pathlib import Path
@@ -46,13 +47,18 @@ def test_a_clones_helpers_are_confined_and_its_files_private(vm_env):
         assert status_of(virtiofsd)["Seccomp_filters"] == "2"  # ours, then its own
         capabilities = int(status_of(virtiofsd)["CapEff"], 16)
         assert not capabilities & (1 << CAP_MKNOD | 1 << CAP_FSETID | 1 << CAP_SETFCAP)
-        # Private, but for the vsock backend: its group may pass through (to the host ports).
+        # The vsock backend: a user of its own, no privilege, namespaces of its own, and of
+        # the sandbox's directory only the ports directory (its group may pass through).
         [backend] = pids_of(sys.executable, sandbox.dir)
         backend_ids = status_of(backend)["Uid"].split() + status_of(backend)["Gid"].split()
         assert len(set(backend_ids)) == 1 and backend_ids[0] != "0", backend_ids
         assert status_of(backend)["CapEff"] == status_of(backend)["CapPrm"] == "0000000000000000"
         assert status_of(backend)["NoNewPrivs"] == "1"
-        assert mode(sandbox.dir) == 0o710 and sandbox.dir.stat().st_gid == int(backend_ids[0])
+        for namespace in ("net", "ipc"):
+            assert os.readlink(f"/proc/{backend}/ns/{namespace}") != os.readlink(f"/proc/self/ns/{namespace}")
+        assert mode(sandbox.dir) == 0o700
+        ports = sandbox.dir / "vsock"
+        assert mode(ports) == 0o710 and ports.stat().st_gid == int(backend_ids[0])
     template = vm_env.base / "templates" / "default"
     assert mode(template) == 0o700
     assert {p.name: mode(p) for p in template.iterdir()} == {"memory": 0o600, "state": 0o600,

@@ -8,12 +8,16 @@ guest's connections to host port P arrive on the unix socket `<uds_path>_P`.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import socket
+import stat
 import time
 from pathlib import Path
 
+from vmrun.capped_log import LOG_LIMIT
 from vmrun.errors import CommandError, VsockError
 from vmrun.hypervisor.devices import QemuDevice
 from vmrun.hypervisor.vsock.base import VsockTransport
@@ -24,13 +28,31 @@ _OK_LINE_MAX = 64
 
 START_TIMEOUT = 5.0
 
-# The backend's user and group ids: one per sandbox, from a range no distribution hands out,
-# so that a backend taken over by its guest shares an id with nothing else.
-_BACKEND_IDS = 0x60000000
+# The backend's user and group ids: a free one per running backend, so that a backend taken
+# over by its guest shares an id with no other process. systemd leaves 0x70000000 and up
+# (below 0x7FFE0000) unassigned; vmrun takes 2**20 ids from 0x78000000.
+_BACKEND_IDS = 0x78000000
+_ID_COUNT = 1 << 20
+# One file per id, flock-ed by the backend using it (the lock goes with its process).
+_ID_CLAIMS = Path("/run/vmrun-vsock-ids")
 
 
-def backend_id(run_dir: Path) -> int:
-    return _BACKEND_IDS + int(hashlib.sha256(str(run_dir).encode()).hexdigest()[:6], 16)
+def claim_backend_id(run_dir: Path) -> tuple[int, int]:
+    """An id no live backend has, and an fd holding its claim: hand it to the backend."""
+    _ID_CLAIMS.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = _ID_CLAIMS.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise VsockError(f"{_ID_CLAIMS} is not a private directory of ours: refusing to use it")
+    first = int(hashlib.sha256(str(run_dir).encode()).hexdigest()[:8], 16) % _ID_COUNT
+    for offset in range(_ID_COUNT):
+        candidate = _BACKEND_IDS + (first + offset) % _ID_COUNT
+        fd = os.open(_ID_CLAIMS / str(candidate), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return candidate, fd
+        except BlockingIOError:
+            os.close(fd)
+    raise VsockError("vsock: every backend id is in use")
 
 
 def _listen_unix(path: Path, backlog: int) -> socket.socket:
@@ -53,9 +75,10 @@ class HybridVsock(VsockTransport):
         # What QEMU needs (also for a QMP chardev-add/device_add hotplug):
         self.socket_path = self.run_dir / "vhost-user-vsock.sock"
         # The host's side of the guest's vsock:
-        self.uds_path = self.run_dir / "vsock.sock"
+        # ... in a directory of its own, the one place of the run dir the backend may reach.
+        self.uds_path = self.run_dir / "vsock" / "vsock.sock"
         self.log_path = self.run_dir / "vsock-backend.log"
-        self.backend_id = backend_id(self.run_dir)
+        self.backend_id = 0  # claimed at launch
         self._helper: HelperProcess | None = None
         self._ready: ReadyPipe | None = None  # until the backend said it serves
         self._listeners: dict[int, socket.socket] = {}
@@ -72,32 +95,38 @@ class HybridVsock(VsockTransport):
 
     def launch(self) -> None:
         """Start the backend on listeners made here: it serves them as a user of its own,
-        with no privilege (see vhost_user/__main__.py), and may only pass through the run
-        dir (group-traversable) to reach the host ports made for it (`listen`)."""
+        with no privilege (see vhost_user/__main__.py), and can reach nothing of the run dir
+        but the ports directory, whose host ports are made for its group (`listen`)."""
         if self._helper is not None and self._helper.alive():
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        os.chown(self.run_dir, -1, self.backend_id)
-        os.chmod(self.run_dir, 0o710)
-        listeners = [_listen_unix(self.uds_path, 128), _listen_unix(self.socket_path, 1)]
-        ready = ReadyPipe()
-        try:
-            host, qemu = (str(listener.fileno()) for listener in listeners)
-            argv, env = stdlib_module_command("vmrun.hypervisor.vsock.vhost_user", "--socket", str(self.socket_path),
-                                              "--uds", str(self.uds_path), "--cid", str(self.guest_cid),
-                                              "--host-fd", host, "--qemu-fd", qemu, "--run-as", str(self.backend_id),
-                                              "--ready-fd", str(ready.write_fd))
-            helper = HelperProcess(name="vsock backend", argv=argv, env=env, log_path=self.log_path,
-                                   pass_fds=(*(listener.fileno() for listener in listeners), ready.write_fd))
-            helper.start()
-        except CommandError as exc:
-            ready.discard()
-            for path in (self.socket_path, self.uds_path):
-                path.unlink(missing_ok=True)
-            raise VsockError(str(exc)) from exc
-        finally:
-            for listener in listeners:
-                listener.close()  # the backend's alone: if it dies, QEMU's connect fails at once
+        with contextlib.ExitStack() as ours:  # what the backend now holds, closed here
+            self.backend_id, claim = claim_backend_id(self.run_dir)
+            ours.callback(os.close, claim)
+            ports = self.uds_path.parent
+            ports.mkdir(mode=0o710, exist_ok=True)
+            os.chown(ports, -1, self.backend_id)
+            os.chmod(ports, 0o710)
+            listeners = [ours.enter_context(_listen_unix(path, backlog))
+                         for path, backlog in ((self.uds_path, 128), (self.socket_path, 1))]
+            ready = ReadyPipe()
+            try:
+                host, qemu = (str(listener.fileno()) for listener in listeners)
+                argv, env = stdlib_module_command(
+                    "vmrun.hypervisor.vsock.vhost_user", "--socket", str(self.socket_path), "--uds", str(self.uds_path),
+                    "--cid", str(self.guest_cid), "--host-fd", host, "--qemu-fd", qemu,
+                    "--run-as", str(self.backend_id), "--ready-fd", str(ready.write_fd))
+                # Its log is capped here too: a backend taken over would not cap its own.
+                helper = HelperProcess(name="vsock backend", argv=argv, env=env, log_path=self.log_path,
+                                       log_limit=LOG_LIMIT, pass_fds=(int(host), int(qemu), ready.write_fd, claim))
+                helper.start()
+            except BaseException as exc:
+                ready.discard()
+                for path in (self.socket_path, self.uds_path):
+                    path.unlink(missing_ok=True)
+                if isinstance(exc, CommandError):
+                    raise VsockError(str(exc)) from exc
+                raise
         self._helper, self._ready = helper, ready
 
     def wait_started(self) -> None:
@@ -161,6 +190,7 @@ class HybridVsock(VsockTransport):
         if port in self._listeners:
             raise VsockError(f"vsock: already listening on host port {port}")
         path = self.port_path(port)
+        path.parent.mkdir(mode=0o710, parents=True, exist_ok=True)
         path.unlink(missing_ok=True)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:

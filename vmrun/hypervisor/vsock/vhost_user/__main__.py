@@ -43,16 +43,25 @@ _PR_SET_PDEATHSIG = 1
 _PR_SET_NO_NEW_PRIVS = 38
 
 
+_CLONE_NEWIPC = 0x08000000
+_CLONE_NEWNET = 0x40000000
+
+
 def _become_unprivileged(uid: int) -> None:
-    """User and group `uid`, no supplementary groups, no capabilities, no_new_privs. The
-    parent-death signal (set by our starter) is cleared by the change of ids: set again."""
+    """User and group `uid`, no supplementary groups, no capabilities, no_new_privs, and
+    network and IPC namespaces of its own: nothing to reach but the sockets it holds and
+    the host ports made for it (path-named unix sockets, which no network namespace
+    hides), not the host's TCP services nor its abstract sockets. The parent-death signal
+    (set by our starter) is cleared by the change of ids: set again."""
     if uid <= 0:
         raise ValueError(f"--run-as needs an unprivileged id, not {uid}")
     starter = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(_CLONE_NEWNET | _CLONE_NEWIPC) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET | CLONE_NEWIPC)")
     os.setgroups([])
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)  # leaving uid 0 clears every capability
-    libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 or libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0):
         raise OSError(ctypes.get_errno(), "prctl")
     if os.getppid() != starter:
