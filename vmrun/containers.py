@@ -137,6 +137,8 @@ class Containers:
                 undo.callback(stop_sandbox_daemon, state.daemon, Path(state.vm_dir), state.host_cgroup)
                 if pooled is not None and state.host_cgroup:
                     # Started before its pod was known: it and its helpers move there now.
+                    if not pooled.daemon.alive():
+                        raise StateConflictError("the pooled guest's daemon is gone")
                     HostCgroup(state.host_cgroup).join(process_tree(pooled.daemon.pid))
                 self.store.save(state)
                 adopt_sandbox_daemon(state.daemon)

@@ -16,15 +16,17 @@ hierarchy is joined: cgroup v2, or each v1 controller and name=systemd.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from vmrun.errors import VmrunError
 
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
 _SYSTEMD_STYLE = re.compile(r"^([^/:]*):([^/:]*):([^/:]+)$")
 
 
@@ -60,15 +62,18 @@ def cgroup_path(spec: dict) -> str:
 
 
 def hierarchies(mountinfo: str | None = None) -> list[Path]:
-    """Where each cgroup hierarchy is mounted (v2, and every v1 one)."""
+    """Where each cgroup hierarchy is mounted (v2, and every v1 one), under /sys/fs/cgroup:
+    a cgroup mount elsewhere (one a container's rootfs brought along, say) is not ours."""
     if mountinfo is None:
         mountinfo = Path("/proc/self/mountinfo").read_text()
     found: list[Path] = []
     for line in mountinfo.splitlines():
         fields = line.split(" ")
         fs_type = fields[fields.index("-") + 1]
-        if fs_type in ("cgroup", "cgroup2") and fields[3] == "/" and Path(fields[4]) not in found:
-            found.append(Path(fields[4]))
+        point = Path(fields[4])
+        if (fs_type in ("cgroup", "cgroup2") and fields[3] == "/" and point not in found
+                and (point == _CGROUP_ROOT or _CGROUP_ROOT in point.parents)):
+            found.append(point)
     return found
 
 
@@ -81,21 +86,24 @@ class HostCgroup:
 
     def join(self, pids: Iterable[int] = ()) -> None:
         """Move `pids` (by default this process, and so whatever it starts) into the
-        cgroup, made if need be."""
+        cgroup, made if need be; if that fails half-way, this process leaves again."""
+        pids = list(pids) or [os.getpid()]
         for directory in self.directories():
             try:
                 _make(directory)
-                for pid in pids or (os.getpid(),):
+                for pid in pids:
                     (directory / "cgroup.procs").write_text(str(pid))
             except OSError as exc:
+                self.leave_and_remove()
                 raise VmrunError(f"cannot join the pod's cgroup {directory}: {exc.strerror or exc}") from None
 
     def leave_and_remove(self) -> None:
-        """Move this process to the cgroup's parent, and remove the cgroup (once nothing
-        else is in it): for the process that joined it, as its last step."""
-        for directory in self.directories():
+        """Move this process to each hierarchy's root (which takes a process whatever its
+        controllers; a parent may not) and remove the cgroup, once nothing else is in it:
+        for the process that joined it, as its last step."""
+        for root in hierarchies():
             try:
-                (directory.parent / "cgroup.procs").write_text(str(os.getpid()))
+                (root / "cgroup.procs").write_text(str(os.getpid()))
             except OSError:
                 continue
         self.remove()
@@ -108,6 +116,20 @@ class HostCgroup:
             except OSError as exc:
                 if exc.errno not in (errno.ENOENT, errno.EBUSY, errno.ENOTEMPTY):
                     raise VmrunError(f"cannot remove the pod's cgroup {directory}: {exc.strerror}") from None
+
+
+@contextlib.contextmanager
+def joined(path: str) -> Iterator[None]:
+    """This process, and so what it starts meanwhile, in the cgroup `path` (if any)."""
+    if not path:
+        yield
+        return
+    cgroup = HostCgroup(path)
+    cgroup.join()
+    try:
+        yield
+    finally:
+        cgroup.leave_and_remove()
 
 
 def process_tree(pid: int) -> list[int]:

@@ -12,7 +12,7 @@ from contextlib import contextmanager, nullcontext
 from typing import Iterator
 
 from vmrun.config import Config
-from vmrun.host_cgroup import HostCgroup, cgroup_path
+from vmrun.host_cgroup import cgroup_path, joined
 from vmrun.network.netns import check_netns
 from vmrun.oci import Bundle, guest_spec, load_bundle, network_namespace_path, validate_id
 from vmrun.sandbox import Sandbox
@@ -52,24 +52,10 @@ def run_container(config: Config, store: StateStore, bundle_dir: str, container_
         if pid_file:
             write_pid_file(pid_file, os.getpid())
         # Until the process runs, a stop signal unwinds (and so cleans up) instead of killing us.
-        with interrupted_by_signals(), _in_host_cgroup(cgroup):
+        with interrupted_by_signals(), joined(cgroup):
             return _run_in_guest(config, store, bundle, state, netns)
     finally:
         store.remove(container_id)
-
-
-@contextmanager
-def _in_host_cgroup(path: str) -> Iterator[None]:
-    """This process, and so the guest's helpers it starts, in the pod's host cgroup."""
-    if not path:
-        yield
-        return
-    cgroup = HostCgroup(path)
-    cgroup.join()
-    try:
-        yield
-    finally:
-        cgroup.leave_and_remove()
 
 
 def _run_in_guest(config: Config, store: StateStore, bundle: Bundle, state: ContainerState, netns: str) -> int:

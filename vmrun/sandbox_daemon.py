@@ -10,6 +10,7 @@ Sandbox's close() undoes everything it made.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -18,9 +19,9 @@ from pathlib import Path
 
 from vmrun.config import load_config
 from vmrun.errors import VmrunError
-from vmrun.host_cgroup import HostCgroup
-from vmrun.proc import HelperProcess, ReadyPipe
+from vmrun.host_cgroup import HostCgroup, joined
 from vmrun.mounts import remove_tree_safely
+from vmrun.proc import HelperProcess, ReadyPipe
 from vmrun.process_ref import ProcessRef, wait_until_gone
 from vmrun.sandbox import Sandbox
 from vmrun.signals import interrupted_by_signals
@@ -49,6 +50,8 @@ def spawn_sandbox_daemon(sandbox_id: str, hostname: str, boot_timeout: float, ne
         ready.wait(daemon, boot_timeout + 15)
     except BaseException:
         daemon.stop(_STOP_GRACE)
+        if cgroup:
+            HostCgroup(cgroup).remove()  # in case it died before it could
         raise
     # Taken while it is our child, not yet reaped: its pid is still its own.
     return ProcessRef.of(daemon.pid)
@@ -78,7 +81,8 @@ def _stop_process(daemon: ProcessRef) -> None:
     if not daemon.signal(signal.SIGTERM):
         return
     for stuck in wait_until_gone([daemon], _STOP_GRACE):
-        stuck.signal(signal.SIGKILL)  # refused, and logged, for a daemon recorded without its start time
+        if stuck.signal(signal.SIGKILL):  # refused, and logged, for a daemon recorded without its start time
+            wait_until_gone([stuck], _STOP_GRACE)  # its cgroup and mounts go next
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,37 +104,33 @@ def main(argv: list[str] | None = None) -> int:
         starter = 0
 
     signal.signal(signal.SIGUSR1, adopted)
-    cgroup = HostCgroup(args.cgroup) if args.cgroup else None
-    try:
-        with interrupted_by_signals():
-            if cgroup is not None:
-                cgroup.join()  # before any helper starts: they start in it
-            sandbox = Sandbox(args.id, load_config(), hostname=args.hostname).start()
-            try:
-                if args.netns:
-                    sandbox.attach_network(args.netns)
-            except BaseException:
-                sandbox.close()
-                raise
-    except VmrunError as exc:
-        if cgroup is not None:
-            cgroup.leave_and_remove()
-        ReadyPipe.report(args.ready_fd, str(exc))
-        return 1
-    except Exception as exc:  # noqa: BLE001 - the starter must hear why, then we fail loudly
-        ReadyPipe.report(args.ready_fd, f"sandbox daemon failed: {exc!r}")
-        raise
-    try:
-        ReadyPipe.report(args.ready_fd)
-        while not stop.wait(0.5):
-            if sandbox.vm is None or not sandbox.vm.alive():
-                break
-            if starter and os.getppid() != starter:
-                break  # not adopted, and its starter is gone: nobody will ever use it
-    finally:
-        sandbox.close()
-        if cgroup is not None:
-            cgroup.leave_and_remove()
+    # Left, and removed, last: after the sandbox has closed, however it ends.
+    with contextlib.ExitStack() as in_cgroup:
+        try:
+            with interrupted_by_signals():
+                in_cgroup.enter_context(joined(args.cgroup))  # before any helper: they start in it
+                sandbox = Sandbox(args.id, load_config(), hostname=args.hostname).start()
+                try:
+                    if args.netns:
+                        sandbox.attach_network(args.netns)
+                except BaseException:
+                    sandbox.close()
+                    raise
+        except VmrunError as exc:
+            ReadyPipe.report(args.ready_fd, str(exc))
+            return 1
+        except Exception as exc:  # noqa: BLE001 - the starter must hear why, then we fail loudly
+            ReadyPipe.report(args.ready_fd, f"sandbox daemon failed: {exc!r}")
+            raise
+        try:
+            ReadyPipe.report(args.ready_fd)
+            while not stop.wait(0.5):
+                if sandbox.vm is None or not sandbox.vm.alive():
+                    break
+                if starter and os.getppid() != starter:
+                    break  # not adopted, and its starter is gone: nobody will ever use it
+        finally:
+            sandbox.close()
     return 0
 
 

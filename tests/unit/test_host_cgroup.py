@@ -43,5 +43,6 @@ def test_hierarchies_from_mountinfo():
         "30 29 0:26 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu",
         "31 29 0:27 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw",
         "32 29 0:28 /sub /mnt/cg rw,relatime - cgroup cgroup rw,memory",  # a bind of a subtree
+        "33 29 0:29 / /run/vm/x/shared/c/rootfs/sys/fs/cgroup rw - cgroup2 cgroup2 rw",  # not the host's
     ])
     assert [str(p) for p in hierarchies(mountinfo)] == ["/sys/fs/cgroup/cpu", "/sys/fs/cgroup/unified"]
