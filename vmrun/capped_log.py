@@ -13,8 +13,13 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
+from typing import BinaryIO
 
 LOG_LIMIT = 1 << 20  # bytes per file: a boot and its agent's lines take ~10 KiB
+
+
+def _size(out: BinaryIO | None) -> int:
+    return os.fstat(out.fileno()).st_size if out is not None else 0
 
 
 class CappedLog:
@@ -36,21 +41,42 @@ class CappedLog:
             self.write_fd = -1
 
     def _copy(self) -> None:
-        written = 0
-        out = open(self.path, "ab", buffering=0)
+        """Copy until every writer has gone. Whatever happens to the file (a full disk, a
+        directory removed), the pipe is drained: its writer must never stall on it."""
+        out = self._open()
+        written = _size(out)
         try:
             while chunk := os.read(self._read_fd, 65536):
                 while chunk:
                     if written >= self.limit:
-                        out.close()
-                        os.replace(self.path, self.path.with_name(self.path.name + ".1"))
-                        out, written = open(self.path, "ab", buffering=0), 0
+                        out, written = self._rotate(out), 0
                     part, chunk = chunk[:self.limit - written], chunk[self.limit - written:]
-                    out.write(part)
                     written += len(part)
+                    if out is not None:
+                        try:
+                            out.write(part)
+                        except OSError:
+                            out.close()
+                            out = None  # dropped, as the rest will be until the next rotation
         finally:
-            out.close()
+            if out is not None:
+                out.close()
             os.close(self._read_fd)
+
+    def _open(self) -> BinaryIO | None:
+        try:
+            return open(self.path, "ab", buffering=0)
+        except OSError:
+            return None
+
+    def _rotate(self, out: BinaryIO | None) -> BinaryIO | None:
+        if out is not None:
+            out.close()
+        try:
+            os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+        except OSError:
+            pass
+        return self._open()
 
     def close(self, timeout: float = 2.0) -> None:
         """Wait for the copy to end (once the last writer has gone)."""

@@ -51,11 +51,13 @@ def _check(result: int, what: str) -> int:
     return result
 
 
-def clone_tree(source: str | Path, attributes: int) -> int:
-    """A detached, private copy of the mount tree at `source` (submounts included), with
-    `attributes` (MOUNT_ATTR_*) set on all of it; an fd for `attach`, to be closed."""
+def clone_tree(source: str | Path, attributes: int, recursive: bool = True) -> int:
+    """A detached, private copy of the mount at `source` (with its submounts if
+    `recursive`), with `attributes` (MOUNT_ATTR_*) set on all of it; an fd for `attach`,
+    to be closed."""
     fd = _check(_libc.syscall(_SYS_OPEN_TREE, -100, os.fsencode(source),  # AT_FDCWD
-                              _OPEN_TREE_CLONE | os.O_CLOEXEC | _AT_RECURSIVE), f"open_tree {source}")
+                              _OPEN_TREE_CLONE | os.O_CLOEXEC | (_AT_RECURSIVE if recursive else 0)),
+                f"open_tree {source}")
     try:
         # Private: mounts made later under the copy stay there, and the source's stay there.
         attr = _MountAttr(attr_set=attributes, propagation=_MS_PRIVATE)
@@ -73,9 +75,10 @@ def attach(tree_fd: int, target: str | Path) -> None:
            f"move_mount onto {target}")
 
 
-def bind(source: str | Path, target: str | Path, attributes: int) -> None:
-    """Bind the tree at `source` on `target`, every mount of it with `attributes`."""
-    fd = clone_tree(source, attributes)
+def bind(source: str | Path, target: str | Path, attributes: int, recursive: bool = True) -> None:
+    """Bind the tree at `source` (its submounts too if `recursive`) on `target`, every
+    mount of it with `attributes`."""
+    fd = clone_tree(source, attributes, recursive)
     try:
         attach(fd, target)
     finally:

@@ -47,7 +47,7 @@ COLD_BOOT_HOTPLUG_PORTS = 4
 
 def vm_dir_for(config: Config, sandbox_id: str) -> Path:
     # Hashed and short: unix socket paths must fit in 108 bytes. The run dir is part of the
-    # hash: sandboxes of two configurations never share a name (nor a clone memory file).
+    # hash: sandboxes of two configurations never share a name.
     key = f"{config.run_dir}\0{sandbox_id}".encode()
     return config.vm_dir / hashlib.sha256(key).hexdigest()[:16]
 

@@ -89,9 +89,12 @@ def _mount_volume(bundle: Bundle, mount: dict, mount_point: Path, target: Path) 
     else:
         os.close(os.open(mount_point, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o644))
     # Read-only on the host side too, recursively: the guest must not be able to write a
-    # volume its spec mounts read-only, nor anything mounted below it.
-    readonly = "ro" in (mount.get("options") or [])
-    mounts.bind(source, target, _SHARED_MOUNT_ATTRIBUTES | (mounts.MOUNT_ATTR_RDONLY if readonly else 0))
+    # volume its spec mounts read-only, nor anything mounted below it. As runc: "rbind"
+    # brings the source's submounts along, "bind" does not.
+    options = mount.get("options") or []
+    readonly = "ro" in options
+    mounts.bind(source, target, _SHARED_MOUNT_ATTRIBUTES | (mounts.MOUNT_ATTR_RDONLY if readonly else 0),
+                recursive="rbind" in options)
 
 
 def unshare_container_files(shared_dir: Path, container_id: str) -> None:

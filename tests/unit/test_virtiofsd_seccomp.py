@@ -1,5 +1,6 @@
 """The set-id filter and its supervisor, on a stand-in for virtiofsd that makes the calls
-virtiofsd 7.2 makes for a guest (../shared/notes/isolation.md), as root on the host."""
+virtiofsd 7.2 makes for a guest (measured with strace: fchmodat on its /proc/self/fd, openat
+with the mode for creates, mknodat for nodes), as root on the host."""
 
 from __future__ import annotations
 

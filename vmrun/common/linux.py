@@ -1,5 +1,5 @@
 """Small Linux system calls without util-linux: used by the agent in the guest and by the
-host for its bind mounts."""
+host (mount lists, namespaces, holes in files)."""
 
 from __future__ import annotations
 

@@ -90,6 +90,7 @@ class ModeSupervisor:
             if not fds:
                 return  # the helper failed before its filter was in place: it says why
             listener = fds[0]
+            os.set_inheritable(listener, False)  # no helper started later may hold it
             try:
                 self._serve(listener)
             finally:
@@ -130,22 +131,30 @@ class ModeSupervisor:
                 target = None
         else:
             target, mode = None, 0
-        # Everything read from the caller's memory is checked before its answer: if the
-        # caller was replaced meanwhile (its pid reused), the request is no longer valid.
+        # The file is pinned first, then the request checked: if the caller was replaced
+        # meanwhile (its pid reused), what was read from it and through its fds is void.
         try:
-            fcntl.ioctl(listener, _NOTIF_ID_VALID, bytearray(struct.pack("=Q", notification_id)), True)
-        except OSError:
-            return -errno.ENOENT
-        if target is None:
-            return -errno.EPERM
+            pinned = os.open(target, os.O_PATH | os.O_CLOEXEC) if target is not None else None
+        except OSError as exc:
+            pinned, failure = None, -(exc.errno or errno.EPERM)
+        else:
+            failure = -errno.EPERM
         try:
-            kind = os.stat(target).st_mode
+            try:
+                fcntl.ioctl(listener, _NOTIF_ID_VALID, bytearray(struct.pack("=Q", notification_id)), True)
+            except OSError:
+                return -errno.ENOENT
+            if pinned is None:
+                return failure
             mode &= 0o7777 & ~stat.S_ISUID
-            if not stat.S_ISDIR(kind):
+            if not stat.S_ISDIR(os.fstat(pinned).st_mode):
                 mode &= ~stat.S_ISGID  # setgid on a directory only makes new files inherit its group
-            os.chmod(target, mode)
+            os.chmod(f"/proc/self/fd/{pinned}", mode)
         except OSError as exc:
             return -(exc.errno or errno.EPERM)
+        finally:
+            if pinned is not None:
+                os.close(pinned)
         self.stripped += 1
         return 0
 
@@ -153,7 +162,7 @@ class ModeSupervisor:
         """The file of virtiofsd's fchmodat(<its /proc/self/fd>, "<fd number>", mode): the
         only form it uses. Anything else is refused."""
         name = _read_string(pid, path_address)
-        if not name or not name.isdigit() or dirfd < 0:
+        if not name or not (name.isascii() and name.isdigit()) or dirfd < 0:
             return None
         try:
             if os.readlink(f"/proc/{pid}/fd/{dirfd}") != f"/proc/{self.helper_pid}/fd":

@@ -209,6 +209,8 @@ class QemuVM:
             return self._qmp.cmd(command, **arguments)
         except _qmp_failures() as exc:
             raise HypervisorError(f"QMP {command} failed: {exc}") from None
+        finally:
+            self._qmp.clear_events()  # heard meanwhile (some the guest can cause): unused, not kept
 
     def status(self) -> str:
         """QEMU's run state: "running", "paused", ..."""

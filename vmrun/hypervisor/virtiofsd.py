@@ -50,11 +50,12 @@ def virtiofsd_args(binary: str, socket_path: Path, shared_dir: Path) -> list[str
 class Virtiofsd(HelperProcess):
     """One virtiofsd serving `shared_dir` on `socket_path`; listening once started.
 
-    Nothing the guest creates through it gains privilege on the host (see
-    ../shared/notes/isolation.md for what each part stops): virtiofsd runs without
-    CAP_MKNOD, CAP_FSETID and CAP_SETFCAP, under a seccomp filter installed before it is
-    executed (seccomp_exec.py), whose set-id chmods a supervisor thread of ours applies
-    without the bits (mode_supervisor.py)."""
+    Nothing the guest creates through it gains privilege on the host (README's security
+    model): virtiofsd runs without CAP_MKNOD, CAP_FSETID and CAP_SETFCAP, under a seccomp
+    filter installed before it is executed (seccomp_exec.py), whose set-id chmods a
+    supervisor thread of ours applies without the bits (mode_supervisor.py). No one part
+    is enough: without the capabilities a chmod 4755 or a setuid create still lands; the
+    filter alone leaves a rewritten setuid file its bit."""
 
     def __init__(self, binary: str, socket_path: Path, shared_dir: Path, log_path: Path):
         super().__init__("virtiofsd", virtiofsd_args(binary, socket_path, shared_dir), log_path=log_path,
@@ -73,6 +74,8 @@ class Virtiofsd(HelperProcess):
 
     def launch(self) -> "Virtiofsd":
         """Start virtiofsd without waiting for it to listen (work can overlap its start)."""
+        if self._popen is not None:
+            return self  # launched already (argv is wrapped from here on)
         binary = str(self.argv[0])
         if shutil.which(binary) is None:
             raise CommandError(f"cannot start virtiofsd ({binary}): not found or not executable")
@@ -87,7 +90,12 @@ class Virtiofsd(HelperProcess):
             raise
         finally:
             theirs.close()
-        self.modes.serve(ours, self.pid)
+        try:
+            self.modes.serve(ours, self.pid)
+        except BaseException:
+            ours.close()
+            self.stop()  # its set-id chmods would wait for an answer forever
+            raise
         return self
 
     def wait_started(self) -> None:

@@ -58,7 +58,7 @@ class VsockTransport(ABC):
     def is_guest(self, peer_address: object) -> bool:
         """Whether a connection accepted on a `listen()` socket, from `peer_address`, comes
         from this transport's guest. True where only its guest can reach the listener (a
-        backend of its own, behind a socket in the sandbox's private directory)."""
+        backend of its own, behind a socket in a directory only root and it can reach)."""
         return True
 
     def signal_stop(self) -> None:
