@@ -29,3 +29,26 @@ def vm_templates_dir():
     path = Path(tempfile.mkdtemp(prefix="vmrun-templates-", dir="/var/tmp"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _cgroup_dirs() -> set[Path]:
+    """Every cgroup directory on the host (all hierarchies under /sys/fs/cgroup)."""
+    found: set[Path] = set()
+    for root in Path("/sys/fs/cgroup").iterdir() if Path("/sys/fs/cgroup").is_dir() else ():
+        if root.is_dir() and (root / "cgroup.procs").exists():
+            found.update(p for p in root.rglob("*") if p.is_dir() and (p / "cgroup.procs").exists())
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def host_cgroups_left_as_found():
+    """The pods the tests start make their host cgroups (linux.cgroupsPath, as callers name
+    them: /docker/<id>, /k8s.io/<id>, ...); vmrun removes each pod's own, and leaves the
+    parents it had to make, as runc does. Those the session made, and left empty, go."""
+    before = _cgroup_dirs()
+    yield
+    for made in sorted(_cgroup_dirs() - before, key=lambda p: len(p.parts), reverse=True):
+        try:
+            made.rmdir()
+        except OSError:
+            pass  # not empty: something still runs there, and the tests' own checks say so
