@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 
 from vmrun.config import Config
 from vmrun.errors import AgentError, ContainerNotFoundError, StateConflictError, VmrunError
-from vmrun.host_cgroup import HostCgroup, cgroup_path, process_tree
 from vmrun.control import CONTROL_SOCKET, control_call
+from vmrun.host_cgroup import HostCgroup, cgroup_path, process_tree
 from vmrun.network.netns import check_netns
 from vmrun.oci import Bundle, guest_process, guest_spec, load_bundle, network_namespace_path, validate_id
 from vmrun.pod import placement
