@@ -198,11 +198,11 @@ def _seconds(text: str) -> float:
 
 
 def cmd_features(args: argparse.Namespace) -> int:
-    from vmrun.oci import OCI_VERSION
+    from vmrun.oci import MAX_OCI_VERSION
 
     print(json.dumps({
         "ociVersionMin": "1.0.0",
-        "ociVersionMax": OCI_VERSION,
+        "ociVersionMax": MAX_OCI_VERSION,
         "hooks": [],
         "mountOptions": ["bind", "rbind", "ro", "rw", "nosuid", "nodev", "noexec"],
         "linux": {

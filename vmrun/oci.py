@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -13,6 +14,16 @@ from pathlib import Path
 from vmrun.common.constants import SHARED_DIR, container_rootfs
 from vmrun.common.default_spec import OCI_VERSION, default_spec  # noqa: F401
 from vmrun.errors import BundleError, InvalidIdError
+
+log = logging.getLogger("vmrun.oci")
+
+# runc takes a spec of any 1.x version. The crun in the guest (1.8.1) reads 1.0.x and 1.1.0
+# only, and ignores the fields it does not know: it gets the spec under this version.
+GUEST_OCI_VERSION = OCI_VERSION
+MAX_OCI_VERSION = "1.3.0"  # the newest version `vmrun features` says it takes
+_OCI_VERSION_PATTERN = re.compile(r"^1\.\d+\.\d+(-[0-9A-Za-z.+-]+)?$")
+# Kernel memory limits: cgroup v2 (the guest's) has none; runc ignores them too.
+_IGNORED_MEMORY_LIMITS = ("kernel", "kernelTCP")
 
 # runc's rule: word characters, '+', '-' and '.', and never "." or "..".
 _ID_PATTERN = re.compile(r"^[\w+.-]+$", re.ASCII)
@@ -61,6 +72,8 @@ def load_bundle(bundle_dir: str | Path) -> Bundle:
         raise BundleError(f"bundle {path}: config.json is not valid JSON: {exc}") from None
     _require(isinstance(spec, dict), path, "config.json must hold a JSON object")
     _require(isinstance(spec.get("ociVersion"), str), path, "config.json has no ociVersion")
+    _require(bool(_OCI_VERSION_PATTERN.match(spec["ociVersion"])), path,
+             f"ociVersion {spec['ociVersion']!r} is not a 1.x version (this runtime takes 1.0.0 to {MAX_OCI_VERSION})")
     process = spec.get("process")
     _require(isinstance(process, dict), path, "config.json has no process")
     args = process.get("args")
@@ -133,6 +146,7 @@ def guest_spec(spec: dict, container_id: str, guest_pids: dict[int, int] | None 
     the sandbox's shim) are translated through `guest_pids` to that process in the guest.
     """
     guest = copy.deepcopy(spec)
+    guest["ociVersion"] = GUEST_OCI_VERSION
     guest["root"]["path"] = container_rootfs(container_id)
     for index, mount in enumerate(guest.get("mounts", [])):
         if is_bind_mount(mount):
@@ -160,6 +174,11 @@ def guest_spec(spec: dict, container_id: str, guest_pids: dict[int, int] | None 
             linux["namespaces"] = namespaces
         # Host cgroup paths mean nothing in the guest; crun makes its own.
         linux["cgroupsPath"] = f"/vmrun/{container_id}"
+        memory = (linux.get("resources") or {}).get("memory")
+        for limit in _IGNORED_MEMORY_LIMITS if isinstance(memory, dict) else ():
+            if memory.pop(limit, None) is not None:
+                log.warning("linux.resources.memory.%s is ignored: the guest's cgroup v2 has no kernel memory "
+                            "limit (as runc)", limit)
     return guest
 
 

@@ -122,3 +122,29 @@ def test_guest_spec_joins_the_pod_sandbox_in_the_guest():
         {"type": "uts"},
         {"type": "mount"},
     ]
+
+
+@pytest.mark.parametrize("version", ["1.0.0", "1.0.2", "1.1.0", "1.2.1", "1.3.0", "1.0.2-dev"])
+def test_any_1x_spec_loads_and_the_guest_gets_a_version_its_crun_reads(tmp_path, version):
+    spec = default_spec()
+    spec["ociVersion"] = version
+    bundle = load_bundle(write_bundle(tmp_path, spec))
+    assert guest_spec(bundle.spec, "c1")["ociVersion"] == "1.0.2"
+
+
+@pytest.mark.parametrize("version", ["0.9.0", "2.0.0", "1.x", "", "latest"])
+def test_other_versions_are_refused_in_one_line(tmp_path, version):
+    spec = default_spec()
+    spec["ociVersion"] = version
+    with pytest.raises(BundleError, match="is not a 1.x version") as refused:
+        load_bundle(write_bundle(tmp_path, spec))
+    assert "\n" not in str(refused.value)
+
+
+def test_kernel_memory_limits_are_dropped_with_a_warning(caplog):
+    spec = default_spec()
+    spec["linux"]["resources"]["memory"] = {"limit": 1 << 30, "kernel": 1 << 20, "kernelTCP": 1 << 20}
+    guest = guest_spec(spec, "c1")
+    assert guest["linux"]["resources"]["memory"] == {"limit": 1 << 30}
+    assert [r.levelname for r in caplog.records] == ["WARNING", "WARNING"]
+    assert "kernelTCP" in caplog.text
