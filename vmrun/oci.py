@@ -14,6 +14,7 @@ from pathlib import Path
 from vmrun.common.constants import SHARED_DIR, container_rootfs
 from vmrun.common.default_spec import OCI_VERSION, default_spec  # noqa: F401
 from vmrun.errors import BundleError, InvalidIdError
+from vmrun.namespaces import check_namespace_paths
 
 log = logging.getLogger("vmrun.oci")
 
@@ -94,6 +95,7 @@ def load_bundle(bundle_dir: str | Path) -> Bundle:
     mounts = spec.get("mounts", [])
     _require(isinstance(mounts, list) and all(isinstance(m, dict) and isinstance(m.get("destination"), str)
                                               for m in mounts), path, "mounts must be a list of objects with a destination")
+    check_namespace_paths(spec)
     return Bundle(path, spec, rootfs)
 
 

@@ -148,3 +148,32 @@ def test_kernel_memory_limits_are_dropped_with_a_warning(caplog):
     assert guest["linux"]["resources"]["memory"] == {"limit": 1 << 30}
     assert [r.levelname for r in caplog.records] == ["WARNING", "WARNING"]
     assert "kernelTCP" in caplog.text
+
+
+@pytest.mark.parametrize("kind, path, message", [
+    ("pid", "/proc/self/ns/net", "is not a pid namespace but a network one"),
+    ("network", "/proc/self/ns/ipc", "is not a network namespace but a ipc one"),
+    ("ipc", "/etc/hostname", "is not a ipc namespace: not a namespace file"),
+    ("uts", "/nonexistent/ns", "uts namespace /nonexistent/ns: No such file"),
+])
+def test_a_namespace_path_of_the_wrong_type_is_refused(tmp_path, kind, path, message):
+    spec = default_spec()
+    spec["linux"]["namespaces"] = [ns for ns in spec["linux"]["namespaces"] if ns["type"] != kind]
+    spec["linux"]["namespaces"].append({"type": kind, "path": path})
+    with pytest.raises(BundleError, match=message):
+        load_bundle(write_bundle(tmp_path, spec))
+
+
+def test_namespace_paths_of_the_right_type_load(tmp_path):
+    spec = default_spec()
+    spec["linux"]["namespaces"] = [{"type": kind, "path": f"/proc/self/ns/{name}"}
+                                   for kind, name in (("pid", "pid"), ("network", "net"), ("ipc", "ipc"),
+                                                      ("uts", "uts"), ("mount", "mnt"), ("cgroup", "cgroup"))]
+    assert load_bundle(write_bundle(tmp_path, spec)).spec["linux"]["namespaces"][1]["path"] == "/proc/self/ns/net"
+
+
+def test_an_unknown_namespace_type_is_refused(tmp_path):
+    spec = default_spec()
+    spec["linux"]["namespaces"].append({"type": "bogus"})
+    with pytest.raises(BundleError, match="unknown namespace"):
+        load_bundle(write_bundle(tmp_path, spec))

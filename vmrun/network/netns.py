@@ -7,33 +7,24 @@ sockets and taps opened there belong to that namespace for good, whoever uses th
 
 from __future__ import annotations
 
-import fcntl
 import os
 from typing import Callable, TypeVar
 
 from vmrun.common import linux
-from vmrun.errors import NetworkError
+from vmrun.errors import BundleError, NetworkError
+from vmrun.namespaces import NAMESPACE_FLAGS, open_namespace
 from vmrun.threads import InThread
 
 T = TypeVar("T")
 
-_CLONE_NEWNET = 0x40000000
-_NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3)
+_CLONE_NEWNET = NAMESPACE_FLAGS["network"]
 
 
 def _open_netns(path: str) -> int:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise NetworkError(f"network namespace {path}: {exc.strerror}") from None
-    try:
-        kind = fcntl.ioctl(fd, _NS_GET_NSTYPE)
-    except OSError:
-        kind = -1
-    if kind != _CLONE_NEWNET:
-        os.close(fd)
-        raise NetworkError(f"{path} is not a network namespace")
-    return fd
+        return open_namespace(path, "network")
+    except BundleError as exc:
+        raise NetworkError(str(exc)) from None
 
 
 def check_netns(path: str) -> None:
