@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -13,8 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 import vmrun
-from vmrun.config import load_config
-from vmrun.errors import StateConflictError, VmrunError
+from vmrun.config import Config, config_as_dict, config_path, load_config
+from vmrun.errors import CommandError, ConfigError, StateConflictError, VmrunError
 from vmrun.log import setup_logging
 from vmrun.oci import load_bundle, write_default_spec
 from vmrun.proc import run
@@ -224,10 +225,56 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if all(f.ok for f in findings) else 1
 
 
-def cmd_env(args: argparse.Namespace) -> int:
-    from vmrun.diagnostics import effective_config
+def _component(version: str | None, detail: str) -> dict[str, object]:
+    # TOML has no null: a component not found (version None) has found = false, version
+    # "", and its detail says why.
+    return {"found": version is not None, "version": version or "", "detail": detail}
 
-    print("\n".join(effective_config(args.config)))
+
+def _tool_version(argv: list[str]) -> dict[str, object]:
+    """A helper's `--version`: its first line, and the version number in it."""
+    try:
+        first = run([*argv, "--version"], timeout=10).stdout.decode(errors="replace").strip().splitlines()
+    except CommandError as exc:
+        return _component(None, str(exc))
+    line = first[0] if first else ""
+    match = re.search(r"version\s+(\S+)", line) or re.search(r"(\d+\.\d+\S*)", line)
+    return _component(match.group(1) if match else line, f"{argv[0]}: {line}")
+
+
+def env_report(config: Config) -> dict[str, object]:
+    """What `vmrun env` prints: the config file in force, the effective configuration (as a
+    vmrun.toml would say it) and the versions of vmrun, QEMU, virtiofsd and the guest."""
+    from vmrun.bootfiles import guest_versions
+    from vmrun.hypervisor.virtiofsd import find_virtiofsd
+
+    try:
+        virtiofsd = _tool_version([find_virtiofsd(config.virtiofsd)])
+    except VmrunError as exc:
+        virtiofsd = _component(None, str(exc))
+    guest = guest_versions(config)
+    path = config_path()
+    return {
+        "config_file": str(path) if path else "",  # "": no file, the defaults
+        "config": config_as_dict(config),
+        "versions": {
+            "vmrun": _component(vmrun.__version__, str(Path(vmrun.__file__).parent)),
+            "qemu": _tool_version([config.qemu]),
+            "virtiofsd": virtiofsd,
+            "guest_kernel": _component(guest.kernel, guest.kernel_detail),
+            "guest_image": _component(guest.image, guest.image_detail),
+        },
+    }
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    report = env_report(args.config)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        import tomli_w
+
+        sys.stdout.write(tomli_w.dumps(report))
     return 0
 
 
@@ -319,7 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", "-v", action="version", version=f"vmrun version {vmrun.__version__}")
     parser.add_argument("--root", default=str(DEFAULT_ROOT), help="directory for container state")
     parser.add_argument("--log", default="", help="log file (runc-style lines)")
-    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    # runc's default: text (logfmt). containerd's shim passes --log-format json itself.
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="format of --log lines (default text, as runc)")
     parser.add_argument("--debug", action="store_true", help="log debug messages")
     parser.add_argument("--systemd-cgroup", action="store_true", help="accepted for runc compatibility")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -423,7 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="what this host offers and what vmrun will use")
     check.set_defaults(handler=cmd_check)
-    env = commands.add_parser("env", help="the effective configuration")
+    env = commands.add_parser("env", help="the effective configuration and versions, as TOML")
+    env.add_argument("--json", action="store_true", help="the same as JSON")
     env.set_defaults(handler=cmd_env)
 
     network = commands.add_parser("network", help="the pod interfaces of a running container's guest")
@@ -481,12 +531,31 @@ def _refuse_unsupported(args: argparse.Namespace) -> None:
         raise VmrunError("spec --rootless is not supported: vmrun runs as root")
 
 
+# These only read and change what --root holds (the state records each container's
+# sandbox): a caller must be able to see, stop and clean up its containers whatever
+# vmrun.toml says, so a config that does not load is set aside for them.
+_CONFIG_OPTIONAL = frozenset({cmd_state, cmd_list, cmd_kill, cmd_delete})
+
+
+def _load_config(args: argparse.Namespace, logs_to_file: bool) -> Config:
+    try:
+        return load_config()
+    except ConfigError as exc:
+        if args.handler not in _CONFIG_OPTIONAL:  # (args.command: exec's argv overwrites it)
+            raise
+        # Only to the --log file: callers parse what state and list print (go-runc reads
+        # state's stderr with its stdout), so nothing goes to stderr on success.
+        if logs_to_file:
+            log.warning("%s (%s goes on without it)", exc, args.handler.__name__.removeprefix("cmd_"))
+        return Config()
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logs_to_file = setup_logging(args.log, args.log_format, args.debug)
     try:
         _refuse_unsupported(args)
-        args.config = load_config()
+        args.config = _load_config(args, logs_to_file)
         if not args.debug:
             logging.getLogger("vmrun").setLevel(args.config.log_level.upper())
         code = args.handler(args)

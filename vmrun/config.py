@@ -7,10 +7,13 @@ errors, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from vmrun.errors import ConfigError
 
@@ -58,47 +61,194 @@ class Config:
         return self.run_dir / "vm"
 
 
-_PATH_FIELDS = {"image_dir", "run_dir", "templates_dir"}
+_TEMPLATE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# A sandbox's sockets lie at run_dir/vm/<16 hex>/<name of up to 32 bytes>, and a unix
+# socket path holds at most 107 bytes.
+_RUN_DIR_MAX = 107 - len("/vm/") - 16 - 1 - 32
+_SOCKET_PATH_MAX = 107
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """How one key is checked: its TOML type, then its range. `check` returns what is
+    wrong with a value of the right type ("" when nothing is)."""
+
+    kind: type
+    check: Callable[[Any], str] = lambda value: ""
+
+
+def _between(low: float, high: float) -> Callable[[Any], str]:
+    def check(value: float) -> str:
+        if value < low:
+            return f"must be >= {low:g} (got {value!r})"
+        if value > high:
+            return f"must be <= {high:g} (got {value!r})"
+        return ""
+    return check
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str]:
+    return lambda value: "" if value in choices else f"must be one of {', '.join(choices)} (got {value!r})"
+
+
+def _absolute_path(max_len: int = 4095, empty_ok: bool = False) -> Callable[[Any], str]:
+    def check(value: str) -> str:
+        if not value and empty_ok:
+            return ""
+        if not value.startswith("/"):
+            return f"must be an absolute path (got {value!r})"
+        if "\0" in value or "\n" in value:
+            return f"must not hold NUL or newline characters (got {value!r})"
+        if len(value.encode()) > max_len:
+            return f"must be at most {max_len} bytes long (got {len(value.encode())})"
+        return ""
+    return check
+
+
+def _command(empty_ok: bool) -> Callable[[Any], str]:
+    def check(value: str) -> str:
+        if not value:
+            return "" if empty_ok else "must name a program (got '')"
+        if "\0" in value or "\n" in value:
+            return f"must not hold NUL or newline characters (got {value!r})"
+        return ""
+    return check
+
+
+def _template_name(value: str) -> str:
+    # It names vmtemplates/NAME.toml and templates_dir/NAME: no path of its own.
+    if value and not _TEMPLATE_NAME.fullmatch(value):
+        return f"must be \"\" or a name of letters, digits, '.', '_' and '-' (got {value!r})"
+    return ""
+
+
+def _kernel_params(value: str) -> str:
+    # Appended to a command line of ours; x86 kernels take 2048 bytes in all.
+    if any(c in value for c in "\0\n"):
+        return f"must not hold NUL or newline characters (got {value!r})"
+    if len(value.encode()) > 1024:
+        return f"must be at most 1024 bytes long (got {len(value.encode())})"
+    return ""
+
+
+# Every key of Config, with its rule (test_config checks none is missing).
+_RULES: dict[str, _Rule] = {
+    "qemu": _Rule(str, _command(empty_ok=False)),
+    "virtiofsd": _Rule(str, _command(empty_ok=True)),
+    "image_dir": _Rule(Path, _absolute_path()),
+    "kernel": _Rule(str, _command(empty_ok=True)),
+    "initrd": _Rule(str, _command(empty_ok=True)),
+    "kernel_params": _Rule(str, _kernel_params),
+    # q35 without interrupt remapping boots at most 255 vCPUs.
+    "vcpus": _Rule(int, _between(1, 255)),
+    # QEMU takes the size in bytes as a 64-bit number; whether the host has it is QEMU's
+    # to say (with a clear error), not ours.
+    "memory_mib": _Rule(int, _between(64, 2**40)),
+    "acceleration": _Rule(str, _one_of(ACCELERATIONS)),
+    "run_dir": _Rule(Path, _absolute_path(_RUN_DIR_MAX)),
+    "template": _Rule(str, _template_name),
+    "network_model": _Rule(str, _one_of(NETWORK_MODELS)),
+    "templates_dir": _Rule(Path, _absolute_path()),
+    "pool_socket": _Rule(str, _absolute_path(_SOCKET_PATH_MAX, empty_ok=True)),
+    "pool_size": _Rule(int, _between(1, 256)),
+    "boot_timeout": _Rule(float, _between(0.1, 3600)),
+    "log_level": _Rule(str, _one_of(LOG_LEVELS)),
+}
+
+_TOML_TYPES = {str: "a string", Path: "a path string", int: "an integer", float: "a number"}
+
+
+def _toml_type(value: object) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return type(value).__name__
+
+
+def _convert(source: str, key: str, rule: _Rule, value: object) -> object:
+    """`value` as the field's type, or a ConfigError naming the key."""
+    # bool is an int to Python, never to us; an int is a fine float (boot_timeout = 5).
+    ok = not isinstance(value, bool) and (
+        isinstance(value, str) if rule.kind in (str, Path)
+        else isinstance(value, int) if rule.kind is int
+        else isinstance(value, (int, float)))
+    if not ok:
+        raise ConfigError(f"{source}: {key} must be {_TOML_TYPES[rule.kind]}, not {_toml_type(value)} ({value!r})")
+    problem = rule.check(value)
+    if problem:
+        raise ConfigError(f"{source}: {key} {problem}")
+    if rule.kind is Path:
+        return Path(value)  # type: ignore[arg-type]
+    return float(value) if rule.kind is float else value  # type: ignore[arg-type]
+
+
+def config_path() -> Path | None:
+    """The config file in force: VMRUN_CONFIG's, else the default one if it exists (None:
+    the defaults, no file)."""
+    env = os.environ.get("VMRUN_CONFIG")
+    if env:
+        return Path(env)
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
 
 
 def load_config(path: Path | None = None) -> Config:
     if path is None:
-        env = os.environ.get("VMRUN_CONFIG")
-        path = Path(env) if env else DEFAULT_CONFIG_PATH
-        if not env and not path.exists():
+        path = config_path()
+        if path is None:
             return Config()
     try:
-        data = tomllib.loads(path.read_text())
+        text = path.read_text()
+        data = tomllib.loads(text)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"cannot read config file {path}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}{_quote_line(text, str(exc))}") from None
     return config_from_dict(data, source=str(path))
 
 
+def _quote_line(text: str, message: str) -> str:
+    """The line a TOML error points at (tomllib says only its number), to name its key."""
+    match = re.search(r"at line (\d+)", message)
+    lines = text.splitlines()
+    if not match or not 0 < int(match.group(1)) <= len(lines):
+        return ""
+    return f": {lines[int(match.group(1)) - 1].strip()[:80]!r}"
+
+
 def config_from_dict(data: dict, source: str = "config") -> Config:
-    fields = {f.name for f in dataclasses.fields(Config)}
+    """A Config from a parsed vmrun.toml; every error is one line naming `source` and the key."""
+    unknown = sorted(key for key in data if key.replace("-", "_") not in _RULES)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0].replace("-", "_"), _RULES, n=1)
+        raise ConfigError(f"{source}: unknown setting{'s' if len(unknown) > 1 else ''} "
+                          f"{', '.join(map(repr, unknown))}" + (f" (did you mean {close[0]!r}?)" if close else ""))
     values: dict[str, object] = {}
     for key, value in data.items():
         name = key.replace("-", "_")
-        if name not in fields:
-            raise ConfigError(f"{source}: unknown setting {key!r}")
-        default = getattr(Config, name)
-        if name in _PATH_FIELDS:
-            if not isinstance(value, str):
-                raise ConfigError(f"{source}: {key} must be a path string")
-            value = Path(value)
-        elif isinstance(default, bool) or not isinstance(value, type(default)):
-            if not (isinstance(default, float) and isinstance(value, int)):
-                raise ConfigError(f"{source}: {key} must be a {type(default).__name__}")
-        values[name] = value
-    config = Config(**values)
-    if config.acceleration not in ACCELERATIONS:
-        raise ConfigError(f"{source}: acceleration must be one of {', '.join(ACCELERATIONS)}")
-    if config.network_model not in NETWORK_MODELS:
-        raise ConfigError(f"{source}: network_model must be one of {', '.join(NETWORK_MODELS)}")
-    if config.log_level not in LOG_LEVELS:
-        raise ConfigError(f"{source}: log_level must be one of {', '.join(LOG_LEVELS)}")
-    if config.vcpus < 1 or config.memory_mib < 64:
-        raise ConfigError(f"{source}: vcpus must be >= 1 and memory_mib >= 64")
+        if name in values:
+            raise ConfigError(f"{source}: {name} is set twice (as {name} and {name.replace('_', '-')})")
+        values[name] = _convert(source, key, _RULES[name], value)
+    config = Config(**values)  # type: ignore[arg-type]
+    if bool(config.kernel) != bool(config.initrd):
+        given, missing = ("kernel", "initrd") if config.kernel else ("initrd", "kernel")
+        raise ConfigError(f"{source}: {given} is set but {missing} is not: set both, or neither to use the built image")
     return config
+
+
+def config_as_dict(config: Config) -> dict[str, str | int | float]:
+    """The configuration as vmrun.toml would say it: every key, paths as strings."""
+    return {field.name: str(value) if isinstance(value := getattr(config, field.name), Path) else value
+            for field in dataclasses.fields(config)}

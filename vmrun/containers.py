@@ -21,9 +21,12 @@ from typing import TYPE_CHECKING
 from vmrun.config import Config
 from vmrun.errors import AgentError, ContainerNotFoundError, StateConflictError, VmrunError
 from vmrun.control import CONTROL_SOCKET, control_call
+from vmrun.hooks import CREATE_HOOKS, hook_state, parse_hooks, run_hooks, run_hooks_logging_failures
 from vmrun.host_cgroup import HostCgroup, cgroup_path, process_tree
+from vmrun.network.container_netns import make_container_netns, remove_container_netns
 from vmrun.network.netns import check_netns
-from vmrun.oci import Bundle, guest_process, guest_spec, load_bundle, network_namespace_path, validate_id
+from vmrun.oci import (Bundle, guest_process, guest_spec, load_bundle, network_namespace_path, validate_id,
+                       wants_new_network_namespace)
 from vmrun.pod import placement
 from vmrun.pool import take_from_pool
 from vmrun.process_ref import ProcessRef, wait_until_gone
@@ -31,6 +34,7 @@ from vmrun.sandbox import vm_dir_for
 from vmrun.sandbox_daemon import adopt_sandbox_daemon, spawn_sandbox_daemon, stop_sandbox_daemon
 from vmrun.share import share_container_files, unshare_container_files
 from vmrun.shim import StartingShim, spawn_shim
+from vmrun.sizing import fit_guest_to
 from vmrun.state import ContainerState, StateStore, write_pid_file
 from vmrun.signals import interrupted_by_signals
 from vmrun.threads import InThread
@@ -39,6 +43,8 @@ if TYPE_CHECKING:
     from vmrun.agent.client import AgentClient
 
 _SHIM_EXIT_GRACE = 5.0
+# Hooks run after create returns: the state keeps them (the bundle may be gone by then).
+_LATER_HOOKS = ("poststart", "poststop")
 
 
 def _wait_gone(processes: list[ProcessRef], timeout: float) -> None:
@@ -83,9 +89,11 @@ class Containers:
         annotations = bundle.spec.get("annotations") or {}
         place = placement(container_id, annotations)
         # Until the shim stands for it, this process does: if it dies, the state reads stopped.
+        hooks = bundle.spec.get("hooks") or {}
         state = ContainerState(container_id, str(bundle.path), str(bundle.rootfs), "creating",
                                annotations=annotations, sandbox_id=place.sandbox_id,
-                               host_cgroup=cgroup_path(bundle.spec) if place.owns_guest else "")
+                               host_cgroup=cgroup_path(bundle.spec) if place.owns_guest else "",
+                               hooks={kind: hooks[kind] for kind in _LATER_HOOKS if hooks.get(kind)})
         state.process = ProcessRef.of(os.getpid())
         guest_pids: dict[int, int] = {}
         with contextlib.ExitStack() as pod_lock:
@@ -111,7 +119,8 @@ class Containers:
             undo.callback(self.store.remove, container_id)
 
             def start_shim() -> StartingShim:
-                shim = StartingShim(state.agent_socket, container_id, console_socket=console_socket)
+                shim = StartingShim(state.agent_socket, container_id, console_socket=console_socket,
+                                    netns=state.host_netns)
                 undo.callback(shim.close)
                 return shim
 
@@ -121,6 +130,11 @@ class Containers:
                 netns = network_namespace_path(bundle.spec)
                 if netns:
                     check_netns(netns)
+                elif wants_new_network_namespace(bundle.spec):
+                    # Removed after the daemon (undone in reverse), which may hold NICs in it.
+                    state.host_netns = str(make_container_netns(self._netns_path(container_id)))
+                    undo.callback(remove_container_netns, Path(state.host_netns))
+                    self.store.save(state)
                 pooled = take_from_pool(self.config)
                 if pooled is not None:
                     state.vm_dir, state.daemon = pooled.vm_dir, pooled.daemon
@@ -153,16 +167,42 @@ class Containers:
             shared = Path(state.vm_dir) / "shared"
             share_container_files(shared, container_id, bundle)
             undo.callback(unshare_container_files, shared, container_id)
+            fit_guest_to(Path(state.vm_dir), container_id, (bundle.spec.get("linux") or {}).get("resources") or {})
             with self._agent(state) as agent:
-                state.guest_pid = agent.create_container(container_id, guest_spec(bundle.spec, container_id, guest_pids))
+                state.guest_pid = agent.create_container(
+                    container_id, guest_spec(bundle.spec, container_id, guest_pids, owns_guest=owns_guest))
                 undo.callback(self._remove_in_guest, state)
                 # Taken while the shim is our child, not yet reaped: its pid is still its own.
                 state.process = ProcessRef.of(shim.go())
+                self._run_create_hooks(state, bundle)
                 if pid_file:
                     write_pid_file(pid_file, state.pid)
                 state.status = "created"
                 self.store.save(state)
                 undo.pop_all()
+
+    def _netns_path(self, container_id: str) -> Path:
+        # Beside the guests' directories, not in one: a sandbox's directory is made by its daemon.
+        return self.config.run_dir / "netns" / container_id
+
+    def _run_create_hooks(self, state: ContainerState, bundle: Bundle) -> None:
+        """prestart, createRuntime, createContainer: the container exists in the guest and its
+        process has not started. Then what they put in the container's network namespace
+        (dockerd's network) goes into the guest."""
+        hooks = parse_hooks(bundle.spec)
+        if not any(hooks.get(kind) for kind in CREATE_HOOKS):
+            return
+        hook_input = hook_state(state.id, "creating", state.pid, state.bundle, state.annotations)
+        for kind in CREATE_HOOKS:
+            run_hooks(hooks, kind, hook_input)
+        if state.host_netns:
+            control_call(Path(state.vm_dir) / CONTROL_SOCKET, "network-add", netns=state.host_netns)
+
+    def _run_later_hooks(self, state: ContainerState, kind: str, status: str) -> None:
+        hooks = parse_hooks({"hooks": state.hooks})
+        if hooks.get(kind):
+            run_hooks_logging_failures(hooks, kind,
+                                       hook_state(state.id, status, state.pid, state.bundle, state.annotations))
 
     def start(self, container_id: str) -> None:
         with self.store.locked(container_id):
@@ -174,6 +214,7 @@ class Containers:
                 agent.start_container(container_id)
             state.status = "running"
             self.store.save(state)
+            self._run_later_hooks(state, "poststart", "running")
 
     # ---- signals, delete ----
 
@@ -212,6 +253,9 @@ class Containers:
             unshare_container_files(Path(state.vm_dir) / "shared", container_id)
             if state.owns_guest:
                 stop_sandbox_daemon(state.daemon, Path(state.vm_dir), state.host_cgroup)
+        if state.host_netns:
+            remove_container_netns(Path(state.host_netns))
+        self._run_later_hooks(state, "poststop", "stopped")
         self.store.remove(container_id)
 
     # ---- exec ----
@@ -256,7 +300,7 @@ class Containers:
     def network_add(self, container_id: str, netns: str = "") -> list[str]:
         """Plug the pod interfaces that the guest lacks (say, a second CNI ADD); their names."""
         state, control = self._control_socket(container_id)
-        netns = netns or network_namespace_path(load_bundle(state.bundle).spec)
+        netns = netns or state.host_netns or network_namespace_path(load_bundle(state.bundle).spec)
         if not netns:
             raise VmrunError(f"container {container_id!r} joins no network namespace: give --netns")
         return list(control_call(control, "network-add", netns=netns))  # type: ignore[arg-type]
@@ -310,6 +354,7 @@ class Containers:
 
     def update(self, container_id: str, resources: dict) -> None:
         state = self._running_state(container_id, "update")
+        fit_guest_to(Path(state.vm_dir), container_id, resources)
         with self._agent(state) as agent:
             agent.update_container(container_id, resources)
 

@@ -1,13 +1,12 @@
-"""`vmrun check` (what this host offers and what vmrun will use) and `vmrun env`."""
+"""`vmrun check`: what this host offers and what vmrun will use."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmrun.config import DEFAULT_CONFIG_PATH, Config
+from vmrun.config import Config
 from vmrun.errors import VmrunError
 from vmrun.hypervisor.accel import detect_acceleration
 from vmrun.hypervisor.virtiofsd import find_virtiofsd
@@ -74,22 +73,3 @@ def check(config: Config) -> list[Finding]:
         _image(config),
         _pod_network(config),
     ]
-
-
-def config_source() -> str:
-    env = os.environ.get("VMRUN_CONFIG")
-    if env:
-        return f"{env} (VMRUN_CONFIG)"
-    return str(DEFAULT_CONFIG_PATH) if DEFAULT_CONFIG_PATH.exists() else f"defaults ({DEFAULT_CONFIG_PATH} absent)"
-
-
-def effective_config(config: Config) -> list[str]:
-    """The configuration as TOML lines, every key with its effective value."""
-    lines = [f"# from {config_source()}"]
-    for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
-        if isinstance(value, (str, Path)):
-            lines.append(f'{field.name} = "{value}"')
-        else:
-            lines.append(f"{field.name} = {value}")
-    return lines

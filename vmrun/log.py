@@ -1,7 +1,8 @@
-"""runc-style logging: JSON lines ({"level","msg","time"}) or logfmt text, to --log or stderr.
+"""runc-style logging: logfmt text (runc's default) or JSON lines ({"level","msg","time"},
+with --log-format json), to --log or stderr.
 
-containerd's shim shows its user the last "level":"error" line of the --log file, so every
-error vmrun reports goes there as one line.
+containerd's shim passes --log-format json and shows its user the last "level":"error" line
+of the --log file, so every error vmrun reports goes there as one line.
 """
 
 from __future__ import annotations
@@ -26,9 +27,12 @@ class JSONFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
+    """logrus's text format, as runc writes it: time="..." level=... msg="..."."""
+
     def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage().replace('"', '\\"')
-        return f'time="{_time(record)}" level={_LEVELS.get(record.levelno, "info")} msg="{message}"'
+        # Quoted as Go's %q would: one line whatever the message holds.
+        message = json.dumps(record.getMessage(), ensure_ascii=False)
+        return f'time="{_time(record)}" level={_LEVELS.get(record.levelno, "info")} msg={message}'
 
 
 def setup_logging(log_path: str | None, log_format: str, debug: bool) -> bool:

@@ -11,9 +11,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmrun.common.constants import SHARED_DIR, container_rootfs
+from vmrun.common.constants import POD_NETNS, SHARED_DIR, container_rootfs
 from vmrun.common.default_spec import OCI_VERSION, default_spec  # noqa: F401
 from vmrun.errors import BundleError, InvalidIdError
+from vmrun.hooks import GUEST_HOOKS, parse_hooks
 from vmrun.namespaces import check_namespace_paths
 
 log = logging.getLogger("vmrun.oci")
@@ -96,6 +97,10 @@ def load_bundle(bundle_dir: str | Path) -> Bundle:
     _require(isinstance(mounts, list) and all(isinstance(m, dict) and isinstance(m.get("destination"), str)
                                               for m in mounts), path, "mounts must be a list of objects with a destination")
     check_namespace_paths(spec)
+    try:
+        parse_hooks(spec)
+    except BundleError as exc:
+        raise BundleError(f"bundle {path}: {exc}") from None
     return Bundle(path, spec, rootfs)
 
 
@@ -118,13 +123,24 @@ def guest_mount_source(container_id: str, index: int) -> str:
 _NAMESPACE_PATH = re.compile(r"^/proc/(\d+)/ns/(\w+)$")
 
 
-def network_namespace_path(spec: dict) -> str:
-    """The pod's network namespace (CNI's) the spec joins; "" for none or a new one."""
+def _network_namespace(spec: dict) -> dict | None:
     linux = spec.get("linux")
     for namespace in (linux.get("namespaces", []) if isinstance(linux, dict) else []):
         if isinstance(namespace, dict) and namespace.get("type") == "network":
-            return str(namespace.get("path") or "")
-    return ""
+            return namespace
+    return None
+
+
+def network_namespace_path(spec: dict) -> str:
+    """The pod's network namespace (CNI's) the spec joins; "" for none or a new one."""
+    namespace = _network_namespace(spec)
+    return str(namespace.get("path") or "") if namespace else ""
+
+
+def wants_new_network_namespace(spec: dict) -> bool:
+    """Whether the spec asks for a network namespace of its own (one without a path)."""
+    namespace = _network_namespace(spec)
+    return namespace is not None and not namespace.get("path")
 
 
 # Labels of the host's security modules: they name host policies, which the guest has not
@@ -138,12 +154,16 @@ def guest_process(process: dict) -> dict:
     return {key: value for key, value in process.items() if key not in _HOST_PROCESS_LABELS}
 
 
-def guest_spec(spec: dict, container_id: str, guest_pids: dict[int, int] | None = None) -> dict:
+def guest_spec(spec: dict, container_id: str, guest_pids: dict[int, int] | None = None,
+               owns_guest: bool = True) -> dict:
     """The spec crun gets inside the guest.
 
     The rootfs and bind-mount sources move to their places on the shared directory; host
     namespace paths and other host-only fields are dropped. A network namespace with a
-    path is the pod's (CNI's) network, which in the guest is the guest's own. Paths to
+    path is the pod's (CNI's) network, which in the guest is the guest's own network
+    namespace: the container joins it by path (so crun applies its net.* sysctls there,
+    as runc does in a namespace it joins). So does a new one asked for by the container
+    that owns the guest: vmrun made it on the host, and carries it into the guest. Paths to
     the namespaces of a pod's sandbox process (`/proc/<host pid>/ns/...`, the pid being
     the sandbox's shim) are translated through `guest_pids` to that process in the guest.
     """
@@ -153,7 +173,11 @@ def guest_spec(spec: dict, container_id: str, guest_pids: dict[int, int] | None 
     for index, mount in enumerate(guest.get("mounts", [])):
         if is_bind_mount(mount):
             mount["source"] = guest_mount_source(container_id, index)
-    guest.pop("hooks", None)  # host hooks cannot run in the guest
+    # Host hooks run on the host (hooks.py); startContainer runs in the container: crun's.
+    hooks = guest.pop("hooks", None)
+    guest_hooks = {kind: entries for kind, entries in (hooks or {}).items() if kind in GUEST_HOOKS and entries}
+    if guest_hooks:
+        guest["hooks"] = guest_hooks
     if isinstance(guest.get("process"), dict):
         guest["process"] = guest_process(guest["process"])
     linux = guest.get("linux")
@@ -162,9 +186,9 @@ def guest_spec(spec: dict, container_id: str, guest_pids: dict[int, int] | None 
         namespaces = []
         for namespace in linux.get("namespaces", []):
             path = namespace.get("path")
-            if path:
-                if namespace.get("type") == "network":
-                    continue
+            if namespace.get("type") == "network" and (path or owns_guest):
+                namespace = {"type": "network", "path": POD_NETNS}
+            elif path:
                 match = _NAMESPACE_PATH.match(path)
                 guest_pid = (guest_pids or {}).get(int(match.group(1))) if match else None
                 if guest_pid:

@@ -89,12 +89,15 @@ def run(
     timeout: float | None = None,
     env: Mapping[str, str] | None = None,
     cwd: str | os.PathLike[str] | None = None,
+    executable: str | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
-    """Run a short command, capturing its output; raise CommandError when it fails."""
+    """Run a short command, capturing its output; raise CommandError when it fails.
+    With `executable`, that program runs and `argv` is only its argument vector."""
     args = [os.fspath(a) for a in argv]
     try:
         result = subprocess.run(
             args,
+            executable=executable,
             input=input,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -104,9 +107,11 @@ def run(
             check=False,
         )
     except FileNotFoundError as exc:
-        raise CommandError(f"{args[0]}: command not found") from exc
+        raise CommandError(f"{executable or args[0]}: command not found") from exc
+    except PermissionError as exc:
+        raise CommandError(f"{executable or args[0]}: not executable") from exc
     except subprocess.TimeoutExpired as exc:
-        raise CommandError(f"{args[0]} did not finish within {timeout:g}s") from exc
+        raise CommandError(f"{executable or args[0]} did not finish within {timeout:g}s") from exc
     if check and result.returncode != 0:
         detail = _last_line(result.stderr) or _last_line(result.stdout)
         raise CommandError(

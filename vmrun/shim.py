@@ -34,7 +34,8 @@ class StartingShim:
     guest process is made. `go()` once it exists lets the shim attach, and returns its pid;
     `close()` before that sends it away."""
 
-    def __init__(self, agent_socket: str, container_id: str, exec_id: str = "", *, console_socket: str = ""):
+    def __init__(self, agent_socket: str, container_id: str, exec_id: str = "", *, console_socket: str = "",
+                 netns: str = ""):
         self._ready = ReadyPipe()
         go_read, self._go_fd = os.pipe()
         argv = [sys.executable, "-m", "vmrun.shim", "--agent-socket", agent_socket, "--container", container_id,
@@ -43,6 +44,10 @@ class StartingShim:
             argv += ["--exec-id", exec_id]
         if console_socket:
             argv += ["--console-socket", console_socket]
+        if netns:
+            # The pid callers see lives in the container's network namespace, as with runc
+            # (hooks configure the network through it: container_netns.py).
+            argv = ["nsenter", f"--net={netns}", "--", *argv]
         # With a terminal, the process's stdio is the pty; our own stdout is the caller's
         # pipe for *our* output, which it reads to EOF before it takes the call as done:
         # the shim must not hold it. Without one, the shim relays the stdio it inherits.
@@ -71,12 +76,13 @@ class StartingShim:
         return self._process.pid
 
     def close(self) -> None:
-        """Send away a shim that never went (its guest process was not made)."""
+        """Send away the shim: one that never went (its guest process was not made), or one
+        whose create failed after (a hook failed): it is stopped either way."""
         if not self._went:
             self._went = True
             os.close(self._go_fd)  # end of file: the shim exits without attaching
             self._ready.discard()
-            self._process.stop()
+        self._process.stop()
 
 
 def spawn_shim(agent_socket: str, container_id: str, exec_id: str = "", *, console_socket: str = "") -> int:

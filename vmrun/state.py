@@ -51,6 +51,8 @@ class ContainerState:
     guest_pid: int = 0  # the init process's pid inside the guest
     execs: dict[str, ProcessRef] = field(default_factory=dict)  # exec id -> its shim
     paused_from: str = ""  # the status a paused container returns to when resumed
+    host_netns: str = ""  # the network namespace vmrun made for the container (container_netns.py)
+    hooks: dict = field(default_factory=dict)  # its poststart and poststop hooks, as in the spec
 
     # pid and daemon_pid stay plain fields: `vmrun state` prints the pid, and older state
     # files (without start times) still load.

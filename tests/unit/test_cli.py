@@ -59,9 +59,62 @@ def test_env_prints_the_effective_configuration(tmp_path):
     assert str(config) in result.stdout
 
 
+def test_log_format_defaults_to_text_as_runc():
+    from vmrun.cli import build_parser
+
+    assert build_parser().parse_args(["state", "x"]).log_format == "text"
+    assert build_parser().parse_args(["--log-format", "json", "state", "x"]).log_format == "json"
+
+
+def test_log_file_is_text_by_default(tmp_path):
+    log = tmp_path / "log.txt"
+    result = vmrun("--root", str(tmp_path / "root"), "--log", str(log), "state", "nosuch")
+    assert result.returncode == 1
+    line = log.read_text().strip().splitlines()[-1]
+    assert line.startswith('time="') and ' level=error msg="container \'nosuch\' does not exist"' in line
+
+
+def _broken_config(tmp_path):
+    config = tmp_path / "vmrun.toml"
+    config.write_text('memory_mb = 512\n')  # a typo
+    return {**os.environ, "VMRUN_CONFIG": str(config)}
+
+
+def test_state_list_kill_delete_ignore_a_broken_config(tmp_path):
+    env, root = _broken_config(tmp_path), str(tmp_path / "root")
+    listing = vmrun("--root", root, "list", "--format", "json", env=env)
+    assert listing.returncode == 0 and json.loads(listing.stdout) == [] and listing.stderr == ""
+    assert vmrun("--root", root, "ls", "-q", env=env).returncode == 0
+    assert vmrun("--root", root, "delete", "--force", "nosuch", env=env).returncode == 0
+    # They fail for what they were asked, not for the config.
+    for command in (["state", "nosuch"], ["kill", "nosuch", "KILL"], ["delete", "nosuch"]):
+        result = vmrun("--root", root, *command, env=env)
+        assert result.returncode == 1 and "does not exist" in result.stderr and "memory_mb" not in result.stderr
+
+
+def test_a_broken_config_is_logged_for_them(tmp_path):
+    log = tmp_path / "log.json"
+    result = vmrun("--root", str(tmp_path / "root"), "--log", str(log), "--log-format", "json", "list",
+                   env=_broken_config(tmp_path))
+    assert result.returncode == 0 and result.stderr == ""
+    line = json.loads(log.read_text().strip().splitlines()[-1])
+    assert line["level"] == "warning" and "memory_mb" in line["msg"]
+
+
+@pytest.mark.parametrize("command", [["env"], ["check"], ["start", "x"], ["pause", "x"], ["exec", "x", "true"],
+                                     ["template", "list"], ["run", "x"]])
+def test_other_commands_refuse_a_broken_config(tmp_path, command):
+    env = _broken_config(tmp_path)
+    result = vmrun("--root", str(tmp_path / "root"), *command, env=env)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"vmrun: {env['VMRUN_CONFIG']}: unknown setting 'memory_mb' "
+                                     "(did you mean 'memory_mib'?)")
+
+
 def test_check_reports_what_is_missing(tmp_path):
     config = tmp_path / "vmrun.toml"
-    config.write_text(f'qemu = "/nonexistent/qemu"\nacceleration = "tcg"\nrun_dir = "{tmp_path}/run"\n'
+    # run_dir must be short (sockets lie below it); check with tcg writes nothing there.
+    config.write_text(f'qemu = "/nonexistent/qemu"\nacceleration = "tcg"\nrun_dir = "/run/vmrun-unit-test"\n'
                       f'kernel = "{tmp_path}/no-kernel"\ninitrd = "{tmp_path}/no-initrd"\n')
     result = vmrun("check", env={**os.environ, "VMRUN_CONFIG": str(config)})
     assert result.returncode == 1

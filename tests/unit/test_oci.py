@@ -66,7 +66,7 @@ def test_empty_args_refused(tmp_path):
 
 def test_guest_spec_rewrites_host_paths():
     spec = default_spec()
-    spec["hooks"] = {"prestart": [{"path": "/usr/bin/true"}]}
+    spec["hooks"] = {"prestart": [{"path": "/usr/bin/true"}], "startContainer": [{"path": "/bin/true"}]}
     spec["mounts"].append({"destination": "/etc/hosts", "type": "bind", "source": "/etc/hosts",
                            "options": ["rbind", "ro"]})
     spec["linux"]["namespaces"] = [
@@ -79,11 +79,23 @@ def test_guest_spec_rewrites_host_paths():
     assert guest["root"]["path"] == f"{SHARED_DIR}/c1/rootfs"
     assert guest["mounts"][-1]["source"] == f"{SHARED_DIR}/c1/mounts/{len(spec['mounts']) - 1}"
     assert guest["mounts"][0] == spec["mounts"][0]  # proc is not a bind: untouched
-    assert "hooks" not in guest
-    assert guest["linux"]["namespaces"] == [{"type": "ipc"}, {"type": "pid"}]
+    assert guest["hooks"] == {"startContainer": [{"path": "/bin/true"}]}  # run by crun in the container
+    # The pod's network namespace is the guest's own, joined by path.
+    assert guest["linux"]["namespaces"] == [{"type": "network", "path": "/proc/1/ns/net"}, {"type": "ipc"},
+                                            {"type": "pid"}]
     assert guest["linux"]["cgroupsPath"] == "/vmrun/c1"
     # The caller's spec is not modified.
-    assert spec["root"]["path"] == "rootfs" and "hooks" in spec
+    assert spec["root"]["path"] == "rootfs" and "prestart" in spec["hooks"]
+
+
+def test_only_a_pod_member_asking_for_its_own_network_gets_a_new_one_in_the_guest():
+    spec = default_spec()
+    assert {"type": "network"} in spec["linux"]["namespaces"]
+    # The guest's owner: vmrun made its namespace on the host and carries it into the guest.
+    assert {"type": "network", "path": "/proc/1/ns/net"} in guest_spec(spec, "c1")["linux"]["namespaces"]
+    assert {"type": "network"} in guest_spec(spec, "c1", owns_guest=False)["linux"]["namespaces"]
+    spec["linux"]["namespaces"].remove({"type": "network"})  # the host's network: the guest's
+    assert all(ns["type"] != "network" for ns in guest_spec(spec, "c1")["linux"]["namespaces"])
 
 
 def test_guest_spec_and_exec_drop_the_hosts_security_labels():
@@ -119,6 +131,7 @@ def test_guest_spec_joins_the_pod_sandbox_in_the_guest():
     assert guest["linux"]["namespaces"] == [
         {"type": "pid", "path": "/proc/17/ns/pid"},
         {"type": "ipc", "path": "/proc/17/ns/ipc"},
+        {"type": "network", "path": "/proc/1/ns/net"},
         {"type": "uts"},
         {"type": "mount"},
     ]

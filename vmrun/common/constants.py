@@ -22,6 +22,9 @@ BUNDLES_DIR = "/run/vmrun/bundles"
 CONSOLES_DIR = "/run/vmrun/consoles"
 # The agent's gRPC server listens here; the vsock bridge forwards to it.
 AGENT_UNIX_SOCKET = "/run/vmrun/agent.sock"
+# The guest's own network namespace (the agent is pid 1): the pod's interfaces are there,
+# and containers on the pod's network join it by this path.
+POD_NETNS = "/proc/1/ns/net"
 
 # Kernel command-line parameters the agent reads from /proc/cmdline.
 CMDLINE_PREFIX = "vmrun."
