@@ -124,11 +124,16 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
-    pids = _containers(args).pids(args.id)
+    if args.ps_options:
+        raise VmrunError(f"ps: ps options ({' '.join(args.ps_options)}) are not supported: the processes are "
+                         "the guest's; vmrun prints ps -ef's columns")
+    processes = _containers(args).processes(args.id)
     if args.format == "json":
-        print(json.dumps(pids))
-    elif pids:
-        sys.stdout.write(run(["ps", "-f", "-p", ",".join(map(str, pids))]).stdout.decode())
+        print(json.dumps([process.pid for process in processes]))  # as runc: the pids
+    else:
+        from vmrun.process_table import process_table
+
+        sys.stdout.write(process_table(processes))
     return 0
 
 
@@ -413,9 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
     exec_.add_argument("command", nargs=argparse.REMAINDER)
     exec_.set_defaults(handler=cmd_exec)
 
-    ps = commands.add_parser("ps", help="the processes standing for a container's processes")
+    ps = commands.add_parser("ps", help="a container's processes, as its guest sees them")
     ps.add_argument("--format", "-f", choices=("table", "json"), default="table")
     ps.add_argument("id")
+    ps.add_argument("ps_options", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     ps.set_defaults(handler=cmd_ps)
 
     for name, handler, text in (("pause", cmd_pause, "freeze a container's processes"),

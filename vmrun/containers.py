@@ -315,10 +315,11 @@ class Containers:
 
     # ---- inspection and control ----
 
-    def pids(self, container_id: str) -> list[int]:
-        """The host processes standing for the container's processes (init, then execs)."""
-        state = self.store.load(container_id)
-        return [process.pid for process in (state.process, *state.execs.values()) if process.alive()]
+    def processes(self, container_id: str) -> list:
+        """The container's processes as the guest sees them (agent ProcessInfo messages)."""
+        state = self._running_state(container_id, "list the processes of")
+        with self._agent(state) as agent:
+            return agent.list_processes(container_id)
 
     def pause(self, container_id: str) -> None:
         self._set_paused(container_id, True)

@@ -196,8 +196,12 @@ def guest_spec(spec: dict, container_id: str, guest_pids: dict[int, int] | None 
                 else:
                     namespace = {"type": namespace["type"]}
             namespaces.append(namespace)
-        if "namespaces" in linux:
-            linux["namespaces"] = namespaces
+        if not any(namespace.get("type") == "mount" for namespace in namespaces):
+            # Without one the container would share the mount namespace of the agent, not
+            # the host's (which runc would give): crun then fails on the rootfs. The guest's
+            # mounts are of no use to the container; it gets its own, as under Kata.
+            namespaces.append({"type": "mount"})
+        linux["namespaces"] = namespaces
         # Host cgroup paths mean nothing in the guest; crun makes its own.
         linux["cgroupsPath"] = f"/vmrun/{container_id}"
         memory = (linux.get("resources") or {}).get("memory")

@@ -278,3 +278,60 @@ def test_the_none_model_makes_the_tap_only(pod_netns):
     finally:
         network.close()
     assert endpoint.tap_name not in ip("-n", pod, "-o", "link", "show")
+
+
+def test_a_prestart_hook_networks_the_container_as_dockerd_does(vm_env):
+    """dockerd's libnetwork-setkey hook moves a veth into the network namespace of the pid
+    in the state it reads, and addresses it: vmrun carries that into the guest. The
+    container's net.* sysctl applies in the guest, as podman's ping_group_range must."""
+    peer = f"vmrun-peer-{secrets.token_hex(3)}"
+    ip("netns", "add", peer)
+    try:
+        ip("-n", peer, "link", "set", "lo", "up")
+        bundle = vm_env.bundle("hooknet", ["sh", "-c", "ip -o -4 addr show eth0; "
+                                           "cat /proc/sys/net/ipv4/ping_group_range; ping -c 1 -W 10 198.18.1.1"])
+        spec = json.loads((bundle / "config.json").read_text())
+        assert {"type": "network"} in spec["linux"]["namespaces"]  # a new one: vmrun makes it
+        spec["linux"]["sysctl"] = {"net.ipv4.ping_group_range": "0 2147483647"}
+        for caps in spec["process"]["capabilities"].values():
+            caps.append("CAP_NET_RAW")  # busybox ping opens a raw socket
+        wire = (f'pid=$(sed -n \'s/.*"pid": *\\([0-9]*\\).*/\\1/p\'); '
+                f"ip -n {peer} link add veth-h type veth peer name eth0 netns $pid && "
+                f"ip -n {peer} addr add 198.18.1.1/24 dev veth-h && ip -n {peer} link set veth-h up && "
+                f"nsenter --net=/proc/$pid/ns/net ip addr add 198.18.1.2/24 dev eth0 && "
+                f"nsenter --net=/proc/$pid/ns/net ip link set eth0 up")
+        spec["hooks"] = {"prestart": [{"path": "/bin/sh", "args": ["sh", "-c", wire], "timeout": 30}]}
+        (bundle / "config.json").write_text(json.dumps(spec))
+        for command in ("run", "create"):
+            name = f"hooknet-{command}"
+            if command == "run":
+                result = vm_env.vmrun("run", "--bundle", str(bundle), name)
+                out = result.stdout.decode()
+            else:
+                out_file = vm_env.base / "out"
+                with open(out_file, "wb") as stdout, open(vm_env.base / "err", "wb") as stderr:
+                    result = subprocess.run([*vm_env.cli(), "create", "--bundle", str(bundle), name],
+                                            stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                                            env=vm_env.env, timeout=180)
+                assert result.returncode == 0, (vm_env.base / "err").read_text()
+                assert vm_env.vmrun("start", name).returncode == 0
+                deadline = time.monotonic() + 60
+                while json.loads(vm_env.vmrun("state", name).stdout)["status"] != "stopped":
+                    assert time.monotonic() < deadline
+                    time.sleep(0.5)
+                assert vm_env.vmrun("delete", name).returncode == 0
+                out = out_file.read_text()
+            assert "inet 198.18.1.2/24" in out, (command, out, result.stderr)
+            assert "0\t2147483647" in out and "1 packets received" in out, (command, out)
+            ip("-n", peer, "link", "del", "veth-h", check=False)  # gone with the namespace anyway
+    finally:
+        ip("netns", "del", peer, check=False)
+
+
+def test_a_spec_without_a_mount_namespace_runs(vm_env):
+    bundle = vm_env.bundle("nomnt", ["echo", "ran"])
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["linux"]["namespaces"] = [ns for ns in spec["linux"]["namespaces"] if ns["type"] != "mount"]
+    (bundle / "config.json").write_text(json.dumps(spec))
+    result = vm_env.vmrun("run", "--bundle", str(bundle), "nomnt")
+    assert (result.returncode, result.stdout) == (0, b"ran\n"), result.stderr

@@ -82,7 +82,7 @@ def test_guest_spec_rewrites_host_paths():
     assert guest["hooks"] == {"startContainer": [{"path": "/bin/true"}]}  # run by crun in the container
     # The pod's network namespace is the guest's own, joined by path.
     assert guest["linux"]["namespaces"] == [{"type": "network", "path": "/proc/1/ns/net"}, {"type": "ipc"},
-                                            {"type": "pid"}]
+                                            {"type": "pid"}, {"type": "mount"}]  # always one of its own
     assert guest["linux"]["cgroupsPath"] == "/vmrun/c1"
     # The caller's spec is not modified.
     assert spec["root"]["path"] == "rootfs" and "prestart" in spec["hooks"]

@@ -23,6 +23,7 @@ import grpc
 import vmrun
 from vmrun.agent import agent_pb2 as pb
 from vmrun.agent import agent_pb2_grpc
+from vmrun.agent.process_info import process_info
 from vmrun.agent import network
 from vmrun.agent.crun import Crun, CrunError, Stdio, write_json
 from vmrun.agent.processes import Child, Reaper, exit_status
@@ -568,15 +569,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
     @_rpc
     def ListProcesses(self, request: pb.ContainerRequest, context: grpc.ServicerContext) -> pb.ListProcessesResponse:
         self._container(request.container_id)
-        infos = []
-        for pid in self._crun.pids(request.container_id):
-            try:
-                stat = Path(f"/proc/{pid}/stat").read_text()
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            infos.append(pb.ProcessInfo(pid=pid, ppid=ppid, user="", command=cmdline))
+        infos = [info for info in map(process_info, self._crun.pids(request.container_id)) if info is not None]
         return pb.ListProcessesResponse(processes=infos)
 
     @_rpc
