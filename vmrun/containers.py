@@ -93,6 +93,7 @@ class Containers:
         state = ContainerState(container_id, str(bundle.path), str(bundle.rootfs), "creating",
                                annotations=annotations, sandbox_id=place.sandbox_id,
                                host_cgroup=cgroup_path(bundle.spec) if place.owns_guest else "",
+                               shim_cgroup=cgroup_path(bundle.spec),
                                hooks={kind: hooks[kind] for kind in _LATER_HOOKS if hooks.get(kind)})
         state.process = ProcessRef.of(os.getpid())
         guest_pids: dict[int, int] = {}
@@ -119,9 +120,14 @@ class Containers:
             undo.callback(self.store.remove, container_id)
 
             def start_shim() -> StartingShim:
+                if state.shim_cgroup:
+                    undo.callback(HostCgroup(state.shim_cgroup).remove)  # once the shim has gone
                 shim = StartingShim(state.agent_socket, container_id, console_socket=console_socket,
                                     netns=state.host_netns)
                 undo.callback(shim.close)
+                if state.shim_cgroup:
+                    # What stands for the container on the host counts where its caller looks.
+                    HostCgroup(state.shim_cgroup).join([shim.pid])
                 return shim
 
             shim: StartingShim | None = None
@@ -255,6 +261,8 @@ class Containers:
                 stop_sandbox_daemon(state.daemon, Path(state.vm_dir), state.host_cgroup)
         if state.host_netns:
             remove_container_netns(Path(state.host_netns))
+        if state.shim_cgroup:
+            HostCgroup(state.shim_cgroup).remove()
         self._run_later_hooks(state, "poststop", "stopped")
         self.store.remove(container_id)
 
@@ -277,7 +285,8 @@ class Containers:
                                         stdout=sys.stdout.fileno(), stderr=sys.stderr.fileno(), terminal=terminal)
         try:
             # Taken while the shim is our child, not yet reaped: its pid is still its own.
-            shim = ProcessRef.of(spawn_shim(state.agent_socket, container_id, exec_id, console_socket=console_socket))
+            shim = ProcessRef.of(spawn_shim(state.agent_socket, container_id, exec_id, console_socket=console_socket,
+                                            netns=state.host_netns, cgroup=state.shim_cgroup))
         except BaseException:
             with contextlib.suppress(AgentError), self._agent(state) as agent:
                 agent.signal_process(container_id, signal.SIGKILL, exec_id)  # nobody would stand for it

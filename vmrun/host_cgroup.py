@@ -86,15 +86,17 @@ class HostCgroup:
 
     def join(self, pids: Iterable[int] = ()) -> None:
         """Move `pids` (by default this process, and so whatever it starts) into the
-        cgroup, made if need be; if that fails half-way, this process leaves again."""
-        pids = list(pids) or [os.getpid()]
+        cgroup, made if need be; if that fails half-way, this process leaves again (when
+        it was the one to join)."""
+        others = list(pids)
         for directory in self.directories():
             try:
                 _make(directory)
-                for pid in pids:
+                for pid in others or [os.getpid()]:
                     (directory / "cgroup.procs").write_text(str(pid))
             except OSError as exc:
-                self.leave_and_remove()
+                # Only this process leaves: the others' starter deals with them.
+                self.remove() if others else self.leave_and_remove()
                 raise VmrunError(f"cannot join the pod's cgroup {directory}: {exc.strerror or exc}") from None
 
     def leave_and_remove(self) -> None:

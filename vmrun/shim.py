@@ -21,6 +21,7 @@ import termios
 import tty
 
 from vmrun.errors import AgentError, VmrunError
+from vmrun.host_cgroup import HostCgroup
 from vmrun.proc import HelperProcess, ReadyPipe
 
 _READY_TIMEOUT = 30.0
@@ -63,6 +64,10 @@ class StartingShim:
             os.close(go_read)
         self._went = False
 
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
     def go(self) -> int:
         """The guest process exists: the shim attaches to it; its pid once it relays."""
         os.write(self._go_fd, _GO)
@@ -85,9 +90,17 @@ class StartingShim:
         self._process.stop()
 
 
-def spawn_shim(agent_socket: str, container_id: str, exec_id: str = "", *, console_socket: str = "") -> int:
-    """Start a shim for a guest process that exists; its pid once it relays."""
-    return StartingShim(agent_socket, container_id, exec_id, console_socket=console_socket).go()
+def spawn_shim(agent_socket: str, container_id: str, exec_id: str = "", *, console_socket: str = "",
+               netns: str = "", cgroup: str = "") -> int:
+    """Start a shim for a guest process that exists (in `cgroup`, if any); its pid once it relays."""
+    shim = StartingShim(agent_socket, container_id, exec_id, console_socket=console_socket, netns=netns)
+    try:
+        if cgroup:
+            HostCgroup(cgroup).join([shim.pid])
+        return shim.go()
+    except BaseException:
+        shim.close()
+        raise
 
 
 def _send_console(console_socket: str) -> int:

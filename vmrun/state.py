@@ -45,6 +45,7 @@ class ContainerState:
     owner: str = ""
     vm_dir: str = ""  # the sandbox's sockets and logs
     host_cgroup: str = ""  # where the guest's host processes run, for the owner (host_cgroup.py)
+    shim_cgroup: str = ""  # where the container's shims run: the cgroup its own spec names
     sandbox_id: str = ""  # the container whose guest this one runs in (itself if it owns one)
     daemon_pid: int = 0  # the sandbox daemon holding the guest, for the owner
     daemon_start_time: int | None = None

@@ -51,10 +51,41 @@ def test_a_pods_helpers_run_in_its_cgroup_which_goes_with_it(vm_env, test_parent
     else:
         given, expected = f"{test_parent}.slice:vmrun:pod", f"/{test_parent}.slice/vmrun-pod.scope"
     bundle = bundle_in_cgroup(vm_env, "pod", given, ["sleep", "600"])
-    assert vm_env.vmrun("create", "--bundle", str(bundle), "pod", detached=True).returncode == 0
+    pid_file = vm_env.base / "pod.pid"
+    assert vm_env.vmrun("create", "--bundle", str(bundle), "--pid-file", str(pid_file), "pod",
+                        detached=True).returncode == 0
     check_helpers_in(vm_env, expected)
+    # The shim, the pid its caller sees, counts there too; so does an exec's.
+    assert cgroups_of(int(pid_file.read_text())) == {expected}
+    assert vm_env.vmrun("start", "pod").returncode == 0
+    exec_pid = vm_env.base / "exec.pid"
+    assert vm_env.vmrun("exec", "--detach", "--pid-file", str(exec_pid), "pod", "sleep", "600",
+                        detached=True).returncode == 0
+    assert cgroups_of(int(exec_pid.read_text())) == {expected}
     assert vm_env.vmrun("delete", "--force", "pod").returncode == 0
     assert not any((root / expected.lstrip("/")).exists() for root in hierarchies())
+
+
+def test_a_pod_members_shim_runs_in_the_members_cgroup(vm_env, test_parent):
+    pod_cgroup, member_cgroup = f"/{test_parent}/pod/sandbox", f"/{test_parent}/pod/member"
+    sandbox = bundle_in_cgroup(vm_env, "sandbox", pod_cgroup, ["sleep", "600"],
+                               {"io.kubernetes.cri.container-type": "sandbox"})
+    member = bundle_in_cgroup(vm_env, "member", member_cgroup, ["sleep", "600"],
+                              {"io.kubernetes.cri.container-type": "container",
+                               "io.kubernetes.cri.sandbox-id": "sandbox"})
+    try:
+        assert vm_env.vmrun("create", "--bundle", str(sandbox), "sandbox", detached=True).returncode == 0
+        pid_file = vm_env.base / "member.pid"
+        assert vm_env.vmrun("create", "--bundle", str(member), "--pid-file", str(pid_file), "member",
+                            detached=True).returncode == 0
+        assert cgroups_of(int(pid_file.read_text())) == {member_cgroup}
+        check_helpers_in(vm_env, pod_cgroup)  # the guest's helpers stay the pod's
+        assert vm_env.vmrun("delete", "--force", "member").returncode == 0
+        assert not any((root / member_cgroup.lstrip("/")).exists() for root in hierarchies())
+    finally:
+        for name in ("member", "sandbox"):
+            vm_env.vmrun("delete", "--force", name)
+    assert not any((root / pod_cgroup.lstrip("/")).exists() for root in hierarchies())
 
 
 def test_vmrun_runs_helpers_in_the_cgroup_too(vm_env, test_parent):
@@ -71,10 +102,12 @@ def test_vmrun_runs_helpers_in_the_cgroup_too(vm_env, test_parent):
     assert not any((root / expected.lstrip("/")).exists() for root in hierarchies())
 
 
-def bundle_in_cgroup(vm_env, name: str, cgroups_path: str, args: list[str]) -> Path:
+def bundle_in_cgroup(vm_env, name: str, cgroups_path: str, args: list[str], annotations: dict | None = None) -> Path:
     bundle = vm_env.bundle(name, args)
     spec = json.loads((bundle / "config.json").read_text())
     spec["linux"]["cgroupsPath"] = cgroups_path
+    if annotations:
+        spec["annotations"] = annotations
     (bundle / "config.json").write_text(json.dumps(spec))
     return bundle
 
