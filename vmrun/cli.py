@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, NoReturn
 import vmrun
 from vmrun.config import Config, config_as_dict, config_path, load_config
 from vmrun.errors import CommandError, ConfigError, StateConflictError, VmrunError
+from vmrun.hooks import SUPPORTED_HOOKS
 from vmrun.log import setup_logging
 from vmrun.oci import load_bundle, write_default_spec
 from vmrun.proc import run
@@ -209,7 +210,7 @@ def cmd_features(args: argparse.Namespace) -> int:
     print(json.dumps({
         "ociVersionMin": "1.0.0",
         "ociVersionMax": MAX_OCI_VERSION,
-        "hooks": [],
+        "hooks": list(SUPPORTED_HOOKS),
         "mountOptions": ["bind", "rbind", "ro", "rw", "nosuid", "nodev", "noexec"],
         "linux": {
             "namespaces": ["cgroup", "ipc", "mount", "network", "pid", "user", "uts"],

@@ -25,7 +25,9 @@ log = logging.getLogger("vmrun.hooks")
 CREATE_HOOKS = ("prestart", "createRuntime", "createContainer")
 HOST_HOOKS = (*CREATE_HOOKS, "poststart", "poststop")
 GUEST_HOOKS = ("startContainer",)
-_KNOWN_HOOKS = (*HOST_HOOKS, *GUEST_HOOKS)
+# runc's order in `features`.
+SUPPORTED_HOOKS = ("prestart", "createRuntime", "createContainer", "startContainer", "poststart", "poststop")
+_KNOWN_HOOKS = SUPPORTED_HOOKS
 
 
 class HookError(VmrunError):

@@ -121,3 +121,11 @@ def test_check_reports_what_is_missing(tmp_path):
     lines = {line.split()[1]: line.split()[0] for line in result.stdout.splitlines()}
     assert lines["QEMU"] == "MISSING" and lines["guest"] == "MISSING" and lines["acceleration"] == "ok"
     assert lines["pod"] == "ok"  # /dev/net/tun opens here
+
+
+def test_features_says_what_runs():
+    result = subprocess.run([sys.executable, "-m", "vmrun.cli", "features"], capture_output=True, check=True)
+    features = json.loads(result.stdout)
+    assert features["ociVersionMax"] == "1.3.0"
+    assert features["hooks"] == ["prestart", "createRuntime", "createContainer", "startContainer", "poststart",
+                                 "poststop"]
