@@ -24,6 +24,7 @@ from vmrun.control import CONTROL_SOCKET, control_call
 from vmrun.hooks import CREATE_HOOKS, hook_state, parse_hooks, run_hooks, run_hooks_logging_failures
 from vmrun.host_cgroup import HostCgroup, cgroup_path, process_tree
 from vmrun.network.container_netns import make_container_netns, remove_container_netns
+from vmrun.network.dns_relay import loopback_nameservers
 from vmrun.network.netns import check_netns
 from vmrun.oci import (Bundle, guest_process, guest_spec, load_bundle, network_namespace_path, validate_id,
                        wants_new_network_namespace)
@@ -181,6 +182,8 @@ class Containers:
                 # Taken while the shim is our child, not yet reaped: its pid is still its own.
                 state.process = ProcessRef.of(shim.go())
                 self._run_create_hooks(state, bundle)
+                if owns_guest:
+                    self._relay_loopback_dns(state, bundle)
                 if pid_file:
                     write_pid_file(pid_file, state.pid)
                 state.status = "created"
@@ -203,6 +206,14 @@ class Containers:
             run_hooks(hooks, kind, hook_input)
         if state.host_netns:
             control_call(Path(state.vm_dir) / CONTROL_SOCKET, "network-add", netns=state.host_netns)
+
+    def _relay_loopback_dns(self, state: ContainerState, bundle: Bundle) -> None:
+        """A name server on the loopback of the container's host namespace (dockerd's
+        127.0.0.11) is answered in the guest through the DNS relay."""
+        netns = state.host_netns or network_namespace_path(bundle.spec)
+        addresses = loopback_nameservers(bundle.spec) if netns else []
+        if addresses:
+            control_call(Path(state.vm_dir) / CONTROL_SOCKET, "dns-relay", netns=netns, addresses=addresses)
 
     def _run_later_hooks(self, state: ContainerState, kind: str, status: str) -> None:
         hooks = parse_hooks({"hooks": state.hooks})

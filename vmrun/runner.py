@@ -17,6 +17,7 @@ from vmrun.hooks import CREATE_HOOKS, Hook, hook_state, parse_hooks, run_hooks, 
 from vmrun.host_cgroup import cgroup_path, joined
 from vmrun.namespaces import NAMESPACE_FLAGS
 from vmrun.network.container_netns import make_container_netns, remove_container_netns
+from vmrun.network.dns_relay import loopback_nameservers
 from vmrun.network.netns import check_netns
 from vmrun.oci import Bundle, guest_spec, load_bundle, network_namespace_path, validate_id, wants_new_network_namespace
 from vmrun.sandbox import Sandbox
@@ -107,8 +108,10 @@ def _run_in_guest(config: Config, store: StateStore, bundle: Bundle, state: Cont
             _run_create_hooks(hooks, state)
             if netns and not attach_at_boot:
                 sandbox.attach_network(netns)  # what the hooks put in the container's namespace
+            _relay_loopback_dns(sandbox, bundle, netns)
             agent.start_container(container_id)
         else:
+            _relay_loopback_dns(sandbox, bundle, netns)
             # Created and started in one step: the output waits in the guest until relayed.
             agent.create_container(container_id, spec, start=True)
         state.status = "running"
@@ -138,3 +141,10 @@ def _hook_state(state: ContainerState) -> dict:
 def _run_create_hooks(hooks: dict[str, list[Hook]], state: ContainerState) -> None:
     for kind in CREATE_HOOKS:
         run_hooks(hooks, kind, _hook_state(state))
+
+
+def _relay_loopback_dns(sandbox: Sandbox, bundle: Bundle, netns: str) -> None:
+    """As Containers._relay_loopback_dns: loopback name servers of the container's namespace."""
+    addresses = loopback_nameservers(bundle.spec) if netns else []
+    if addresses:
+        sandbox.relay_dns(netns, addresses)

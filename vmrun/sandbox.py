@@ -28,9 +28,11 @@ from vmrun.hypervisor.memory_copy import MemoryCopy
 from vmrun.hypervisor.qemu import BASE_KERNEL_PARAMS, QemuVM, VMSpec, hotplug_port_id
 from vmrun.hypervisor.templates import restore_state, template_vm_spec
 from vmrun.hypervisor.virtiofsd import Virtiofsd, find_virtiofsd
+from vmrun.hypervisor.vsock.base import VsockTransport
 from vmrun.hypervisor.vsock.transports import make_transport
 from vmrun.mounts import remove_tree_safely
 from vmrun.network.attachment import NetworkAttachment
+from vmrun.network.dns_relay import DnsRelayHost
 from vmrun.oci import Bundle
 from vmrun.share import SHARED, make_share, remove_share, share_container_files, unshare_container_files
 from vmrun.templating import TemplateLease, lease_template
@@ -111,6 +113,8 @@ class Sandbox:
         self._nic_ports: list[str] = []
         self.network: NetworkAttachment | None = None
         self._network_lock = threading.Lock()
+        self._transport: VsockTransport | None = None
+        self._dns_relay: DnsRelayHost | None = None
 
     def _mark(self, phase: str) -> None:
         self.timings[phase] = time.monotonic() - self._t0
@@ -145,7 +149,7 @@ class Sandbox:
         self._stack.push(virtiofsd)
         virtiofsd.launch()
         cid = 3 + int(self.dir.name[:7], 16)  # < 2**28, unique enough per host for kernel vsock
-        transport = make_transport(self.dir, cid)
+        transport = self._transport = make_transport(self.dir, cid)
         self._stack.push(transport)
         transport.launch()
         # Its own ready port, by its CID: with kernel vsock, host ports are shared by all guests.
@@ -212,6 +216,8 @@ class Sandbox:
             "network-add": lambda request: self.attach_network(str(request.get("netns", ""))),
             "network-rm": lambda request: self._network_or_fail().remove(str(request.get("name", ""))),
             "network-ls": lambda request: self.network.interfaces() if self.network else [],
+            "dns-relay": lambda request: self.relay_dns(str(request.get("netns", "")),
+                                                        [str(a) for a in request.get("addresses", [])]),
         })
         self._stack.callback(control.close)
         vm = self.vm
@@ -312,6 +318,16 @@ class Sandbox:
                 raise NetworkError(f"the pod's network is {self.network.netns_path}, not {netns_path}")
             network = self.network
         return network.add_new()
+
+    def relay_dns(self, netns_path: str, addresses: list[str]) -> None:
+        """Answer DNS at `addresses` in the guest by asking them in the container's host
+        namespace `netns_path` (network/dns_relay.py), until close."""
+        assert self._transport is not None
+        with self._network_lock:
+            if self._dns_relay is not None:
+                return  # the pod's name servers are its first container's
+            self._dns_relay = DnsRelayHost(self._transport, netns_path, addresses)
+            self._stack.callback(self._dns_relay.close)
 
     def _network_or_fail(self) -> NetworkAttachment:
         if self.network is None:

@@ -335,3 +335,35 @@ def test_a_spec_without_a_mount_namespace_runs(vm_env):
     (bundle / "config.json").write_text(json.dumps(spec))
     result = vm_env.vmrun("run", "--bundle", str(bundle), "nomnt")
     assert (result.returncode, result.stdout) == (0, b"ran\n"), result.stderr
+
+
+def test_a_name_server_on_the_containers_loopback_answers_in_the_guest(vm_env):
+    """dockerd's embedded DNS listens at 127.0.0.11 in the container's own namespace on
+    the host: the guest's queries to it are relayed there."""
+    from dns_answerer import DnsAnswerer
+
+    resolv = vm_env.base / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.11\noptions ndots:0\n")
+    bundle = vm_env.bundle("dns", ["sh", "-c", "nslookup peer.test; nslookup other.test"])
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["mounts"].append({"destination": "/etc/resolv.conf", "type": "bind", "source": str(resolv),
+                           "options": ["rbind", "ro"]})
+    (bundle / "config.json").write_text(json.dumps(spec))
+    pid_file, out = vm_env.base / "pid", vm_env.base / "out"
+    with open(out, "wb") as stdout, open(vm_env.base / "err", "wb") as stderr:
+        created = subprocess.run([*vm_env.cli(), "create", "--bundle", str(bundle), "--pid-file", str(pid_file),
+                                  "dns"], stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=vm_env.env,
+                                 timeout=180)
+    assert created.returncode == 0, (vm_env.base / "err").read_text()
+    answerer = DnsAnswerer(f"/proc/{int(pid_file.read_text())}/ns/net", "127.0.0.11", "198.18.1.7")
+    try:
+        assert vm_env.vmrun("start", "dns").returncode == 0
+        deadline = time.monotonic() + 60
+        while json.loads(vm_env.vmrun("state", "dns").stdout)["status"] != "stopped":
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+    finally:
+        answerer.close()
+        vm_env.vmrun("delete", "--force", "dns")
+    text = out.read_text()
+    assert text.count("198.18.1.7") == 2 and "peer.test" in text and "other.test" in text, (text, answerer.queries)

@@ -16,12 +16,14 @@ import time
 
 import vmrun
 from vmrun.agent.crun import pin_crun_binary
+from vmrun.agent.dns_relay import DnsRelayGuest
 from vmrun.agent.processes import Reaper, Spawner
 from vmrun.agent.spare_netns import SpareNetns
 from vmrun.agent.warm_up import WarmUp
 from vmrun.common import linux
 from vmrun.common.bridge import SocketBridge
 from vmrun.common.constants import AGENT_PORT, AGENT_UNIX_SOCKET, READY_MESSAGE, ready_port
+from vmrun.common.dns_relay import RELAY_PORT
 
 _HOST_CID = 2
 # A lost connection request is retried after this, not after the kernel's 2 s.
@@ -169,6 +171,7 @@ def main() -> None:
     server.add_insecure_port(f"unix:{AGENT_UNIX_SOCKET}")
     server.start()
     bridge = SocketBridge(_vsock_listener(agent_port), _dial_agent, "vsock-agent").start()
+    DnsRelayGuest(_vsock_listener(RELAY_PORT), _log).start()  # idle until the host asks for it
     if template:
         _serve_first_calls(calls=8)
         if warm_up is not None:
