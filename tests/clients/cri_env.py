@@ -8,8 +8,10 @@ golang-github-gogo-protobuf-dev, and generates the stubs with grpcio-tools into 
 outside the repository (/var/cache/vmrun-tests, or $VMRUN_TEST_CACHE), reused when present.
 
 `CriEnv` runs containerd in a network namespace of its own, with every path it owns under
-one short temporary directory, a runtime handler "vmrun" (runc v2 shim, BinaryName = the
-vmrun next to this Python) and VMRUN_CONFIG pointing at a private vmrun configuration.
+one short temporary directory and VMRUN_CONFIG pointing at a private vmrun configuration.
+Its config is docs/callers.md's snippet (`containerd_config`): by default
+`containerd-cri`, the runtime handler "vmrun" (runc v2 shim, BinaryName = the vmrun next
+to this Python); with flavor "untrusted-v1", the version 1 `untrusted_workload_runtime`.
 `close()` stops it and reports anything left behind: processes mentioning its directory
 (cmdline or environment), mounts, the netns, sandbox dirs in vmrun's run_dir/vm, state.
 """
@@ -31,12 +33,15 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
 import grpc
+import tomli_w
 
+import doc_snippets as doc
 from ctrlib import PrivateContainerdPaths
 from images import PAUSE_CMD, write_archives
 from leftovers import mounts_under, processes_mentioning
@@ -183,43 +188,51 @@ def shim_socket(containerd_address: str, namespace: str, task_id: str) -> Path:
 # ---------------------------------------------------------------- the private containerd
 
 
-def _config_toml(base: Path, runtime_root: Path) -> str:
-    cri = 'plugins."io.containerd.grpc.v1.cri"'
-    runtimes = f"{cri}.containerd.runtimes"
-    return f"""version = 2
-root = "{base}/root"
-state = "{base}/state"
-[grpc]
-  address = "{base}/c.sock"
-[ttrpc]
-  address = "{base}/c-ttrpc.sock"
-[debug]
-  level = "debug"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{base}/opt"
-[{cri}]
-  sandbox_image = "docker.io/library/{PAUSE_IMAGE}"
-  # No CAP_SYS_RESOURCE on some hosts: the pause container's -998 would fail to apply.
-  restrict_oom_score_adj = true
-  netns_mounts_under_state_dir = true
-  stream_server_address = "127.0.0.1"
-  stream_server_port = "0"
-[{cri}.cni]
-  bin_dir = "/usr/lib/cni"
-  conf_dir = "{base}/cni"
-[{cri}.containerd]
-  snapshotter = "overlayfs"
-  default_runtime_name = "runc"
-[{runtimes}.runc]
-  runtime_type = "io.containerd.runc.v2"
-[{runtimes}.runc.options]
-  Root = "{base}/runc-root"
-[{runtimes}.{RUNTIME_HANDLER}]
-  runtime_type = "io.containerd.runc.v2"
-[{runtimes}.{RUNTIME_HANDLER}.options]
-  BinaryName = "{VMRUN_BINARY}"
-  Root = "{runtime_root}"
-"""
+# Which snippet of docs/callers.md a CriEnv's containerd runs: the runc v2 shim with
+# BinaryName (the handler "vmrun"), or the legacy version 1 `untrusted_workload_runtime`.
+CONFIG_SNIPPETS = {"runc-v2": "containerd-cri", "untrusted-v1": "containerd-untrusted-v1"}
+
+
+def containerd_config(base: Path, runtime_root: Path, flavor: str = "runc-v2") -> dict:
+    """containerd's configuration: the doc's snippet, its host paths made the test's, plus
+    only what a private containerd needs on top (its own root, state, sockets, CNI dirs and
+    sandbox image, debug logs): `add_keys` refuses to change anything the snippet sets."""
+    name = CONFIG_SNIPPETS[flavor]
+    if flavor == "runc-v2":
+        paths = {doc.VMRUN_BINARY: VMRUN_BINARY, doc.CONTAINERD_ROOT: runtime_root}
+        cri, opt = "io.containerd.grpc.v1.cri", "io.containerd.internal.v1.opt"  # version 2 plugin ids
+    else:
+        paths = {doc.VMRUN_BINARY: VMRUN_BINARY, doc.VMRUN_ROOT: runtime_root}
+        cri, opt = "cri", "opt"  # version 1 plugin names
+    try:
+        documented = tomllib.loads(doc.for_host(doc.snippet(name), paths))
+    except (KeyError, ValueError, tomllib.TOMLDecodeError) as exc:
+        raise CriSetupError(f"docs/callers.md, snippet {name}: {exc}") from exc
+    plugin: dict = {
+        "sandbox_image": f"docker.io/library/{PAUSE_IMAGE}",
+        "netns_mounts_under_state_dir": True,
+        "stream_server_address": "127.0.0.1",
+        "stream_server_port": "0",
+        "cni": {"bin_dir": "/usr/lib/cni", "conf_dir": f"{base}/cni"},
+    }
+    if flavor == "runc-v2":
+        runtimes = documented.get("plugins", {}).get(cri, {}).get("containerd", {}).get("runtimes", {})
+        if RUNTIME_HANDLER not in runtimes:
+            raise CriSetupError(f"docs/callers.md, snippet {name}: no runtime {RUNTIME_HANDLER!r}")
+        # runc's state, should a pod use the default handler: under base, not /run/containerd.
+        plugin["containerd"] = {"runtimes": {"runc": {"options": {"Root": f"{base}/runc-root"}}}}
+    test_only = {
+        "root": f"{base}/root",
+        "state": f"{base}/state",
+        "grpc": {"address": f"{base}/c.sock"},
+        "ttrpc": {"address": f"{base}/c-ttrpc.sock"},
+        "debug": {"level": "debug"},
+        "plugins": {opt: {"path": f"{base}/opt"}, cri: plugin},
+    }
+    try:
+        return doc.add_keys(documented, test_only)
+    except ValueError as exc:
+        raise CriSetupError(f"docs/callers.md, snippet {name}: {exc}") from exc
 
 
 # The pod network: a bridge in containerd's netns, pods in 198.18.8.0/24 (test-only range).
@@ -244,6 +257,7 @@ class CriEnv(PrivateContainerdPaths):
     api: ModuleType
     api_grpc: ModuleType
     templates_dir: Path  # vmrun's: the session's, so the template is built once
+    flavor: str = "runc-v2"  # which of CONFIG_SNIPPETS containerd runs
     base: Path | None = field(init=False, default=None)
     netns: str = field(init=False, default="")
     containerd: subprocess.Popen | None = field(init=False, default=None)
@@ -255,8 +269,9 @@ class CriEnv(PrivateContainerdPaths):
         return self.base / "vstate"  # the runtime's --root is runtime_root/<namespace>
 
     @property
-    def task_dir(self) -> Path:
-        return self.base / "state" / "io.containerd.runtime.v2.task" / CRI_NAMESPACE
+    def task_dir(self) -> Path:  # the bundles, with vmrun's --log (log.json)
+        runtime = "io.containerd.runtime.v2.task" if self.flavor == "runc-v2" else "io.containerd.runtime.v1.linux"
+        return self.base / "state" / runtime / CRI_NAMESPACE
 
     @property
     def log_dir(self) -> Path:
@@ -288,7 +303,7 @@ class CriEnv(PrivateContainerdPaths):
         self.vmrun_config.write_text(f'run_dir = "{self.run_dir}"\nboot_timeout = 120\nlog_level = "debug"\n'
                                      f'templates_dir = "{self.templates_dir}"\n')
         config = self.base / "containerd.toml"
-        config.write_text(_config_toml(self.base, self.runtime_root))
+        config.write_text(tomli_w.dumps(containerd_config(self.base, self.runtime_root, self.flavor)))
         env = {**os.environ, "VMRUN_CONFIG": str(self.vmrun_config)}
         with open(self.base / "containerd.log", "wb") as log:
             # Only the network namespace is private: mounts stay visible to the checks.
