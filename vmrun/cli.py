@@ -557,7 +557,25 @@ def _load_config(args: argparse.Namespace, logs_to_file: bool) -> Config:
         return Config()
 
 
+def _open_closed_std_streams() -> None:
+    """A caller may start us with stdin, stdout or stderr closed (`<&-`, `>&-`): each is
+    /dev/null then (read as EOF, written to nowhere), so no file we open later takes its
+    number and is taken for it, and the container's process gets one too."""
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        try:
+            os.fstat(fd)
+            continue
+        except OSError:
+            pass
+        null = os.open(os.devnull, os.O_RDWR)
+        if null != fd:
+            os.dup2(null, fd)
+            os.close(null)
+        setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))
+
+
 def main(argv: list[str] | None = None) -> None:
+    _open_closed_std_streams()
     args = build_parser().parse_args(argv)
     logs_to_file = setup_logging(args.log, args.log_format, args.debug)
     try:

@@ -58,8 +58,11 @@ class StdioRelay:
         writable = True
         try:
             for data in self._agent.read_output(self._container_id, stream, self._exec_id):
-                if writable:
-                    writable = _write_all(fd, data)
+                if writable and not _write_all(fd, data):
+                    # Our reader is gone (`| head -1`): so is the process's, as with runc,
+                    # where its next write gets SIGPIPE. What is in flight is drained.
+                    writable = False
+                    self._agent.close_output(self._container_id, stream, self._exec_id)
         except AgentError as exc:
             self.error = exc
 

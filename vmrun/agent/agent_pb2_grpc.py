@@ -94,6 +94,11 @@ class AgentStub:
                 request_serializer=vmrun_dot_agent_dot_agent__pb2.ReadOutputRequest.SerializeToString,
                 response_deserializer=vmrun_dot_agent_dot_agent__pb2.OutputChunk.FromString,
                 _registered_method=True)
+        self.CloseOutput = channel.unary_unary(
+                '/vmrun.agent.v1.Agent/CloseOutput',
+                request_serializer=vmrun_dot_agent_dot_agent__pb2.ReadOutputRequest.SerializeToString,
+                response_deserializer=vmrun_dot_agent_dot_agent__pb2.Empty.FromString,
+                _registered_method=True)
         self.ResizeTty = channel.unary_unary(
                 '/vmrun.agent.v1.Agent/ResizeTty',
                 request_serializer=vmrun_dot_agent_dot_agent__pb2.ResizeTtyRequest.SerializeToString,
@@ -241,6 +246,14 @@ class AgentServicer:
 
     def ReadOutput(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseOutput(self, request, context):
+        """The host's reader of that output is gone (its pipe closed): the process's further
+        writes to it fail (EPIPE, SIGPIPE), as they would on the host.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -394,6 +407,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.ReadOutput,
                     request_deserializer=vmrun_dot_agent_dot_agent__pb2.ReadOutputRequest.FromString,
                     response_serializer=vmrun_dot_agent_dot_agent__pb2.OutputChunk.SerializeToString,
+            ),
+            'CloseOutput': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseOutput,
+                    request_deserializer=vmrun_dot_agent_dot_agent__pb2.ReadOutputRequest.FromString,
+                    response_serializer=vmrun_dot_agent_dot_agent__pb2.Empty.SerializeToString,
             ),
             'ResizeTty': grpc.unary_unary_rpc_method_handler(
                     servicer.ResizeTty,
@@ -790,6 +808,33 @@ class Agent:
             '/vmrun.agent.v1.Agent/ReadOutput',
             vmrun_dot_agent_dot_agent__pb2.ReadOutputRequest.SerializeToString,
             vmrun_dot_agent_dot_agent__pb2.OutputChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseOutput(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmrun.agent.v1.Agent/CloseOutput',
+            vmrun_dot_agent_dot_agent__pb2.ReadOutputRequest.SerializeToString,
+            vmrun_dot_agent_dot_agent__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,

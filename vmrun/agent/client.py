@@ -112,6 +112,9 @@ class AgentClient:
     def close_stdin(self, container_id: str, exec_id: str = "") -> None:
         self._call("CloseStdin", pb.ProcessRequest(container_id=container_id, exec_id=exec_id))
 
+    def close_output(self, container_id: str, stream: int, exec_id: str = "") -> None:
+        self._call("CloseOutput", pb.ReadOutputRequest(container_id=container_id, exec_id=exec_id, stream=stream))
+
     def read_output(self, container_id: str, stream: int, exec_id: str = "") -> Iterator[bytes]:
         """The process's stdout or stderr (pb.STDOUT / pb.STDERR) until its EOF."""
         request = pb.ReadOutputRequest(container_id=container_id, exec_id=exec_id, stream=stream)

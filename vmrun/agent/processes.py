@@ -152,6 +152,9 @@ def _close_all(fds: Iterable[int]) -> None:
             pass
 
 
+_DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
+
+
 class Spawner:
     """Starts children with posix_spawn and waits for them through the reaper."""
 
@@ -173,7 +176,11 @@ class Spawner:
             (os.POSIX_SPAWN_DUP2, stderr, 2),
         ]
         environment = dict(env if env is not None else os.environ)
-        return self.reaper.spawn(lambda: os.posix_spawn(argv[0], list(argv), environment, file_actions=actions))
+        # Python ignores SIGPIPE and SIGXFSZ, and an ignored signal stays ignored across
+        # exec: crun and the container would never die of them (`yes | head -1` would
+        # run on). Children start with both at their defaults and nothing blocked.
+        return self.reaper.spawn(lambda: os.posix_spawn(argv[0], list(argv), environment, file_actions=actions,
+                                                        setsigdef=_DEFAULT_SIGNALS, setsigmask=()))
 
     def run(self, argv: Sequence[str], *, input: bytes = b"", timeout: float | None = 60.0) -> CommandResult:
         """Run a command to completion, capturing stdout and stderr."""

@@ -547,6 +547,17 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         finally:
             stream.release()
 
+    @_rpc
+    def CloseOutput(self, request: pb.ReadOutputRequest, context: grpc.ServicerContext) -> pb.Empty:
+        process = self._process(request.container_id, request.exec_id)
+        if process.terminal:
+            return pb.Empty()  # the pty is its stdin too: it stays until the process ends
+        stream = process.stdout if request.stream == pb.STDOUT else process.stderr
+        if stream is not None:
+            # Its reader lets go within a wake slice; then the pipe has no reader left.
+            stream.close()
+        return pb.Empty()
+
     def _kill_orphaned(self, process: GuestProcess) -> None:
         self._reaper.kill(process.child, SIGKILL)
 
