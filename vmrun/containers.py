@@ -35,7 +35,7 @@ from vmrun.sandbox import vm_dir_for
 from vmrun.sandbox_daemon import adopt_sandbox_daemon, spawn_sandbox_daemon, stop_sandbox_daemon
 from vmrun.share import share_container_files, unshare_container_files
 from vmrun.shim import StartingShim, spawn_shim
-from vmrun.sizing import fit_guest_to
+from vmrun.sizing import fit_guest_to, forget_guest_share
 from vmrun.state import ContainerState, StateStore, write_pid_file
 from vmrun.signals import interrupted_by_signals
 from vmrun.threads import InThread
@@ -265,6 +265,8 @@ class Containers:
             raise StateConflictError(f"cannot delete container {container_id!r} that is {status}: use --force")
         if state.vm_dir and (state.daemon.alive() or not state.owns_guest):
             self._remove_in_guest(state)
+            if not state.owns_guest:
+                forget_guest_share(Path(state.vm_dir), container_id)  # its limits no longer count
         _wait_gone([state.process, *state.execs.values()], _SHIM_EXIT_GRACE)
         if state.vm_dir:
             unshare_container_files(Path(state.vm_dir) / "shared", container_id)

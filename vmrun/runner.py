@@ -23,6 +23,7 @@ from vmrun.oci import Bundle, guest_spec, load_bundle, network_namespace_path, v
 from vmrun.sandbox import Sandbox
 from vmrun.state import ContainerState, StateStore, write_pid_file
 from vmrun.signals import interrupted_by_signals
+from vmrun.sizing import fit_guest_to
 
 log = logging.getLogger("vmrun.run")
 
@@ -100,6 +101,7 @@ def _run_in_guest(config: Config, store: StateStore, bundle: Bundle, state: Cont
         if netns and attach_at_boot:
             sandbox.attach_network(netns)
         sandbox.share_container(container_id, bundle)
+        fit_guest_to(sandbox.dir, container_id, (bundle.spec.get("linux") or {}).get("resources") or {})
         from vmrun.stdio import relay_until_exit  # after the sandbox: see Sandbox._boot on imports
 
         spec = guest_spec(bundle.spec, container_id)

@@ -26,6 +26,7 @@ from vmrun.errors import HypervisorError, NetworkError
 from vmrun.hypervisor.accel import Acceleration, detect_acceleration
 from vmrun.hypervisor.memory_copy import MemoryCopy
 from vmrun.hypervisor.qemu import BASE_KERNEL_PARAMS, QemuVM, VMSpec, hotplug_port_id
+from vmrun.hypervisor.resize import DEFAULT_MAX_MEMORY_MIB, DEFAULT_MAX_VCPUS, GuestCounts, GuestSizer
 from vmrun.hypervisor.templates import restore_state, template_vm_spec
 from vmrun.hypervisor.virtiofsd import Virtiofsd, find_virtiofsd
 from vmrun.hypervisor.vsock.base import VsockTransport
@@ -113,6 +114,7 @@ class Sandbox:
         self._nic_ports: list[str] = []
         self.network: NetworkAttachment | None = None
         self._network_lock = threading.Lock()
+        self.sizer: GuestSizer | None = None
         self._transport: VsockTransport | None = None
         self._dns_relay: DnsRelayHost | None = None
 
@@ -188,6 +190,8 @@ class Sandbox:
                 console_log=self.console_log,
                 device_args=[arg for device in devices for arg in device.command_line()],
                 hotplug_ports=COLD_BOOT_HOTPLUG_PORTS,
+                max_vcpus=max(DEFAULT_MAX_VCPUS, self.config.vcpus),
+                max_memory_mib=max(DEFAULT_MAX_MEMORY_MIB, self.config.memory_mib),
             )
             log.debug("booting %s with %s (%s)", self.sandbox_id, acceleration.name, acceleration.reason)
             self.vm = QemuVM(spec, self.dir / "qmp.sock", self.dir / "qemu.log").start()
@@ -212,7 +216,11 @@ class Sandbox:
         self.agent = agent_client.result()  # made in the background, above
         self._stack.callback(self.agent.close)
         self.kernel_release = self.agent.create_sandbox(self.sandbox_id, self.hostname, SHARED_FS_TAG)
+        self.sizer = GuestSizer(self.vm, self._guest_counts, self.config.boot_timeout)
         control = ControlServer(self.dir / CONTROL_SOCKET, {
+            # Grow the guest for a container's limits (vmrun/sizing.py: fit_guest_to).
+            "fit": lambda request: self.fit(str(request.get("container_id", "")), request.get("resources") or {}),
+            "unfit": lambda request: self.sizer.forget(str(request.get("container_id", ""))) if self.sizer else None,
             "network-add": lambda request: self.attach_network(str(request.get("netns", ""))),
             "network-rm": lambda request: self._network_or_fail().remove(str(request.get("name", ""))),
             "network-ls": lambda request: self.network.interfaces() if self.network else [],
@@ -230,6 +238,20 @@ class Sandbox:
 
         self._stack.callback(signal_helpers_to_stop)
         self._mark("sandbox_created")
+
+    def fit(self, container_id: str, resources: dict) -> dict:
+        """Grow the guest so that container `container_id`'s `resources` fit beside the
+        others'; its size, and a warning for each part capped."""
+        if self.sizer is None:
+            raise HypervisorError("the sandbox is not running")
+        if not isinstance(resources, dict):
+            raise HypervisorError("fit: resources must be an object")
+        return self.sizer.fit(container_id, resources)
+
+    def _guest_counts(self) -> GuestCounts:
+        assert self.agent is not None
+        details = self.agent.guest_details()
+        return GuestCounts(vcpus=details.cpus, memory_bytes=details.memory_bytes)
 
     def _make_agent_client(self) -> "AgentClient":
         from vmrun.agent.client import AgentClient

@@ -17,6 +17,7 @@ import time
 import vmrun
 from vmrun.agent.crun import pin_crun_binary
 from vmrun.agent.dns_relay import DnsRelayGuest
+from vmrun.agent.hotplug import HotplugOnliner
 from vmrun.agent.processes import Reaper, Spawner
 from vmrun.agent.spare_netns import SpareNetns
 from vmrun.agent.warm_up import WarmUp
@@ -140,6 +141,7 @@ def main() -> None:
     if os.getpid() != 1:
         linux.become_subreaper()
     reaper = Reaper().start()
+    HotplugOnliner(_log).start()  # vCPUs and memory the host adds to fit containers
     try:
         pin_crun_binary()
     except OSError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +23,15 @@ _QMP_ACCEPT_TIMEOUT = 10.0
 _QBOOT = Path("/usr/share/qemu/qboot.rom")
 
 # Cheap boot: skip crypto self-tests and legacy devices; panic powers the VM off (QEMU
-# runs with -no-reboot), so a dead agent never leaves a spinning guest behind.
+# runs with -no-reboot), so a dead agent never leaves a spinning guest behind. Memory the
+# host hot-plugs (virtio-mem, to fit containers' limits) comes online by itself.
 BASE_KERNEL_PARAMS = (
     "console=ttyS0 quiet panic=-1 cryptomgr.notests 8250.nr_uarts=1 i8042.noaux i8042.nokbd "
-    "i8042.nopnp random.trust_cpu=on rcupdate.rcu_expedited=1 no_timer_check"
+    "i8042.nopnp random.trust_cpu=on rcupdate.rcu_expedited=1 no_timer_check memhp_default_state=online"
 )
+# The guest's hot-pluggable memory: a virtio-mem device over a shared memfd of its own.
+VIRTIO_MEM_ID = "hotmem"
+_VIRTIO_MEM_BACKEND = "hotmem-ram"
 
 # qemu.qmp logs every (expected) disconnect at warning level; we report errors ourselves.
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
@@ -65,6 +70,35 @@ class VMSpec:
     free_page_reporting: bool = False
     # Wait for migrate-incoming (a clone restoring a template's state).
     incoming: bool = False
+    # What the guest may grow to after boot (vmrun/sizing.py): vCPUs hot-plugged up to
+    # max_vcpus, memory by virtio-mem up to max_memory_mib. Part of the machine: a
+    # template's clones have its maxima. 0: no growth.
+    max_vcpus: int = 0
+    max_memory_mib: int = 0
+
+    @property
+    def hotplug_memory_mib(self) -> int:
+        return max(0, self.max_memory_mib - self.memory_mib)
+
+
+def _smp(spec: VMSpec) -> str:
+    return f"{spec.vcpus},maxcpus={spec.max_vcpus}" if spec.max_vcpus > spec.vcpus else str(spec.vcpus)
+
+
+def _memory_size(spec: VMSpec) -> str:
+    # maxmem makes the device-memory region the virtio-mem device lives in.
+    return f"{spec.memory_mib}M,maxmem={spec.max_memory_mib}M" if spec.hotplug_memory_mib else f"{spec.memory_mib}M"
+
+
+def _hotplug_memory(spec: VMSpec) -> list[str]:
+    """The virtio-mem device, nothing plugged: the host asks for more (requested-size)
+    after boot. Its RAM is shared as the rest is (vhost-user backends map it) and sparse:
+    only what the guest is given and uses takes host memory. A memfd QEMU makes, also in
+    clones: a template saves it with nothing plugged, so there is nothing to copy."""
+    if not spec.hotplug_memory_mib:
+        return []
+    return ["-object", f"memory-backend-memfd,id={_VIRTIO_MEM_BACKEND},size={spec.hotplug_memory_mib}M,share=on",
+            "-device", f"virtio-mem-pci,id={VIRTIO_MEM_ID},memdev={_VIRTIO_MEM_BACKEND},requested-size=0"]
 
 
 def _memory_backend(spec: VMSpec) -> str:
@@ -92,8 +126,8 @@ def qemu_command(spec: VMSpec, qmp_socket: Path, console: str = "") -> list[str]
         spec.qemu,
         "-name", spec.name,
         "-machine", f"q35,accel={accel},memory-backend=mem",
-        "-smp", str(spec.vcpus),
-        "-m", f"{spec.memory_mib}M",
+        "-smp", _smp(spec),
+        "-m", _memory_size(spec),
         "-object", _memory_backend(spec),
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-kernel", str(spec.kernel),
@@ -110,6 +144,7 @@ def qemu_command(spec: VMSpec, qmp_socket: Path, console: str = "") -> list[str]
     ]
     if spec.free_page_reporting:
         args += ["-device", "virtio-balloon-pci,free-page-reporting=on"]
+    args += _hotplug_memory(spec)
     for index in range(spec.hotplug_ports):
         args += ["-device", f"pcie-root-port,id={hotplug_port_id(index)},bus=pcie.0,chassis={index + 1}"]
     if spec.incoming:
@@ -131,6 +166,9 @@ class QemuVM:
                                       stop_signal=signal.SIGKILL, log_limit=LOG_LIMIT)
         self._qmp_listener: socket.socket | None = None
         self._qmp: QEMUMonitorProtocol | None = None
+        # One QMP exchange at a time: a sandbox's control requests (NICs, growing the
+        # guest) are served on threads of their own, and an fd passed must meet its getfd.
+        self._qmp_lock = threading.RLock()
         self._console: CappedLog | None = None
 
     @property
@@ -203,14 +241,15 @@ class QemuVM:
         return f"QEMU exited with status {self._process.returncode()}" + (f": {tail}" if tail else "")
 
     def qmp(self, command: str, **arguments: object) -> object:
-        if self._qmp is None:
-            raise HypervisorError("QEMU is not running")
-        try:
-            return self._qmp.cmd(command, **arguments)
-        except _qmp_failures() as exc:
-            raise HypervisorError(f"QMP {command} failed: {exc}") from None
-        finally:
-            self._qmp.clear_events()  # heard meanwhile (some the guest can cause): unused, not kept
+        with self._qmp_lock:
+            if self._qmp is None:
+                raise HypervisorError("QEMU is not running")
+            try:
+                return self._qmp.cmd(command, **arguments)
+            except _qmp_failures() as exc:
+                raise HypervisorError(f"QMP {command} failed: {exc}") from None
+            finally:
+                self._qmp.clear_events()  # heard meanwhile (some the guest can cause): unused, not kept
 
     def status(self) -> str:
         """QEMU's run state: "running", "paused", ..."""
@@ -221,13 +260,14 @@ class QemuVM:
 
     def add_fd(self, fd: int, name: str) -> None:
         """Hand QEMU a copy of `fd` (SCM_RIGHTS) under `name`, for a device that needs it."""
-        if self._qmp is None:
-            raise HypervisorError("QEMU is not running")
-        try:
-            self._qmp.send_fd_scm(fd)
-        except _qmp_failures() as exc:
-            raise HypervisorError(f"cannot pass QEMU an fd: {exc}") from None
-        self.qmp("getfd", fdname=name)
+        with self._qmp_lock:
+            if self._qmp is None:
+                raise HypervisorError("QEMU is not running")
+            try:
+                self._qmp.send_fd_scm(fd)
+            except _qmp_failures() as exc:
+                raise HypervisorError(f"cannot pass QEMU an fd: {exc}") from None
+            self.qmp("getfd", fdname=name)
 
     def resume(self) -> None:
         self.qmp("cont")

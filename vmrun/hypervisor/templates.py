@@ -33,6 +33,7 @@ from vmrun.errors import ConfigError, HypervisorError
 from vmrun.hypervisor.accel import Acceleration
 from vmrun.hypervisor.memory_copy import punch_zero_pages
 from vmrun.hypervisor.qemu import BASE_KERNEL_PARAMS, QemuVM, VMSpec
+from vmrun.hypervisor.resize import DEFAULT_MAX_MEMORY_MIB, DEFAULT_MAX_VCPUS
 
 DEFINITIONS_DIR = Path(__file__).resolve().parents[2] / "vmtemplates"
 # The agent prints this on the console once it listens (before any vsock device exists).
@@ -49,6 +50,9 @@ class TemplateDefinition:
     memory_mib: int = 512
     kernel_params: str = ""
     hotplug_ports: int = 4
+    # What clones may grow to for their containers' limits (vmrun/sizing.py).
+    max_vcpus: int = DEFAULT_MAX_VCPUS
+    max_memory_mib: int = DEFAULT_MAX_MEMORY_MIB
 
     @classmethod
     def load(cls, name: str, directory: Path = DEFINITIONS_DIR) -> "TemplateDefinition":
@@ -66,6 +70,9 @@ class TemplateDefinition:
         definition = cls(name=name, **data)
         if definition.hotplug_ports < 2:
             raise ConfigError(f"template definition {path}: hotplug_ports must be at least 2 (virtio-fs, vsock)")
+        if definition.max_vcpus < definition.vcpus or definition.max_memory_mib < definition.memory_mib:
+            raise ConfigError(f"template definition {path}: max_vcpus and max_memory_mib must be at least "
+                              "vcpus and memory_mib")
         return definition
 
     def kernel_command_line(self, acceleration: Acceleration) -> str:
@@ -285,6 +292,8 @@ def template_vm_spec(definition: TemplateDefinition, *, qemu: str, acceleration:
         hotplug_ports=definition.hotplug_ports,
         incoming=incoming,
         free_page_reporting=True,
+        max_vcpus=definition.max_vcpus,
+        max_memory_mib=definition.max_memory_mib,
     )
 
 
