@@ -133,7 +133,10 @@ class _Daemon:
 class DockerEnv:
     """A private containerd + dockerd in a network namespace of their own."""
 
-    def __init__(self, templates_dir: Path) -> None:
+    def __init__(self, templates_dir: Path, daemon_json: str | None = None) -> None:
+        """`daemon_json`: dockerd's configuration file (docs/callers.md's); it then names
+        the vmrun runtime itself (no --add-runtime, which would conflict with it)."""
+        self.daemon_json = daemon_json
         self.root = docker_root()
         self.dockerd = self.root / "usr" / "sbin" / "dockerd"
         self.docker = self.root / "usr" / "bin" / "docker"
@@ -187,7 +190,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         self.containerd = _Daemon("containerd", [*enter, "containerd", "--config", str(self.ctd_dir / "config.toml")],
                                   self.base / "containerd.log", daemon_env)
         self._wait_for(self.containerd, lambda: self.ctd_socket.exists(), 60)
-        (self.base / "daemon.json").write_text("{}\n")
+        (self.base / "daemon.json").write_text(self.daemon_json or "{}\n")
+        add_runtime = () if self.daemon_json else ("--add-runtime", f"vmrun={VMRUN_BINARY}")
         self.daemon = _Daemon("dockerd", [
             *enter, str(self.dockerd), "--config-file", str(self.base / "daemon.json"),
             "--data-root", str(self.data_root), "--exec-root", str(self.exec_root),
@@ -195,7 +199,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             "--containerd", str(self.ctd_socket), "--containerd-namespace", MOBY_NAMESPACE,
             "--bridge", "none", "--iptables=false", "--ip6tables=false", "--ip-forward=false", "--ip-masq=false",
             "--userland-proxy=false", "--storage-driver", "overlay2", "--exec-opt", "native.cgroupdriver=cgroupfs",
-            "--add-runtime", f"vmrun={VMRUN_BINARY}",
+            *add_runtime,
         ], self.base / "dockerd.log", {**daemon_env, "PATH": f"{self.root / 'usr/bin'}:{os.environ.get('PATH', '')}"})
         self._wait_for(self.daemon, lambda: self("version", timeout=30).returncode == 0, 120)
 
@@ -266,6 +270,9 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         vm_dirs = dir_entries(self.run_dir / "vm")
         if vm_dirs:
             problems.append(f"sandbox dirs left in {self.run_dir / 'vm'}: {vm_dirs}")
+        netns = dir_entries(self.run_dir / "netns")  # vmrun's, for a new netns without a path
+        if netns:
+            problems.append(f"vmrun's container netns left in {self.run_dir / 'netns'}: {netns}")
         # While dockerd runs, its data root stays bind-mounted on itself (private propagation).
         mounts = [m for m in mounts_under(self.base) if m != str(self.data_root)]
         if mounts:

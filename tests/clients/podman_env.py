@@ -31,6 +31,7 @@ import fcntl
 import json
 import os
 import re
+import secrets
 import select
 import shutil
 import signal
@@ -50,6 +51,11 @@ IMAGE = "localhost/bbx:latest"  # what `podman load` names the docker-archive's 
 # What podman needs here on top of its defaults (see the module docstring).
 RUN_FLAGS = ("--network", "none", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096")
 BOOT_TIMEOUT = 240  # seconds for a command that boots a guest: TCG on a loaded 2-core host
+# What podman's default network (CNI here, podman 4.3) leaves outside the private directory:
+# host-local's IPAM store for the network "podman" (its lock and last-reserved files stay
+# after the last DEL), and the network namespaces podman makes for its containers.
+CNI_IPAM_DIR = Path("/var/lib/cni/networks/podman")
+NETNS_DIR = Path("/run/netns")
 
 
 # ---------------------------------------------------------------- leftovers (also docker_env)
@@ -189,6 +195,12 @@ class PodmanEnv:
     """podman with private storage and configuration, its runtime "vmrun" = our vmrun."""
 
     def __init__(self, templates_dir: Path) -> None:
+        # After make_netns(), podman (and so conmon, the CNI plugins, their bridge and
+        # iptables rules) runs in a network namespace of its own, removed by close().
+        self.netns = ""
+        self.netns_made = False
+        self.made_ipam_dir: Path | None = None
+        self.netns_before: set[str] = set()
         # Short: vmrun's unix sockets live under run_dir.
         self.base = Path(tempfile.mkdtemp(prefix="vpm-", dir="/tmp"))
         self.run_dir = self.base / "run"  # vmrun's run_dir
@@ -214,6 +226,8 @@ class PodmanEnv:
         (self.base / "containers.conf").write_text(f"""\
 [containers]
 log_driver = "k8s-file"
+# As Debian's /usr/share/containers/containers.conf, which CONTAINERS_CONF replaces.
+default_sysctls = ["net.ipv4.ping_group_range=0 0"]
 [engine]
 cgroup_manager = "cgroupfs"
 events_logger = "file"
@@ -245,10 +259,27 @@ skip_mount_home = "true"
             "TMPDIR": str(self.tmpdir),
         }
 
+    def make_netns(self) -> None:
+        """A network namespace for podman to run in from now on, lo up (removed by close())."""
+        # The topmost of host-local's dirs that is not there yet: close() removes it.
+        self.made_ipam_dir = next((d for d in (CNI_IPAM_DIR.parent, CNI_IPAM_DIR) if not d.exists()), None)
+        self.netns_before = set(dir_entries(NETNS_DIR))
+        self.netns = f"vmrun-pm-{secrets.token_hex(4)}"
+        subprocess.run(["ip", "netns", "add", self.netns], check=True, capture_output=True, timeout=30)
+        self.netns_made = True
+        subprocess.run(["ip", "-n", self.netns, "link", "set", "lo", "up"], check=True, capture_output=True,
+                       timeout=30)
+
+    def podman_netns_left(self) -> list[str]:
+        """Network namespaces podman made (/run/netns/netns-*) since make_netns, still there."""
+        return sorted(name for name in set(dir_entries(NETNS_DIR)) - self.netns_before
+                      if name.startswith("netns-"))
+
     # -------- commands
 
     def argv(self, *args: str) -> list[str]:
-        return ["podman", "--runtime", "vmrun", "--root", str(self.graphroot), "--runroot", str(self.runroot),
+        enter = ["nsenter", f"--net={NETNS_DIR / self.netns}", "--"] if self.netns else []
+        return [*enter, "podman", "--runtime", "vmrun", "--root", str(self.graphroot), "--runroot", str(self.runroot),
                 "--tmpdir", str(self.tmpdir), "--cgroup-manager", "cgroupfs", "--events-backend", "file",
                 "--storage-driver", "overlay", "--network-config-dir", str(self.cni_dir), *args]
 
@@ -310,11 +341,25 @@ skip_mount_home = "true"
         if mounts:
             problems.append(f"mounts left: {mounts}")
             unmount_all_under(self.base)
+        netns_dir = self.run_dir / "netns"  # vmrun's own, for a new netns without a path
+        if dir_entries(netns_dir):
+            problems.append(f"vmrun's container netns left in {netns_dir}: {dir_entries(netns_dir)}")
+        if self.netns_made:
+            left = self.podman_netns_left()
+            if left:
+                problems.append(f"podman's network namespaces left in {NETNS_DIR}: {left}")
         return problems
 
     def close(self) -> list[str]:
         problems = self.leftovers()
         self("rmi", "--all", "--force", timeout=120)
+        if self.netns_made:
+            result = subprocess.run(["ip", "netns", "del", self.netns], capture_output=True, text=True, timeout=30)
+            if result.returncode != 0:
+                problems.append(f"ip netns del {self.netns}: {result.stderr}")
+            self.netns = ""
+            if self.made_ipam_dir:  # host-local's store for podman's network, if the test made it
+                shutil.rmtree(self.made_ipam_dir, ignore_errors=True)
         unmount_all_under(self.base)
         if not mounts_under(self.base):
             shutil.rmtree(self.base, ignore_errors=True)
