@@ -128,13 +128,15 @@ def cmd_ps(args: argparse.Namespace) -> int:
     if args.ps_options:
         raise VmrunError(f"ps: ps options ({' '.join(args.ps_options)}) are not supported: the processes are "
                          "the guest's; vmrun prints ps -ef's columns")
-    processes = _containers(args).processes(args.id)
+    containers = _containers(args)
     if args.format == "json":
-        print(json.dumps([process.pid for process in processes]))  # as runc: the pids
+        # The pids a caller can match and signal: those standing for the container's init
+        # and execs on the host (containerd's shim finds an exec's id by its pid here).
+        print(json.dumps(containers.host_pids(args.id)))
     else:
         from vmrun.process_table import process_table
 
-        sys.stdout.write(process_table(processes))
+        sys.stdout.write(process_table(containers.processes(args.id)))
     return 0
 
 

@@ -205,7 +205,8 @@ class Containers:
         for kind in CREATE_HOOKS:
             run_hooks(hooks, kind, hook_input)
         if state.host_netns:
-            control_call(Path(state.vm_dir) / CONTROL_SOCKET, "network-add", netns=state.host_netns)
+            # Watched from now on: dockerd connects and disconnects networks while it runs.
+            control_call(Path(state.vm_dir) / CONTROL_SOCKET, "network-add", netns=state.host_netns, watch=True)
 
     def _relay_loopback_dns(self, state: ContainerState, bundle: Bundle) -> None:
         """A name server on the loopback of the container's host namespace (dockerd's
@@ -289,13 +290,19 @@ class Containers:
         if terminal and detach and not console_socket:
             raise VmrunError("--tty with --detach needs --console-socket")
         exec_id = "exec-" + secrets.token_hex(8)
+        if terminal and not detach and "consoleSize" not in process:
+            from vmrun.stdio import caller_terminal_fd, console_size
+
+            size = console_size(caller_terminal_fd())
+            process = {**process, "consoleSize": size} if size else process
         with self._agent(state) as agent:
             agent.exec_process(container_id, exec_id, guest_process(process))
             if not detach:
                 from vmrun.stdio import relay_until_exit
 
                 return relay_until_exit(agent, container_id, exec_id, stdin=sys.stdin.fileno(),
-                                        stdout=sys.stdout.fileno(), stderr=sys.stderr.fileno(), terminal=terminal)
+                                        stdout=sys.stdout.fileno(), stderr=sys.stderr.fileno(), terminal=terminal,
+                                        follow_caller_terminal=True)
         try:
             # Taken while the shim is our child, not yet reaped: its pid is still its own.
             shim = ProcessRef.of(spawn_shim(state.agent_socket, container_id, exec_id, console_socket=console_socket,
@@ -336,6 +343,11 @@ class Containers:
         return list(control_call(control, "network-ls"))  # type: ignore[arg-type]
 
     # ---- inspection and control ----
+
+    def host_pids(self, container_id: str) -> list[int]:
+        """The host processes standing for the container's processes (init, then execs)."""
+        state = self.store.load(container_id)
+        return [process.pid for process in (state.process, *state.execs.values()) if process.alive()]
 
     def processes(self, container_id: str) -> list:
         """The container's processes as the guest sees them (agent ProcessInfo messages)."""

@@ -5,11 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import termios
 import time
-import tty
-from contextlib import contextmanager, nullcontext
-from typing import Iterator
 
 from vmrun.common import linux
 from vmrun.config import Config
@@ -26,19 +22,6 @@ from vmrun.signals import interrupted_by_signals
 from vmrun.sizing import fit_guest_to
 
 log = logging.getLogger("vmrun.run")
-
-@contextmanager
-def _raw_terminal(fd: int) -> Iterator[None]:
-    """The caller's terminal in raw mode, so keys reach the guest's pty unchanged."""
-    if not os.isatty(fd):
-        yield
-        return
-    saved = termios.tcgetattr(fd)
-    tty.setraw(fd)
-    try:
-        yield
-    finally:
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
 def run_container(config: Config, store: StateStore, bundle_dir: str, container_id: str, pid_file: str = "") -> int:
@@ -102,9 +85,14 @@ def _run_in_guest(config: Config, store: StateStore, bundle: Bundle, state: Cont
             sandbox.attach_network(netns)
         sandbox.share_container(container_id, bundle)
         fit_guest_to(sandbox.dir, container_id, (bundle.spec.get("linux") or {}).get("resources") or {})
-        from vmrun.stdio import relay_until_exit  # after the sandbox: see Sandbox._boot on imports
+        # After the sandbox: see Sandbox._boot on imports.
+        from vmrun.stdio import caller_terminal_fd, console_size, relay_until_exit
 
         spec = guest_spec(bundle.spec, container_id)
+        if bundle.terminal and "consoleSize" not in spec["process"]:
+            size = console_size(caller_terminal_fd())
+            if size:
+                spec["process"]["consoleSize"] = size
         if has_create_hooks:
             agent.create_container(container_id, spec)
             _run_create_hooks(hooks, state)
@@ -120,9 +108,8 @@ def _run_in_guest(config: Config, store: StateStore, bundle: Bundle, state: Cont
         store.save(state)
         run_hooks_logging_failures(hooks, "poststart", _hook_state(state))
         timings["container_started"] = time.monotonic() - t0
-        with _raw_terminal(sys.stdin.fileno()) if bundle.terminal else nullcontext():
-            code = relay_until_exit(agent, container_id, stdin=sys.stdin.fileno(), stdout=sys.stdout.fileno(),
-                                    stderr=sys.stderr.fileno(), terminal=bundle.terminal)
+        code = relay_until_exit(agent, container_id, stdin=sys.stdin.fileno(), stdout=sys.stdout.fileno(),
+                                stderr=sys.stderr.fileno(), terminal=bundle.terminal, follow_caller_terminal=True)
         timings["container_exited"] = time.monotonic() - t0
         state.status = "stopped"
         store.save(state)

@@ -23,6 +23,7 @@ from vmrun.common.constants import AGENT_PORT, READY_MESSAGE, SHARED_FS_TAG, age
 from vmrun.config import Config
 from vmrun.control import CONTROL_SOCKET, ControlServer
 from vmrun.errors import HypervisorError, NetworkError
+from vmrun.helper_watch import HelperWatch
 from vmrun.hypervisor.accel import Acceleration, detect_acceleration
 from vmrun.hypervisor.memory_copy import MemoryCopy
 from vmrun.hypervisor.qemu import BASE_KERNEL_PARAMS, QemuVM, VMSpec, hotplug_port_id
@@ -34,6 +35,7 @@ from vmrun.hypervisor.vsock.transports import make_transport
 from vmrun.mounts import remove_tree_safely
 from vmrun.network.attachment import NetworkAttachment
 from vmrun.network.dns_relay import DnsRelayHost
+from vmrun.network.watch import NetnsWatcher
 from vmrun.oci import Bundle
 from vmrun.share import SHARED, make_share, remove_share, share_container_files, unshare_container_files
 from vmrun.templating import TemplateLease, lease_template
@@ -117,6 +119,8 @@ class Sandbox:
         self.sizer: GuestSizer | None = None
         self._transport: VsockTransport | None = None
         self._dns_relay: DnsRelayHost | None = None
+        self._netns_watcher: NetnsWatcher | None = None
+        self.helper_death = ""  # the helper whose death ended the guest, if one did
 
     def _mark(self, phase: str) -> None:
         self.timings[phase] = time.monotonic() - self._t0
@@ -221,7 +225,8 @@ class Sandbox:
             # Grow the guest for a container's limits (vmrun/sizing.py: fit_guest_to).
             "fit": lambda request: self.fit(str(request.get("container_id", "")), request.get("resources") or {}),
             "unfit": lambda request: self.sizer.forget(str(request.get("container_id", ""))) if self.sizer else None,
-            "network-add": lambda request: self.attach_network(str(request.get("netns", ""))),
+            "network-add": lambda request: self.attach_network(str(request.get("netns", "")),
+                                                               watch=bool(request.get("watch"))),
             "network-rm": lambda request: self._network_or_fail().remove(str(request.get("name", ""))),
             "network-ls": lambda request: self.network.interfaces() if self.network else [],
             "dns-relay": lambda request: self.relay_dns(str(request.get("netns", "")),
@@ -237,7 +242,16 @@ class Sandbox:
                 helper.signal_stop()
 
         self._stack.callback(signal_helpers_to_stop)
+        # Closed first: the helpers stopped at teardown are no deaths.
+        watch = HelperWatch({"virtiofsd": virtiofsd.alive, "the vsock backend": transport.alive},
+                            self._helper_died)
+        self._stack.callback(watch.close)
         self._mark("sandbox_created")
+
+    def _helper_died(self, name: str) -> None:
+        self.helper_death = name
+        if self.vm is not None:
+            self.vm.signal_stop()  # SIGKILL: its death ends the sandbox (the daemon's loop, run's relay)
 
     def fit(self, container_id: str, resources: dict) -> dict:
         """Grow the guest so that container `container_id`'s `resources` fit beside the
@@ -327,9 +341,11 @@ class Sandbox:
                 continue
         return conn
 
-    def attach_network(self, netns_path: str) -> list[str]:
+    def attach_network(self, netns_path: str, watch: bool = False) -> list[str]:
         """Carry the interfaces of the pod's network namespace into the guest (hot-plugged
-        NICs), until close; again later, those CNI added since. The guest's new names."""
+        NICs), until close; again later, those CNI added since. The guest's new names.
+        With `watch` (a namespace vmrun made, which dockerd changes while the container
+        runs), interfaces that come or go later follow by themselves (network/watch.py)."""
         assert self.vm is not None and self.agent is not None
         with self._network_lock:  # the control socket serves requests concurrently
             if self.network is None:
@@ -339,6 +355,9 @@ class Sandbox:
             elif self.network.netns_path != netns_path:
                 raise NetworkError(f"the pod's network is {self.network.netns_path}, not {netns_path}")
             network = self.network
+            if watch and self._netns_watcher is None:
+                self._netns_watcher = NetnsWatcher(netns_path, network.sync)
+                self._stack.callback(self._netns_watcher.close)  # before the network's close
         return network.add_new()
 
     def relay_dns(self, netns_path: str, addresses: list[str]) -> None:

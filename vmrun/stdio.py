@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import select
+import signal
+import struct
+import termios
 import threading
-from typing import Callable
+import tty
+from typing import Callable, Iterator
 
 from vmrun.agent import agent_pb2 as pb
 from vmrun.agent.client import AgentClient
@@ -94,14 +100,74 @@ class StdioRelay:
             raise self.error
 
 
+def window_size(fd: int) -> tuple[int, int]:
+    """(rows, columns) of the terminal `fd`; (0, 0) if it is none or says nothing."""
+    try:
+        rows, columns, _, _ = struct.unpack("HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8))
+    except OSError:
+        return 0, 0
+    return rows, columns
+
+
+def caller_terminal_fd() -> int | None:
+    """The caller's terminal among our stdin and stdout (`vmrun run -t` typed at a shell)."""
+    return next((fd for fd in (0, 1) if os.isatty(fd)), None)
+
+
+def console_size(fd: int | None) -> dict | None:
+    """The spec's process.consoleSize for a guest pty opened at the caller's terminal's size:
+    the process sees it from its first instruction, before any resize could arrive."""
+    rows, columns = window_size(fd) if fd is not None else (0, 0)
+    return {"height": rows, "width": columns} if rows and columns else None
+
+
+@contextlib.contextmanager
+def caller_terminal(agent: AgentClient, container_id: str, exec_id: str = "") -> Iterator[None]:
+    """The caller's terminal, for a guest process on a pty: raw (keys reach the guest's
+    line discipline unchanged), its size followed on every SIGWINCH, restored on exit."""
+    fd = caller_terminal_fd()
+    if fd is None:
+        yield
+        return
+
+    def resize(*_: object) -> None:
+        rows, columns = window_size(fd)
+        if rows and columns:
+            try:
+                agent.resize_tty(container_id, rows, columns, exec_id)
+            except AgentError:
+                pass  # the process is gone: nothing left to size
+
+    saved = termios.tcgetattr(fd) if fd == 0 else None
+    previous = signal.signal(signal.SIGWINCH, resize)
+    try:
+        if saved is not None:
+            tty.setraw(fd)
+        resize()  # it may have changed since the pty was made
+        yield
+    finally:
+        signal.signal(signal.SIGWINCH, previous)
+        if saved is not None:
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
 def relay_until_exit(agent: AgentClient, container_id: str, exec_id: str = "", *, stdin: int | None,
                      stdout: int, stderr: int, terminal: bool,
-                     attached: Callable[[], None] = lambda: None) -> int:
+                     attached: Callable[[], None] = lambda: None, follow_caller_terminal: bool = False) -> int:
     """Relay stdio and forward signals until the guest process exits; its exit status.
 
     `attached` runs once the output streams are attached (e.g. to start the container),
-    so no output can be missed.
+    so no output can be missed. With `follow_caller_terminal` (a foreground `run` or
+    `exec -t`), the caller's terminal is made raw and its size followed meanwhile.
     """
+    with caller_terminal(agent, container_id, exec_id) if terminal and follow_caller_terminal \
+            else contextlib.nullcontext():
+        return _relay(agent, container_id, exec_id, stdin=stdin, stdout=stdout, stderr=stderr, terminal=terminal,
+                      attached=attached)
+
+
+def _relay(agent: AgentClient, container_id: str, exec_id: str, *, stdin: int | None, stdout: int, stderr: int,
+           terminal: bool, attached: Callable[[], None]) -> int:
     relay = StdioRelay(agent, container_id, exec_id, stdin=stdin, stdout=stdout, stderr=stderr,
                        terminal=terminal).start()
 

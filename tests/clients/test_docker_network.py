@@ -137,32 +137,35 @@ def test_restart_keeps_network(docker, network):
         _remove(docker, name)
 
 
-@pytest.mark.xfail(strict=True, raises=InterfaceNotInGuest, reason=(
-    "`docker network connect` on a running container: dockerd moves a second veth (eth1, with its "
-    "address) into /proc/<shim pid>/ns/net, vmrun's host netns <run_dir>/netns/<id>, after create; "
-    "vmrun carries interfaces into the guest only once, after the create-time hooks "
-    "(containers.py _run_create_hooks), so eth1 stays on the host and the guest never sees it "
-    "(`vmrun network add <id>` by hand does plug it; `docker network disconnect` likewise leaves "
-    "the guest's NIC in place)"))
-def test_network_connect_running(docker, network):
+def _wait_for_addresses(docker, name: str, present: str, absent: str = "") -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        result = docker("exec", name, "ip", "-o", "-4", "addr", timeout=60)
+        if f"inet {present}/" in result.stdout and not (absent and f"inet {absent}/" in result.stdout):
+            return
+        if time.monotonic() > deadline:
+            raise InterfaceNotInGuest(f"want {present}, not {absent or '-'}\n" + docker.explain(result))
+        time.sleep(1)
+
+
+def test_network_connect_and_disconnect_while_running(docker, network):
+    """dockerd moves a second veth into the container's namespace on the host while it runs:
+    vmrun watches that namespace and plugs (or unplugs) the guest's NIC."""
     name = f"vmrun-c-{uuid.uuid4().hex[:8]}"
     second = f"vmrun-net2-{uuid.uuid4().hex[:8]}"
     result = docker("network", "create", "--driver", "bridge", "--subnet", "172.29.78.0/24", second, timeout=60)
     assert result.returncode == 0, docker.explain(result)
     try:
         _run_detached(docker, network, name)
+        first_address = _docker_address(docker, name, network)
         result = docker("network", "connect", second, name, timeout=60)
         assert result.returncode == 0, docker.explain(result)
         address = _docker_address(docker, name, second)
-        deadline = time.monotonic() + 30
-        while True:
-            result = docker("exec", name, "ip", "-o", "-4", "addr", timeout=60)
-            if f"inet {address}/" in result.stdout:
-                break
-            if time.monotonic() > deadline:
-                raise InterfaceNotInGuest(f"{address} of network {second} not in the guest\n"
-                                          + docker.explain(result))
-            time.sleep(1)
+        _wait_for_addresses(docker, name, address)
+        _ping(docker, name, "172.29.78.1")  # the second network's bridge
+        result = docker("network", "disconnect", second, name, timeout=60)
+        assert result.returncode == 0, docker.explain(result)
+        _wait_for_addresses(docker, name, first_address, absent=address)
     finally:
         _remove(docker, name)
         docker("network", "rm", second, timeout=60)

@@ -104,3 +104,57 @@ def test_exec_with_a_terminal_for_a_64_character_id(vm_env):
             exec_.kill()
         listener.close()
     assert vm_env.vmrun("delete", "--force", container_id).returncode == 0
+
+
+def _in_a_terminal(vm_env, *args: str, rows: int = 33, columns: int = 111) -> tuple[subprocess.Popen, int]:
+    """vmrun ARGS on a pty of the test's (its controlling terminal, as typed at a shell)."""
+    master, slave = os.openpty()
+    set_size(master, rows, columns)
+    process = subprocess.Popen([*vm_env.cli(), *args], stdin=slave, stdout=slave, stderr=slave, env=vm_env.env,
+                               start_new_session=True,
+                               preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+    os.close(slave)
+    return process, master
+
+
+def _raw(master: int) -> bool:
+    lflag = termios.tcgetattr(master)[3]
+    return not lflag & (termios.ICANON | termios.ECHO)
+
+
+def _terminal_session(vm_env, process: subprocess.Popen, master: int) -> bytes:
+    try:
+        out = read_until(master, b"33 111")  # the size from the first instruction
+        assert _raw(master), "the caller's terminal is not raw while the guest process runs"
+        set_size(master, 40, 120)  # the kernel sends the foreground group (vmrun) SIGWINCH
+        time.sleep(0.5)
+        os.write(master, b"hello\r")
+        out += read_until(master, b"40 120")
+        assert process.wait(60) == 7, out
+        assert not _raw(master), "the caller's terminal was not restored"
+        return out
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(master)
+
+
+def test_run_in_a_terminal_is_raw_sized_and_follows_resizes(vm_env):
+    bundle = vm_env.bundle("fgtty", ["sh", "-c", "stty size; read line; echo got:$line; stty size; exit 7"],
+                           terminal=True)
+    process, master = _in_a_terminal(vm_env, "run", "--bundle", str(bundle), "fgtty")
+    out = _terminal_session(vm_env, process, master)
+    assert b"got:hello" in out and b"Traceback" not in out
+
+
+def test_exec_t_in_a_terminal_is_raw_sized_and_follows_resizes(vm_env):
+    bundle = vm_env.bundle("fgexec", ["sleep", "600"])
+    assert vm_env.vmrun("create", "--bundle", str(bundle), "fgexec", detached=True).returncode == 0
+    try:
+        assert vm_env.vmrun("start", "fgexec").returncode == 0
+        process, master = _in_a_terminal(vm_env, "exec", "-t", "fgexec", "sh", "-c",
+                                         "stty size; read line; echo got:$line; stty size; exit 7")
+        out = _terminal_session(vm_env, process, master)
+        assert b"got:hello" in out
+    finally:
+        assert vm_env.vmrun("delete", "--force", "fgexec").returncode == 0

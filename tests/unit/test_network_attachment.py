@@ -49,10 +49,14 @@ class FakePodNetwork:
         self.pending = [TapEndpoint(PodInterface("eth0", 7, "02:00:00:00:00:01", 1500,
                                                  [IPAddress("198.18.0.2", 24)]), "tap0_vmrun", 8, -1)]
         self.removed: list[TapEndpoint] = []
+        self.present = {7}  # veth indexes in the namespace
 
-    def add_new(self) -> list[TapEndpoint]:
+    def add_new(self, only_up: bool = False) -> list[TapEndpoint]:
         made, self.pending = self.pending, []
         return made
+
+    def veth_indexes(self) -> set[int]:
+        return set(self.present)
 
     def release_tap(self, endpoint: TapEndpoint) -> None:
         pass
@@ -97,3 +101,17 @@ def test_no_free_port_is_a_clear_error():
     nics = attachment.NetworkAttachment(FakeVM(), FakeAgent(), "/run/netns/pod", "tcfilter", [])
     with pytest.raises(NetworkError, match="no free PCIe port in the guest for eth0"):
         nics.add_new()
+
+
+def test_sync_follows_veths_that_come_and_go():
+    """What the namespace watcher calls when dockerd connects or disconnects a network."""
+    vm, agent = FakeVM(), FakeAgent()
+    nics = attachment.NetworkAttachment(vm, agent, "/run/netns/pod", "tcfilter", ["hp2", "hp3"])
+    assert nics.sync() == ["eth0"]
+    nics._network.pending = [TapEndpoint(PodInterface("eth1", 9, "02:00:00:00:00:02", 1500), "tap1_vmrun", 10, -1)]
+    nics._network.present = {7, 9}
+    assert nics.sync() == ["eth1"]
+    nics._network.present = {9}  # eth0's veth went
+    assert nics.sync() == []
+    assert agent.removed == ["02:00:00:00:00:01"]
+    assert [nic["name"] for nic in nics.interfaces()] == ["eth1"]

@@ -44,11 +44,19 @@ class NetworkAttachment:
         self._nics_made = 0
         self._lock = threading.Lock()
 
-    def add_new(self) -> list[str]:
+    def sync(self) -> list[str]:
+        """The guest's NICs made to match the namespace now: a NIC for each veth set up that
+        has none, and out with those whose veth went (`docker network disconnect`)."""
+        present = self._network.veth_indexes()
+        for attached in [a for a in self._nics if a.endpoint.interface.index not in present]:
+            self.remove(attached.endpoint.interface.name)
+        return self.add_new(only_up=True)
+
+    def add_new(self, only_up: bool = False) -> list[str]:
         """A NIC for each pod interface that has none yet; the guest's names for them."""
         with self._lock:
             names = []
-            for endpoint in self._network.add_new():
+            for endpoint in self._network.add_new(only_up):
                 try:
                     names.append(self._plug(endpoint).guest_name)
                 except BaseException:

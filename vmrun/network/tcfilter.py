@@ -65,6 +65,9 @@ def _drop_ingress(ipr: object, index: int) -> None:
         ipr.tc("del", "ingress", index)  # type: ignore[attr-defined]
 
 
+_IFF_UP = 0x1
+
+
 class PodNetwork:
     """The taps and tc mirrors vmrun made in one pod's namespace; `close()` removes them
     (a namespace that vanished meanwhile is no error: what was in it is gone too)."""
@@ -75,12 +78,13 @@ class PodNetwork:
         self.endpoints: list[TapEndpoint] = []
         self._taps_made = 0
 
-    def add_new(self) -> list[TapEndpoint]:
-        """Endpoints for the veths that have none yet (CNI may add interfaces later); on a
-        failure, those made by this call are undone."""
+    def add_new(self, only_up: bool = False) -> list[TapEndpoint]:
+        """Endpoints for the veths that have none yet (CNI may add interfaces later), with
+        `only_up` those set up (one being configured is not, yet); on a failure, those made
+        by this call are undone."""
         made: list[TapEndpoint] = []
         try:
-            self._in_netns(lambda: self._make_endpoints(made))
+            self._in_netns(lambda: self._make_endpoints(made, only_up))
         except BaseException:
             for endpoint in made:
                 self.remove(endpoint)
@@ -107,13 +111,30 @@ class PodNetwork:
             raise NetworkError(f"pod network in {self.netns_path}: netlink: "
                                f"{os.strerror(exc.code) if exc.code else exc}") from None
 
-    def _make_endpoints(self, made: list[TapEndpoint]) -> None:
+    def veth_indexes(self) -> set[int]:
+        """The indexes of the veths in the namespace now (none if it is gone)."""
+        from pyroute2 import IPRoute
+
+        found: set[int] = set()
+
+        def scan() -> None:
+            with IPRoute() as ipr:
+                found.update(interface.index for interface in scan_interfaces(ipr))
+
+        try:
+            self._in_netns(scan)
+        except NetworkError as exc:
+            log.debug("pod network scan: %s", exc)
+        return found
+
+    def _make_endpoints(self, made: list[TapEndpoint], only_up: bool = False) -> None:
         from pyroute2 import IPRoute
 
         attached = {endpoint.interface.index for endpoint in self.endpoints}
         with IPRoute() as ipr:
+            up = {link["index"] for link in ipr.get_links() if link["flags"] & _IFF_UP} if only_up else set()
             for interface in scan_interfaces(ipr):
-                if interface.index in attached:
+                if interface.index in attached or (only_up and interface.index not in up):
                     continue
                 name = f"tap{self._taps_made}_vmrun"
                 self._taps_made += 1

@@ -61,6 +61,10 @@ class VsockTransport(ABC):
         backend of its own, behind a socket in a directory only root and it can reach)."""
         return True
 
+    def alive(self) -> bool:
+        """Whether the transport's helper process, if it has one, still runs."""
+        return True
+
     def signal_stop(self) -> None:
         """Ask this transport's helper processes, if any, to stop; close() reaps them."""
 

@@ -87,6 +87,9 @@ class HybridVsock(VsockTransport):
     def backend_pid(self) -> int | None:
         return self._helper.pid if self._helper is not None else None
 
+    def alive(self) -> bool:
+        return self._helper is not None and self._helper.alive()
+
     def port_path(self, port: int) -> Path:
         """Where the guest's connections to host `port` arrive."""
         return Path(f"{self.uds_path}_{port}")
