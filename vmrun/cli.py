@@ -150,13 +150,25 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(text: str) -> int:
+    from vmrun.resources import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def cmd_update(args: argparse.Namespace) -> int:
     if args.resources:
+        from vmrun.resources import check_resources
+
         source = sys.stdin.read() if args.resources == "-" else Path(args.resources).read_text()
         try:
             resources = json.loads(source)
         except ValueError as exc:
             raise VmrunError(f"update: resources are not valid JSON: {exc}") from None
+        check_resources(resources, "update: resources")
     else:
         resources = resources_from_flags(args)
     _containers(args).update(args.id, resources)
@@ -435,8 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     update = commands.add_parser("update", help="change a container's resource limits")
     update.add_argument("--resources", "-r", help="OCI LinuxResources JSON file, or - for stdin")
-    update.add_argument("--memory", type=int)
-    update.add_argument("--memory-swap", type=int)
+    update.add_argument("--memory", type=_size, help="memory limit, in bytes or with a unit (512m, 1g)")
+    update.add_argument("--memory-swap", type=_size, help="memory + swap limit (-1: unlimited)")
     update.add_argument("--cpu-shares", type=int)
     update.add_argument("--cpu-quota", type=int)
     update.add_argument("--cpu-period", type=int)

@@ -16,6 +16,7 @@ from vmrun.common.default_spec import OCI_VERSION, default_spec  # noqa: F401
 from vmrun.errors import BundleError, InvalidIdError
 from vmrun.hooks import GUEST_HOOKS, parse_hooks
 from vmrun.namespaces import check_namespace_paths
+from vmrun.resources import check_resources
 
 log = logging.getLogger("vmrun.oci")
 
@@ -97,6 +98,13 @@ def load_bundle(bundle_dir: str | Path) -> Bundle:
     _require(isinstance(mounts, list) and all(isinstance(m, dict) and isinstance(m.get("destination"), str)
                                               for m in mounts), path, "mounts must be a list of objects with a destination")
     check_namespace_paths(spec)
+    linux = spec.get("linux")
+    if linux is not None:
+        _require(isinstance(linux, dict), path, "linux must be an object")
+        try:
+            check_resources(linux.get("resources"))
+        except BundleError as exc:
+            raise BundleError(f"bundle {path}: {exc}") from None
     try:
         parse_hooks(spec)
     except BundleError as exc:

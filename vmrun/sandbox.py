@@ -22,8 +22,9 @@ from vmrun.common.bridge import SocketBridge, first_then, read_line
 from vmrun.common.constants import AGENT_PORT, READY_MESSAGE, SHARED_FS_TAG, agent_kernel_params, ready_port
 from vmrun.config import Config
 from vmrun.control import CONTROL_SOCKET, ControlServer
-from vmrun.errors import HypervisorError, NetworkError
+from vmrun.errors import HypervisorError, Interrupted, NetworkError, VmrunError
 from vmrun.helper_watch import HelperWatch
+from vmrun.kept_logs import keep_logs
 from vmrun.hypervisor.accel import Acceleration, detect_acceleration
 from vmrun.hypervisor.memory_copy import MemoryCopy
 from vmrun.hypervisor.qemu import BASE_KERNEL_PARAMS, QemuVM, VMSpec, hotplug_port_id
@@ -128,8 +129,14 @@ class Sandbox:
     def start(self) -> "Sandbox":
         try:
             self._boot()
-        except BaseException:
+        except BaseException as exc:
+            # Kept before close() removes them, for a failure (not a caller's interruption).
+            kept = (keep_logs(self.dir, self.config.run_dir / "failed", self.sandbox_id)
+                    if isinstance(exc, VmrunError) and not isinstance(exc, Interrupted) and self.dir.is_dir()
+                    else None)
             self.close()
+            if kept is not None:
+                exc.args = (f"{exc} (the sandbox's logs: {kept})", *exc.args[1:])
             raise
         return self
 

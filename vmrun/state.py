@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
+import logging
 import os
 import shutil
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -25,6 +27,9 @@ from vmrun.process_ref import ProcessRef
 
 DEFAULT_ROOT = Path("/run/vmrun")
 _DIR_MODE = 0o700
+# A state directory this old without its state.json was left by a create that died.
+_DEBRIS_AGE = 10.0
+log = logging.getLogger("vmrun.state")
 _FILE_MODE = 0o600
 
 
@@ -142,16 +147,45 @@ class StateStore:
         """Record a new container. Its processes are the ones running now: those given
         without a start time (`vmrun run` records itself by pid) get theirs here."""
         # An existing root keeps the mode its owner gave it; parents are made as mkdir -p would.
-        self.root.mkdir(parents=True, exist_ok=True, mode=_DIR_MODE)
         try:
-            self._dir(state.id).mkdir(mode=_DIR_MODE)
-        except FileExistsError:
-            raise ContainerExistsError(f"container {state.id!r} already exists") from None
+            self.root.mkdir(parents=True, exist_ok=True, mode=_DIR_MODE)
+            self._make_dir(state.id)
+        except OSError as exc:
+            raise VmrunError(f"cannot record container {state.id!r} in {self.root}: {exc.strerror}") from None
         if state.pid > 0 and state.pid_start_time is None:
             state.process = ProcessRef.of(state.pid)
         if state.daemon_pid > 0 and state.daemon_start_time is None:
             state.daemon = ProcessRef.of(state.daemon_pid)
-        self.save(state)
+        try:
+            self.save(state)
+        except OSError as exc:
+            # A full disk: no entry is left that would hold the id for good.
+            self.remove(state.id)
+            raise VmrunError(f"cannot record container {state.id!r} in {self.root}: {exc.strerror}") from None
+
+    def _make_dir(self, container_id: str) -> None:
+        directory = self._dir(container_id)
+        try:
+            directory.mkdir(mode=_DIR_MODE)
+            return
+        except FileExistsError:
+            if not self._is_debris(directory):
+                raise ContainerExistsError(f"container {container_id!r} already exists") from None
+        # What a create that died between its mkdir and its first save left: no container.
+        self.remove(container_id)
+        try:
+            directory.mkdir(mode=_DIR_MODE)
+        except FileExistsError:
+            raise ContainerExistsError(f"container {container_id!r} already exists") from None
+
+    @staticmethod
+    def _is_debris(directory: Path) -> bool:
+        """A state directory without a state, older than any create still making it."""
+        try:
+            return (not (directory / "state.json").exists()
+                    and time.time() - directory.stat().st_mtime > _DEBRIS_AGE)
+        except OSError:
+            return False
 
     def save(self, state: ContainerState) -> None:
         write_json_atomic(self._dir(state.id) / "state.json", dataclasses.asdict(state), mode=_FILE_MODE)
@@ -169,12 +203,18 @@ class StateStore:
         shutil.rmtree(self._dir(container_id), ignore_errors=True)
 
     def list(self) -> list[ContainerState]:
+        """Every container recorded; what is not one (a stray file, a damaged or half-made
+        entry) is skipped, with a warning, so one cannot hide the others."""
         if not self.root.is_dir():
             return []
         states = []
         for entry in sorted(self.root.iterdir()):
             try:
                 states.append(self.load(entry.name))
-            except (ContainerNotFoundError, ValueError, TypeError):
-                continue
+            except ContainerNotFoundError:
+                if entry.is_dir() and not self._is_debris(entry):
+                    continue  # being created this very moment
+                log.warning("%s in %s is no container: skipped", entry.name, self.root)
+            except (VmrunError, ValueError, TypeError) as exc:
+                log.warning("%s: skipped", exc)
         return states

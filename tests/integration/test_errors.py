@@ -66,6 +66,10 @@ def test_qemu_that_cannot_start(vm_env):
     assert_clean_failure(result, "QEMU failed to start", log)
     assert "guest RAM" in result.stderr.decode()
     assert time.monotonic() - started < 5  # the QMP accept timeout is 10 s
+    # The sandbox went, but its logs stay where the error says.
+    [kept] = (vm_env.base / "run" / "failed").iterdir()
+    assert f"(the sandbox's logs: {kept})" in result.stderr.decode()
+    assert "guest RAM" in (kept / "qemu.log").read_text()
 
 
 def test_create_that_crun_refuses_sends_its_early_shim_away(vm_env):

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from vmrun.errors import ContainerExistsError, ContainerNotFoundError, InvalidIdError
+from vmrun.errors import ContainerExistsError, ContainerNotFoundError, InvalidIdError, VmrunError
 from vmrun.process_ref import ProcessRef
 from vmrun.state import ContainerState, StateStore
 
@@ -107,3 +107,46 @@ def test_a_state_file_without_start_times_still_loads(tmp_path):
     assert state.execs == {"exec-1": ProcessRef(os.getpid())}
     assert state.live_status() == "running"  # unknown: the pid is trusted as before
     assert state.runc_json()["pid"] == os.getpid()
+
+
+def test_list_skips_what_is_no_container_with_a_warning(tmp_path, caplog):
+    store = StateStore(tmp_path)
+    store.create(ContainerState("good", "/b", "/b/rootfs", "created", pid=os.getpid()))
+    (tmp_path / "stray file").write_text("x")  # no valid id
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "state.json").write_text("{not json")
+    assert [state.id for state in store.list()] == ["good"]
+    assert "stray file" in caplog.text and "damaged" in caplog.text
+
+
+def test_a_full_disk_leaves_no_entry_holding_the_id(tmp_path, monkeypatch):
+    import vmrun.state
+
+    store = StateStore(tmp_path)
+
+    def full(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(vmrun.state, "write_json_atomic", full)
+    with pytest.raises(VmrunError, match="cannot record container 'c1' in .*: No space left on device"):
+        store.create(ContainerState("c1", "/b", "/b/rootfs", "creating"))
+    assert not (tmp_path / "c1").exists()
+    monkeypatch.undo()
+    store.create(ContainerState("c1", "/b", "/b/rootfs", "creating"))  # the id is free
+
+
+def test_a_half_made_entry_is_taken_over_once_old(tmp_path, monkeypatch):
+    import vmrun.state
+
+    store = StateStore(tmp_path)
+    (tmp_path / "c1").mkdir()  # a create that died between its mkdir and its first save
+    with pytest.raises(ContainerExistsError):
+        store.create(ContainerState("c1", "/b", "/b/rootfs", "creating"))  # it may still be at work
+    monkeypatch.setattr(vmrun.state, "_DEBRIS_AGE", -1.0)
+    store.create(ContainerState("c1", "/b", "/b/rootfs", "creating"))
+    assert store.load("c1").status == "creating"
+
+
+def test_an_id_too_long_for_a_file_name_is_one_clear_error(tmp_path):
+    with pytest.raises(VmrunError, match="File name too long"):
+        StateStore(tmp_path).create(ContainerState("x" * 1000, "/b", "/b/rootfs", "creating"))

@@ -15,13 +15,16 @@ def write_atomic(path: Path | str, text: str, mode: int | None = None) -> None:
     """
     target = Path(path)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    if mode is None:
-        tmp.write_text(text)
-    else:
-        tmp.unlink(missing_ok=True)  # a dead writer's leftover would keep its own mode
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "w") as file:
+    tmp.unlink(missing_ok=True)  # a dead writer's leftover would keep its own mode
+    try:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else mode), "w") as file:
             file.write(text)
-    os.replace(tmp, target)
+            file.flush()
+            os.fsync(file.fileno())  # on disk before it replaces the old: a crash leaves one of them whole
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written temporary behind
+        raise
 
 
 def write_json_atomic(path: Path | str, document: object, mode: int | None = None) -> None:
