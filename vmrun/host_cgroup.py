@@ -10,8 +10,11 @@ container's spec gives its processes; the caller sizes the pod's cgroup above it
 (kubelet's pod cgroup with RuntimeClass overhead, as for Kata).
 
 The path is the cgroupfs one; a systemd-style `slice:prefix:name` becomes the path
-systemd would give that scope (`/a.slice/a-b.slice/prefix-name.scope`). Every mounted
-hierarchy is joined: cgroup v2, or each v1 controller and name=systemd.
+systemd would give that scope (`/a.slice/a-b.slice/prefix-name.scope`). Where systemd runs,
+such a scope is made through systemd, as runc's systemd driver does: a transient scope unit
+(StartTransientUnit over D-Bus, with busctl), delegated, holding the processes; systemd
+removes it once it is empty. Elsewhere every mounted hierarchy is written directly:
+cgroup v2, or each v1 controller and name=systemd.
 """
 
 from __future__ import annotations
@@ -20,13 +23,18 @@ import contextlib
 import errno
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from vmrun.errors import VmrunError
+from vmrun.errors import CommandError, VmrunError
+from vmrun.proc import run
 
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
+_SYSTEMD_RUNTIME = Path("/run/systemd/system")  # there while systemd is the init (sd_booted)
+_SYSTEMD_BUS = ("org.freedesktop.systemd1", "/org/freedesktop/systemd1", "org.freedesktop.systemd1.Manager")
+_ATTACH_TIMEOUT = 5.0
 _SYSTEMD_STYLE = re.compile(r"^([^/:]*):([^/:]*):([^/:]+)$")
 
 
@@ -77,6 +85,17 @@ def hierarchies(mountinfo: str | None = None) -> list[Path]:
     return found
 
 
+def systemd_running() -> bool:
+    return _SYSTEMD_RUNTIME.is_dir()
+
+
+def _busctl(method: str, signature: str, *arguments: object) -> None:
+    try:
+        run(["busctl", "call", *_SYSTEMD_BUS, method, signature, *map(str, arguments)], timeout=30)
+    except CommandError as exc:
+        raise VmrunError(f"systemd: {method}: {exc}") from None
+
+
 @dataclass(frozen=True)
 class HostCgroup:
     path: str  # e.g. "/kubepods/besteffort/pod1234/abcd"
@@ -84,11 +103,23 @@ class HostCgroup:
     def directories(self) -> list[Path]:
         return [root / self.path.lstrip("/") for root in hierarchies()]
 
+    @property
+    def systemd_scope(self) -> tuple[str, str] | None:
+        """(slice, scope unit) where the path is a systemd scope's and systemd runs."""
+        parts = [part for part in self.path.split("/") if part]
+        if not parts or not parts[-1].endswith(".scope") or not systemd_running():
+            return None
+        return (parts[-2] if len(parts) > 1 else "-.slice"), parts[-1]
+
     def join(self, pids: Iterable[int] = ()) -> None:
         """Move `pids` (by default this process, and so whatever it starts) into the
         cgroup, made if need be; if that fails half-way, this process leaves again (when
         it was the one to join)."""
         others = list(pids)
+        scope = self.systemd_scope
+        if scope is not None:
+            self._join_scope(*scope, others or [os.getpid()])
+            return
         for directory in self.directories():
             try:
                 _make(directory)
@@ -98,6 +129,31 @@ class HostCgroup:
                 # Only this process leaves: the others' starter deals with them.
                 self.remove() if others else self.leave_and_remove()
                 raise VmrunError(f"cannot join the pod's cgroup {directory}: {exc.strerror or exc}") from None
+
+    def _join_scope(self, slice_name: str, unit: str, pids: list[int]) -> None:
+        """The scope unit made by systemd with `pids` in it; or, if it exists already (an
+        exec's shim joining its container's), `pids` attached to it."""
+        try:
+            _busctl("StartTransientUnit", "ssa(sv)a(sa(sv))", unit, "replace", 4,
+                    "Slice", "s", slice_name, "Delegate", "b", "true", "DefaultDependencies", "b", "false",
+                    "PIDs", "au", len(pids), *pids, 0)
+        except VmrunError as exc:
+            if "exists" not in str(exc):
+                raise
+            _busctl("AttachProcessesToUnit", "ssau", unit, "", len(pids), *pids)
+        # systemd moves them as the unit's job runs: wait until they are there.
+        deadline = time.monotonic() + _ATTACH_TIMEOUT
+        while not all(self._holds(pid) for pid in pids):
+            if time.monotonic() > deadline:
+                raise VmrunError(f"systemd did not move the pod's processes into {unit}")
+            time.sleep(0.01)
+
+    def _holds(self, pid: int) -> bool:
+        try:
+            lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+        except OSError:
+            return True  # gone: nothing left to wait for
+        return any(line.split(":", 2)[2] == self.path for line in lines)
 
     def leave_and_remove(self) -> None:
         """Move this process to each hierarchy's root (which takes a process whatever its
@@ -111,7 +167,10 @@ class HostCgroup:
         self.remove()
 
     def remove(self) -> None:
-        """Remove the cgroup where it is empty (its parents are the caller's)."""
+        """Remove the cgroup where it is empty (its parents are the caller's). A systemd
+        scope goes by itself once empty."""
+        if self.systemd_scope is not None:
+            return
         for directory in self.directories():
             try:
                 directory.rmdir()
