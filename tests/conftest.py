@@ -1,10 +1,12 @@
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 from guest.image_cache import find_image
+from leftovers import vmrun_host_footprint
 from vmrun.config import Config
 
 
@@ -52,3 +54,15 @@ def host_cgroups_left_as_found():
             made.rmdir()
         except OSError:
             pass  # not empty: something still runs there, and the tests' own checks say so
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_of_vmrun_left_on_the_host():
+    """After the whole session, no process, mount, network namespace, host link or
+    virtiofsd pid file of vmrun's is left that was not there before it."""
+    before = vmrun_host_footprint()
+    yield
+    deadline = time.monotonic() + 20  # shims and guests that are on their way out
+    while (left := vmrun_host_footprint() - before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, "left on the host after the test session:\n" + "\n".join(sorted(left))

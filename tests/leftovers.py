@@ -85,3 +85,35 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1, message: s
         if time.monotonic() > deadline:
             raise AssertionError(f"{message}: not met within {timeout:.0f}s")
         time.sleep(interval)
+
+
+# ---- what a whole test session may leave on the host, of vmrun's
+
+_VMRUN_PROCESS_MARKERS = ("vmrun.shim", "vmrun.sandbox_daemon", "vmrun.hypervisor.vsock.vhost_user",
+                          "-name vmrun-", "vmrun.cli pool serve", "vmrun.hypervisor.seccomp_exec")
+_VMRUN_PATH_PREFIXES = ("/tmp/vmrun-", "/run/vmrun", "/var/lib/vmrun", "/var/tmp/vmrun-", "/tmp/vdk-", "/tmp/vpm-")
+
+
+def vmrun_host_footprint() -> set[str]:
+    """Every trace of vmrun on the host, one line each: processes (shims, daemons, vsock
+    backends, QEMU guests, virtiofsd serving a sandbox), mounts and network namespaces of
+    its tests' and its own directories, host links it names *_vmrun, virtiofsd pid files."""
+    found: set[str] = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(marker in cmdline for marker in _VMRUN_PROCESS_MARKERS) or (
+                "virtiofsd" in cmdline.split(" ", 1)[0] and "/vm/" in cmdline):
+            found.add(f"process {proc.name}: {cmdline[:160]}")
+    found.update(f"mount {point}" for point in mount_points() if point.startswith(_VMRUN_PATH_PREFIXES))
+    netns = Path("/run/netns")
+    found.update(f"netns {entry.name}" for entry in (netns.iterdir() if netns.is_dir() else ())
+                 if entry.name.startswith("vmrun-"))
+    found.update(f"link {link.name}" for link in Path("/sys/class/net").iterdir() if link.name.endswith("_vmrun"))
+    pid_files = Path("/var/run/virtiofsd")
+    found.update(f"virtiofsd pid file {entry}" for entry in (pid_files.iterdir() if pid_files.is_dir() else ()))
+    return found

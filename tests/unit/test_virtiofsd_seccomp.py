@@ -100,3 +100,12 @@ def test_a_helper_that_cannot_start_says_why(tmp_path):
     theirs.close()
     ours.close()
     assert result.returncode == 126 and b"No such file" in result.stderr
+
+
+def test_virtiofsds_pid_file_is_named_after_its_socket():
+    from pathlib import Path
+
+    from vmrun.hypervisor.virtiofsd import pid_file_for
+
+    assert pid_file_for(Path("/tmp/vmrun-t1/run/vm/ab12/virtiofsd.sock")) == \
+        Path("/var/run/virtiofsd/.tmp.vmrun-t1.run.vm.ab12.virtiofsd.sock.pid")

@@ -47,6 +47,14 @@ def virtiofsd_args(binary: str, socket_path: Path, shared_dir: Path) -> list[str
             "-o", "sandbox=chroot", "-o", "announce_submounts", "-o", f"modcaps={_DROPPED_CAPABILITIES}"]
 
 
+_PID_FILE_DIR = Path("/var/run/virtiofsd")
+
+
+def pid_file_for(socket_path: Path) -> Path:
+    """The pid file virtiofsd keeps for the socket `socket_path` (its path, / as .)."""
+    return _PID_FILE_DIR / (str(socket_path).replace("/", ".") + ".pid")
+
+
 class Virtiofsd(HelperProcess):
     """One virtiofsd serving `shared_dir` on `socket_path`; listening once started.
 
@@ -109,5 +117,7 @@ class Virtiofsd(HelperProcess):
         super().stop(grace)
         self.modes.join(1.0)  # it ends as virtiofsd does
         self.socket_path.unlink(missing_ok=True)
+        # virtiofsd (C) locks a pid file named after its socket and never removes it.
+        pid_file_for(self.socket_path).unlink(missing_ok=True)
 
     close = stop
