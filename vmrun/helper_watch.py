@@ -2,7 +2,8 @@
 the guest's files or its agent are gone for good, so QEMU is killed too and the sandbox
 ends the way it does when QEMU itself dies (the daemon tears it down, the shims exit).
 Without this the guest would live on, its containers stuck on a dead share, and every
-call would wait for a gRPC deadline."""
+call would wait for a gRPC deadline. So it goes, too, when its agent stops answering
+(a hung guest kernel): a health call every little while, and a few missed in a row."""
 
 from __future__ import annotations
 
@@ -36,3 +37,36 @@ class HelperWatch:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(5)
+
+
+_KEEPALIVE_INTERVAL = 10.0
+_KEEPALIVE_MISSES = 3  # in a row, each a 10 s health call: a slow guest under TCG is no hung one
+
+
+class AgentKeepalive:
+    """Calls `healthy()` every _KEEPALIVE_INTERVAL seconds until close(); after
+    _KEEPALIVE_MISSES failures in a row, `on_death("the agent")`."""
+
+    def __init__(self, healthy: Callable[[], bool], on_death: Callable[[str], None]):
+        self._healthy = healthy
+        self._on_death = on_death
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="agent-keepalive", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        misses = 0
+        while not self._stop.wait(_KEEPALIVE_INTERVAL):
+            try:
+                misses = 0 if self._healthy() else misses + 1
+            except Exception as exc:  # noqa: BLE001 - any failure to answer is a miss
+                misses += 1
+                log.debug("agent health: %s", exc)
+            if misses >= _KEEPALIVE_MISSES and not self._stop.is_set():
+                log.error("the agent has not answered %d health calls in a row: the guest goes", misses)
+                self._on_death("the agent")
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(15)

@@ -23,7 +23,7 @@ from vmrun.common.constants import AGENT_PORT, READY_MESSAGE, SHARED_FS_TAG, age
 from vmrun.config import Config
 from vmrun.control import CONTROL_SOCKET, ControlServer
 from vmrun.errors import HypervisorError, Interrupted, NetworkError, VmrunError
-from vmrun.helper_watch import HelperWatch
+from vmrun.helper_watch import AgentKeepalive, HelperWatch
 from vmrun.kept_logs import keep_logs
 from vmrun.hypervisor.accel import Acceleration, detect_acceleration
 from vmrun.hypervisor.memory_copy import MemoryCopy
@@ -253,6 +253,8 @@ class Sandbox:
         watch = HelperWatch({"virtiofsd": virtiofsd.alive, "the vsock backend": transport.alive},
                             self._helper_died)
         self._stack.callback(watch.close)
+        keepalive = AgentKeepalive(self.agent.health, self._helper_died)
+        self._stack.callback(keepalive.close)
         self._mark("sandbox_created")
 
     def _helper_died(self, name: str) -> None:
