@@ -153,8 +153,8 @@ class Containers:
                     # is up, load while it boots (an import failure shows again at its use).
                     shim = start_shim()
                     InThread(lambda: importlib.import_module("vmrun.agent.client"), "agent-client-import")
-                    state.daemon = spawn_sandbox_daemon(container_id, hostname, self.config.boot_timeout, netns,
-                                                        state.host_cgroup)
+                    state.daemon = spawn_sandbox_daemon(container_id, Path(state.vm_dir), hostname,
+                                                        self.config.boot_timeout, netns, state.host_cgroup)
                 undo.callback(stop_sandbox_daemon, state.daemon, Path(state.vm_dir), state.host_cgroup)
                 if pooled is not None and state.host_cgroup:
                     # Started before its pod was known: it and its helpers move there now.

@@ -16,11 +16,13 @@ LOG_NAMES = ("console.log", "qemu.log", "virtiofsd.log", "vsock-backend.log")
 KEPT_FAILURES = 10
 
 
-def keep_logs(sandbox_dir: Path, failed_dir: Path, sandbox_id: str) -> Path | None:
-    """Copy the sandbox's logs (and their rotated halves) to a new directory under
-    `failed_dir`; that directory, or None if there was nothing to keep."""
+def keep_logs(sandbox_dir: Path, failed_dir: Path, sandbox_id: str, extra: list[Path] = ()) -> Path | None:
+    """Copy the sandbox's logs (and their rotated halves), and the `extra` ones (the
+    daemon's), to a new directory under `failed_dir`; that directory, or None if there was
+    nothing to keep."""
     logs = [sandbox_dir / name for base in LOG_NAMES for name in (base + ".1", base)
             if (sandbox_dir / name).is_file()]
+    logs += [path for path in extra if path.is_file()]
     if not logs:
         return None
     target = failed_dir / f"{time.strftime('%Y%m%dT%H%M%S')}-{sandbox_id[:64]}"

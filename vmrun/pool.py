@@ -71,8 +71,9 @@ class Pool:
                 self._starting += 1
             sandbox_id = f"pool-{secrets.token_hex(8)}"
             try:
-                daemon = spawn_sandbox_daemon(sandbox_id, "", self.config.boot_timeout)
-                guest = PooledGuest(daemon, str(vm_dir_for(self.config, sandbox_id)))
+                vm_dir = vm_dir_for(self.config, sandbox_id)
+                daemon = spawn_sandbox_daemon(sandbox_id, vm_dir, "", self.config.boot_timeout)
+                guest = PooledGuest(daemon, str(vm_dir))
             except VmrunError as exc:
                 log.error("cannot start a guest for the pool: %s", exc)
                 guest = None

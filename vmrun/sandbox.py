@@ -30,7 +30,7 @@ from vmrun.hypervisor.memory_copy import MemoryCopy
 from vmrun.hypervisor.qemu import BASE_KERNEL_PARAMS, QemuVM, VMSpec, hotplug_port_id
 from vmrun.hypervisor.resize import DEFAULT_MAX_MEMORY_MIB, DEFAULT_MAX_VCPUS, GuestCounts, GuestSizer
 from vmrun.hypervisor.templates import restore_state, template_vm_spec
-from vmrun.hypervisor.virtiofsd import Virtiofsd, find_virtiofsd
+from vmrun.hypervisor.virtiofsd import VIRTIOFSD_SOCKET, Virtiofsd, find_virtiofsd
 from vmrun.hypervisor.vsock.base import VsockTransport
 from vmrun.hypervisor.vsock.transports import make_transport
 from vmrun.mounts import remove_tree_safely
@@ -50,6 +50,13 @@ log = logging.getLogger("vmrun.sandbox")
 # Spare PCIe root ports of a booted guest, for NICs hot-plugged into it (a clone has its
 # template's).
 COLD_BOOT_HOTPLUG_PORTS = 4
+
+def daemon_log_for(vm_dir: Path) -> Path:
+    """The log of the sandbox daemon holding the guest at `vm_dir`: not in it (it is
+    written before the directory exists and after it is gone), in `daemon-logs/` beside
+    the guests' directories."""
+    return vm_dir.parent.with_name("daemon-logs") / f"{vm_dir.name}.log"
+
 
 def vm_dir_for(config: Config, sandbox_id: str) -> Path:
     # Hashed and short: unix socket paths must fit in 108 bytes. The run dir is part of the
@@ -131,7 +138,8 @@ class Sandbox:
             self._boot()
         except BaseException as exc:
             # Kept before close() removes them, for a failure (not a caller's interruption).
-            kept = (keep_logs(self.dir, self.config.run_dir / "failed", self.sandbox_id)
+            kept = (keep_logs(self.dir, self.config.run_dir / "failed", self.sandbox_id,
+                              extra=[daemon_log_for(self.dir)])
                     if isinstance(exc, VmrunError) and not isinstance(exc, Interrupted) and self.dir.is_dir()
                     else None)
             self.close()
@@ -157,7 +165,7 @@ class Sandbox:
         clone = self._start_clone(lease, files, acceleration) if lease is not None else None
 
         # A booting QEMU connects to the helpers at once, so it waits for them.
-        virtiofsd = Virtiofsd(find_virtiofsd(self.config.virtiofsd), self.dir / "virtiofsd.sock",
+        virtiofsd = Virtiofsd(find_virtiofsd(self.config.virtiofsd), self.dir / VIRTIOFSD_SOCKET,
                               self.shared_dir, self.dir / "virtiofsd.log")
         self._stack.push(virtiofsd)
         virtiofsd.launch()

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
+import logging.handlers
 import os
 import signal
 import sys
@@ -23,13 +25,16 @@ from vmrun.host_cgroup import HostCgroup, joined
 from vmrun.mounts import remove_tree_safely
 from vmrun.proc import HelperProcess, ReadyPipe
 from vmrun.process_ref import ProcessRef, wait_until_gone
-from vmrun.sandbox import Sandbox
+from vmrun.capped_log import LOG_LIMIT
+from vmrun.hypervisor.virtiofsd import VIRTIOFSD_SOCKET, pid_file_for
+from vmrun.log import TextFormatter
+from vmrun.sandbox import Sandbox, daemon_log_for, vm_dir_for
 from vmrun.signals import interrupted_by_signals
 
 _STOP_GRACE = 10.0
 
 
-def spawn_sandbox_daemon(sandbox_id: str, hostname: str, boot_timeout: float, netns: str = "",
+def spawn_sandbox_daemon(sandbox_id: str, vm_dir: Path, hostname: str, boot_timeout: float, netns: str = "",
                          cgroup: str = "") -> ProcessRef:
     """Start the daemon for `sandbox_id` and wait until its guest is ready; the daemon. It
     and every helper of the guest run in the host cgroup `cgroup` (host_cgroup.py), if any.
@@ -39,10 +44,12 @@ def spawn_sandbox_daemon(sandbox_id: str, hostname: str, boot_timeout: float, ne
     no guest behind that nobody knows of.
     """
     ready = ReadyPipe()
+    # As the CLI logs (--debug), so does the daemon, into its log (daemon_log_for).
+    debug = ["--debug"] if logging.getLogger("vmrun").isEnabledFor(logging.DEBUG) else []
     daemon = HelperProcess(
         "sandbox daemon",
         [sys.executable, "-m", "vmrun.sandbox_daemon", "--id", sandbox_id, "--hostname", hostname,
-         "--netns", netns, "--cgroup", cgroup, "--ready-fd", str(ready.write_fd)],
+         "--netns", netns, "--cgroup", cgroup, "--ready-fd", str(ready.write_fd), *debug],
         pass_fds=(ready.write_fd,),
         die_with_parent=False,  # it outlives this CLI call
     ).start()
@@ -52,6 +59,7 @@ def spawn_sandbox_daemon(sandbox_id: str, hostname: str, boot_timeout: float, ne
         daemon.stop(_STOP_GRACE)
         if cgroup:
             HostCgroup(cgroup).remove()  # in case it died before it could
+        _remove_daemon_log(vm_dir)  # a failed start kept it with the sandbox's (kept_logs.py)
         raise
     # Taken while it is our child, not yet reaped: its pid is still its own.
     return ProcessRef.of(daemon.pid)
@@ -74,6 +82,15 @@ def stop_sandbox_daemon(daemon: ProcessRef, vm_dir: Path, cgroup: str = "") -> N
     # and files stay: remove them.
     if vm_dir.exists():
         remove_tree_safely(vm_dir)
+    _remove_daemon_log(vm_dir)
+    # A killed virtiofsd leaves its pid file (a stopped one's goes with Virtiofsd.stop).
+    pid_file_for(vm_dir / VIRTIOFSD_SOCKET).unlink(missing_ok=True)
+
+
+def _remove_daemon_log(vm_dir: Path) -> None:
+    log_file = daemon_log_for(vm_dir)
+    for path in (log_file, log_file.with_name(log_file.name + ".1")):
+        path.unlink(missing_ok=True)
 
 
 def _stop_process(daemon: ProcessRef) -> None:
@@ -85,6 +102,17 @@ def _stop_process(daemon: ProcessRef) -> None:
             wait_until_gone([stuck], _STOP_GRACE)  # its cgroup and mounts go next
 
 
+def _log_to_file(path: Path, level: int | str) -> None:
+    """What the daemon has to say (a watcher's warning, a helper's death) goes to its log,
+    capped: 1 MiB, rotated once."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    handler = logging.handlers.RotatingFileHandler(path, maxBytes=LOG_LIMIT, backupCount=1)
+    handler.setFormatter(TextFormatter())
+    logger = logging.getLogger("vmrun")
+    logger.addHandler(handler)
+    logger.setLevel(level.upper() if isinstance(level, str) else level)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vmrun-sandbox-daemon")
     parser.add_argument("--id", required=True)
@@ -92,7 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--netns", default="", help="the pod's network namespace, carried into the guest")
     parser.add_argument("--cgroup", default="", help="the pod's host cgroup, for this daemon and its helpers")
     parser.add_argument("--ready-fd", type=int, required=True)
+    parser.add_argument("--debug", action="store_true", help="log debug messages too")
     args = parser.parse_args(argv)
+    config = load_config()
+    _log_to_file(daemon_log_for(vm_dir_for(config, args.id)), logging.DEBUG if args.debug else config.log_level)
 
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -109,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with interrupted_by_signals():
                 in_cgroup.enter_context(joined(args.cgroup))  # before any helper: they start in it
-                sandbox = Sandbox(args.id, load_config(), hostname=args.hostname).start()
+                sandbox = Sandbox(args.id, config, hostname=args.hostname).start()
                 try:
                     if args.netns:
                         sandbox.attach_network(args.netns)

@@ -78,7 +78,7 @@ def vm_env(guest_image):
         time.sleep(0.1)
     leftovers = processes_mentioning(str(run_dir))
     mounts = mounts_under(str(base))
-    vm_dirs = list((run_dir / "vm").iterdir()) if (run_dir / "vm").exists() else []
+    vm_dirs = [p for sub in ("vm", "daemon-logs", "netns") if (run_dir / sub).exists() for p in (run_dir / sub).iterdir()]
     states = list(env.root.iterdir()) if env.root.exists() else []
     for line in leftovers:
         os.kill(int(line.split(":")[0]), 9)

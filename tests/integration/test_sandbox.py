@@ -39,3 +39,14 @@ def test_a_guest_that_never_gets_ready_is_reported_and_cleaned_up(vm_env, tmp_pa
     with pytest.raises(HypervisorError) as err:
         Sandbox("never-ready", vm_env.config()).start()
     assert "QEMU exited" in str(err.value) or "not ready" in str(err.value)
+
+
+def test_debug_reaches_the_daemon_and_its_log_goes_with_the_pod(vm_env):
+    bundle = vm_env.bundle("debugged", ["sleep", "600"])
+    assert vm_env.vmrun("--debug", "create", "--bundle", str(bundle), "debugged", detached=True).returncode == 0
+    try:
+        [log] = (vm_env.base / "run" / "daemon-logs").iterdir()
+        assert "level=debug" in log.read_text()
+    finally:
+        assert vm_env.vmrun("delete", "--force", "debugged").returncode == 0
+    assert not list((vm_env.base / "run" / "daemon-logs").iterdir())

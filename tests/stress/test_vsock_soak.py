@@ -38,6 +38,7 @@ def test_no_run_hangs_under_sustained_traffic(vm_env):
         try:
             result = vm_env.vmrun("run", "--bundle", str(bundle), f"soak{index}", input=_INPUT, timeout=TIMEOUT)
         except subprocess.TimeoutExpired:
+            print(f"\nsoak{index} hung:\n{_evidence(vm_env, f'soak{index}')}")
             vm_env.vmrun("delete", "--force", f"soak{index}", timeout=60)
             return "hang", time.monotonic() - started
         took = time.monotonic() - started
@@ -55,3 +56,16 @@ def test_no_run_hangs_under_sustained_traffic(vm_env):
           f"seconds per run: median {statistics.median(times):.2f}, worst {max(times):.2f}")
     assert not hangs, f"{len(hangs)} of {RUNS} runs hung"
     assert not failures, failures[:5]
+
+
+def _evidence(vm_env, container_id: str) -> str:
+    """The last lines of each log of the hung run's sandbox, before delete removes them."""
+    from vmrun.sandbox import vm_dir_for
+
+    vm_dir = vm_dir_for(vm_env.config(), container_id)
+    parts = []
+    for name in ("console.log", "qemu.log", "virtiofsd.log", "vsock-backend.log"):
+        path = vm_dir / name
+        lines = path.read_text(errors="replace").splitlines()[-15:] if path.is_file() else ["(none)"]
+        parts.append(f"--- {name}\n" + "\n".join(lines))
+    return "\n".join(parts)

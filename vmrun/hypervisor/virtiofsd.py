@@ -48,6 +48,7 @@ def virtiofsd_args(binary: str, socket_path: Path, shared_dir: Path) -> list[str
 
 
 _PID_FILE_DIR = Path("/var/run/virtiofsd")
+VIRTIOFSD_SOCKET = "virtiofsd.sock"  # its name in the sandbox's directory
 
 
 def pid_file_for(socket_path: Path) -> Path:
