@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 LOG_LIMIT = 1 << 20  # bytes per file: a boot and its agent's lines take ~10 KiB
 
@@ -23,8 +23,10 @@ def _size(out: BinaryIO | None) -> int:
 
 
 class CappedLog:
-    def __init__(self, path: Path, limit: int = LOG_LIMIT):
+    def __init__(self, path: Path, limit: int = LOG_LIMIT, watch: Callable[[bytes], None] | None = None):
+        """`watch`, if any, sees every chunk as it passes (in the copying thread)."""
         self.path, self.limit = path, limit
+        self._watch = watch
         self._read_fd, self.write_fd = os.pipe()
         self._thread = threading.Thread(target=self._copy, name=f"log-{path.name}", daemon=True)
         self._thread.start()
@@ -47,6 +49,11 @@ class CappedLog:
         written = _size(out)
         try:
             while chunk := os.read(self._read_fd, 65536):
+                if self._watch is not None:
+                    try:
+                        self._watch(chunk)
+                    except Exception:  # noqa: BLE001 - a watcher's failure must not stall the writer
+                        pass
                 while chunk:
                     if written >= self.limit:
                         out, written = self._rotate(out), 0

@@ -30,7 +30,7 @@ class HelperWatch:
         while not self._stop.wait(_INTERVAL):
             dead = next((name for name, alive in self._helpers.items() if not alive()), None)
             if dead is not None:
-                log.error("%s exited: the guest goes with it", dead)
+                log.debug("%s exited", dead)
                 self._on_death(dead)
                 return
 
@@ -63,10 +63,36 @@ class AgentKeepalive:
                 misses += 1
                 log.debug("agent health: %s", exc)
             if misses >= _KEEPALIVE_MISSES and not self._stop.is_set():
-                log.error("the agent has not answered %d health calls in a row: the guest goes", misses)
+                log.debug("the agent missed %d health calls in a row", misses)
                 self._on_death("the agent")
                 return
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(15)
+
+
+# What the guest's kernel prints when it is broken for good: a task stuck in it would hold
+# its container's exit, and the caller's wait, forever ("Fixing recursive fault but
+# reboot is needed"). A guest that prints them on purpose only ends itself.
+_KERNEL_FAILURES = (b"kernel BUG at ", b"Kernel panic - not syncing")
+
+
+class ConsoleWatch:
+    """Fed the guest's console as it comes (capped_log.py); on a kernel failure line,
+    `on_death("the guest kernel")`, once."""
+
+    def __init__(self, on_death: Callable[[str], None]):
+        self._on_death = on_death
+        self._tail = b""
+        self._fired = False
+
+    def __call__(self, chunk: bytes) -> None:
+        if self._fired:
+            return
+        text = self._tail + chunk
+        self._tail = text[-64:]  # a marker split between two chunks
+        if any(marker in text for marker in _KERNEL_FAILURES):
+            self._fired = True
+            log.debug("a kernel failure on the guest console")
+            self._on_death("the guest kernel")

@@ -9,6 +9,7 @@ import time
 
 from vmrun.common import linux
 from vmrun.config import Config
+from vmrun.errors import AgentError, HypervisorError
 from vmrun.hooks import CREATE_HOOKS, Hook, hook_state, parse_hooks, run_hooks, run_hooks_logging_failures
 from vmrun.host_cgroup import cgroup_path, joined
 from vmrun.namespaces import NAMESPACE_FLAGS
@@ -108,8 +109,14 @@ def _run_in_guest(config: Config, store: StateStore, bundle: Bundle, state: Cont
         store.save(state)
         run_hooks_logging_failures(hooks, "poststart", _hook_state(state))
         timings["container_started"] = time.monotonic() - t0
-        code = relay_until_exit(agent, container_id, stdin=sys.stdin.fileno(), stdout=sys.stdout.fileno(),
-                                stderr=sys.stderr.fileno(), terminal=bundle.terminal, follow_caller_terminal=True)
+        try:
+            code = relay_until_exit(agent, container_id, stdin=sys.stdin.fileno(), stdout=sys.stdout.fileno(),
+                                    stderr=sys.stderr.fileno(), terminal=bundle.terminal,
+                                    follow_caller_terminal=True)
+        except AgentError:
+            if sandbox.helper_death:  # why the agent went: say that
+                raise HypervisorError(f"{sandbox.helper_death}, and the guest with it") from None
+            raise
         timings["container_exited"] = time.monotonic() - t0
         state.status = "stopped"
         store.save(state)

@@ -23,7 +23,7 @@ from vmrun.common.constants import AGENT_PORT, READY_MESSAGE, SHARED_FS_TAG, age
 from vmrun.config import Config
 from vmrun.control import CONTROL_SOCKET, ControlServer
 from vmrun.errors import HypervisorError, Interrupted, NetworkError, VmrunError
-from vmrun.helper_watch import AgentKeepalive, HelperWatch
+from vmrun.helper_watch import AgentKeepalive, ConsoleWatch, HelperWatch
 from vmrun.kept_logs import keep_logs
 from vmrun.hypervisor.accel import Acceleration, detect_acceleration
 from vmrun.hypervisor.memory_copy import MemoryCopy
@@ -213,7 +213,8 @@ class Sandbox:
                 max_memory_mib=max(DEFAULT_MAX_MEMORY_MIB, self.config.memory_mib),
             )
             log.debug("booting %s with %s (%s)", self.sandbox_id, acceleration.name, acceleration.reason)
-            self.vm = QemuVM(spec, self.dir / "qmp.sock", self.dir / "qemu.log").start()
+            self.vm = QemuVM(spec, self.dir / "qmp.sock", self.dir / "qemu.log",
+                             console_watch=ConsoleWatch(self._helper_died)).start()
             self._stack.callback(self.vm.close)
         # NICs are hot-plugged on the ports a clone's own devices leave free.
         first_free = len(devices) if lease is not None else 0
@@ -266,7 +267,11 @@ class Sandbox:
         self._mark("sandbox_created")
 
     def _helper_died(self, name: str) -> None:
-        self.helper_death = name
+        if self.helper_death:
+            return
+        kept = keep_logs(self.dir, self.config.run_dir / "failed", self.sandbox_id, extra=[daemon_log_for(self.dir)])
+        self.helper_death = f"{name} failed" + (f" (the sandbox's logs: {kept})" if kept else "")
+        log.warning("%s: the guest goes", self.helper_death)
         if self.vm is not None:
             self.vm.signal_stop()  # SIGKILL: its death ends the sandbox (the daemon's loop, run's relay)
 
@@ -305,7 +310,8 @@ class Sandbox:
         spec = template_vm_spec(lease.definition, qemu=self.config.qemu, acceleration=acceleration,
                                 kernel=files.kernel, initrd=files.initrd, console_log=self.console_log,
                                 memory_fd=memory, incoming=True)
-        vm = QemuVM(spec, self.dir / "qmp.sock", self.dir / "qemu.log").launch()
+        vm = QemuVM(spec, self.dir / "qmp.sock", self.dir / "qemu.log",
+                    console_watch=ConsoleWatch(self._helper_died)).launch()
         self._stack.callback(vm.close)
         return memory_copy, vm
 

@@ -192,3 +192,54 @@ def containerd(guest_image, vm_templates_dir):
         print(f"\ncontainers the tests did not remove (the fixture did): {not_removed}", file=sys.stderr)
     if removed_outside:
         print(f"\nremoved from /run/containerd: {removed_outside}", file=sys.stderr)
+
+
+# ---- docker and podman, one private daemon (or podman configuration) per test module ----
+
+@pytest.fixture(scope="module")
+def docker_session(guest_image, vm_templates_dir):
+    """dockerd with vmrun (docker_env.py), started for the module, stopped after it."""
+    from docker_env import DockerEnv, DockerSetupError
+    from leftovers import client_session
+    from podman_env import VMRUN_BINARY
+
+    if not VMRUN_BINARY.exists():
+        pytest.fail(f"{VMRUN_BINARY} missing: pip install -e . (scripts/setup.sh does)")
+    try:
+        env = DockerEnv(vm_templates_dir)
+    except DockerSetupError as exc:  # no archive to download docker.io from, and no cached copy
+        pytest.skip(f"dockerd unavailable: {exc}")
+    yield from client_session(env, env.start, env.load_image)
+
+
+@pytest.fixture
+def docker(docker_session):
+    """docker_session, checked after each test: nothing of it left behind."""
+    yield docker_session
+    problems = docker_session.leftovers()
+    assert not problems, "left behind:\n" + "\n".join(problems)
+
+
+@pytest.fixture(scope="module")
+def podman_session(request, guest_image, vm_templates_dir):
+    """podman with vmrun (podman_env.py) for the module; in a network namespace of its own
+    where the module says PODMAN_OWN_NETNS = True (its default network's bridge and rules)."""
+    from leftovers import client_session
+    from podman_env import VMRUN_BINARY, PodmanEnv
+
+    for tool in ("podman", "conmon"):
+        if not any(os.access(os.path.join(d, tool), os.X_OK) for d in ("/usr/bin", "/usr/local/bin")):
+            pytest.fail(f"{tool} is not installed: run scripts/setup.sh")
+    if not VMRUN_BINARY.exists():
+        pytest.fail(f"{VMRUN_BINARY} missing: pip install -e . (scripts/setup.sh does)")
+    env = PodmanEnv(vm_templates_dir)
+    steps = [env.make_netns] if getattr(request.module, "PODMAN_OWN_NETNS", False) else []
+    yield from client_session(env, *steps, env.load_image)
+
+
+@pytest.fixture
+def podman(podman_session):
+    """podman_session, checked after each test: nothing of it left behind."""
+    yield podman_session
+    problems = podman_session.leftovers()
+    assert not problems, "left behind:\n" + "\n".join(problems)

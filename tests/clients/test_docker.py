@@ -17,30 +17,12 @@ import uuid
 import pytest
 
 from engine_cases import check_exec_stop_rm
-from leftovers import client_session
-from docker_env import IMAGE, RUN_FLAGS, DockerEnv, DockerSetupError
-from podman_env import VMRUN_BINARY
+from docker_env import IMAGE, RUN_FLAGS
 
 pytestmark = [pytest.mark.integration, pytest.mark.clients]
 
 HOST_KERNEL = os.uname().release
 
-@pytest.fixture(scope="module")
-def docker_session(guest_image, vm_templates_dir):
-    if not VMRUN_BINARY.exists():
-        pytest.fail(f"{VMRUN_BINARY} missing: pip install -e . (scripts/setup.sh does)")
-    try:
-        env = DockerEnv(vm_templates_dir)
-    except DockerSetupError as exc:  # no archive to download docker.io from, and no cached copy
-        pytest.skip(f"dockerd unavailable: {exc}")
-    yield from client_session(env, env.start, env.load_image)
-
-
-@pytest.fixture
-def docker(docker_session):
-    yield docker_session
-    problems = docker_session.leftovers()
-    assert not problems, "left behind:\n" + "\n".join(problems)
 
 
 def test_run_rm_output_and_exit_code(docker):

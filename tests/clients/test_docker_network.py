@@ -30,9 +30,7 @@ import uuid
 
 import pytest
 
-from docker_env import IMAGE, DockerEnv, DockerSetupError
-from leftovers import client_session
-from podman_env import VMRUN_BINARY
+from docker_env import IMAGE
 
 pytestmark = [pytest.mark.integration, pytest.mark.clients]
 
@@ -47,22 +45,6 @@ class InterfaceNotInGuest(AssertionError):
     """The one failure test_network_connect_running expects."""
 
 
-@pytest.fixture(scope="module")
-def docker_session(guest_image, vm_templates_dir):
-    if not VMRUN_BINARY.exists():
-        pytest.fail(f"{VMRUN_BINARY} missing: pip install -e . (scripts/setup.sh does)")
-    try:
-        env = DockerEnv(vm_templates_dir)
-    except DockerSetupError as exc:
-        pytest.skip(f"dockerd unavailable: {exc}")
-    yield from client_session(env, env.start, env.load_image)
-
-
-@pytest.fixture
-def docker(docker_session):
-    yield docker_session
-    problems = docker_session.leftovers()
-    assert not problems, "left behind:\n" + "\n".join(problems)
 
 
 @pytest.fixture

@@ -15,29 +15,12 @@ import uuid
 import pytest
 
 from engine_cases import check_exec_stop_rm
-from leftovers import client_session
-from podman_env import BOOT_TIMEOUT, IMAGE, RUN_FLAGS, VMRUN_BINARY, PodmanEnv, conmon_term_sockets
+from podman_env import BOOT_TIMEOUT, IMAGE, RUN_FLAGS, conmon_term_sockets
 
 pytestmark = [pytest.mark.integration, pytest.mark.clients]
 
 HOST_KERNEL = os.uname().release
 
-@pytest.fixture(scope="module")
-def podman_session(guest_image, vm_templates_dir):
-    for tool in ("podman", "conmon"):
-        if not any(os.access(os.path.join(d, tool), os.X_OK) for d in ("/usr/bin", "/usr/local/bin")):
-            pytest.fail(f"{tool} is not installed: run scripts/setup.sh")
-    if not VMRUN_BINARY.exists():
-        pytest.fail(f"{VMRUN_BINARY} missing: pip install -e . (scripts/setup.sh does)")
-    env = PodmanEnv(vm_templates_dir)
-    yield from client_session(env, env.load_image)
-
-
-@pytest.fixture
-def podman(podman_session):
-    yield podman_session
-    problems = podman_session.leftovers()
-    assert not problems, "left behind:\n" + "\n".join(problems)
 
 
 def test_run_rm_output_from_guest(podman):

@@ -17,39 +17,23 @@ vmrun container netns, nor podman's /run/netns/netns-*.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 import uuid
 
 import pytest
 
-from leftovers import client_session
-from podman_env import IMAGE, VMRUN_BINARY, PodmanEnv
+from podman_env import IMAGE
 
 pytestmark = [pytest.mark.integration, pytest.mark.clients]
 
 # RUN_FLAGS without "--network none": the default network.
 ULIMITS = ("--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096")
 PING_GROUP_RANGE = "/proc/sys/net/ipv4/ping_group_range"
+# podman, its bridge and its rules in a network namespace of the test's (conftest.py).
+PODMAN_OWN_NETNS = True
 
 
-@pytest.fixture(scope="module")
-def podman_session(guest_image, vm_templates_dir):
-    for tool in ("podman", "conmon"):
-        if not any(os.access(os.path.join(d, tool), os.X_OK) for d in ("/usr/bin", "/usr/local/bin")):
-            pytest.fail(f"{tool} is not installed: run scripts/setup.sh")
-    if not VMRUN_BINARY.exists():
-        pytest.fail(f"{VMRUN_BINARY} missing: pip install -e . (scripts/setup.sh does)")
-    env = PodmanEnv(vm_templates_dir)
-    yield from client_session(env, env.make_netns, env.load_image)
-
-
-@pytest.fixture
-def podman(podman_session):
-    yield podman_session
-    problems = podman_session.leftovers()
-    assert not problems, "left behind:\n" + "\n".join(problems)
 
 
 def _network_settings(podman, name: str) -> dict:

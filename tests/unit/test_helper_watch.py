@@ -47,3 +47,20 @@ def test_closed_watchers_call_nothing(monkeypatch):
     keepalive = helper_watch.AgentKeepalive(lambda: True, died.append)
     keepalive.close()
     assert died == []
+
+
+def test_a_kernel_bug_on_the_console_ends_the_guest_once():
+    died: list[str] = []
+    watch = helper_watch.ConsoleWatch(died.append)
+    watch(b"[    8.9] VFS: Busy inodes after unmount of virtiofs\n[    8.9] kernel B")
+    assert died == []
+    watch(b"UG at fs/super.c:503!\n")  # the marker split between two chunks
+    watch(b"[    9.0] Kernel panic - not syncing: Fatal exception\n")
+    assert died == ["the guest kernel"]
+
+
+def test_warnings_on_the_console_are_no_death():
+    died: list[str] = []
+    watch = helper_watch.ConsoleWatch(died.append)
+    watch(b"WARNING: CPU: 0 PID: 1 at mm/page_alloc.c\nvmrun-agent: listening\n")
+    assert died == []

@@ -9,7 +9,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from vmrun.capped_log import LOG_LIMIT, CappedLog
 from vmrun.errors import CommandError, HypervisorError
@@ -159,8 +159,10 @@ def qemu_command(spec: VMSpec, qmp_socket: Path, console: str = "") -> list[str]
 class QemuVM:
     """A running QEMU; `close()` quits it (killing it if it does not go)."""
 
-    def __init__(self, spec: VMSpec, qmp_socket: Path, log_path: Path):
+    def __init__(self, spec: VMSpec, qmp_socket: Path, log_path: Path,
+                 console_watch: Callable[[bytes], None] | None = None):
         self.spec = spec
+        self._console_watch = console_watch  # sees the guest's console output as it comes
         self._qmp_socket = qmp_socket
         self._process = HelperProcess("qemu", qemu_command(spec, qmp_socket), log_path=log_path,
                                       stop_signal=signal.SIGKILL, log_limit=LOG_LIMIT)
@@ -192,7 +194,7 @@ class QemuVM:
             self._qmp_listener.bind(str(self._qmp_socket))
             self._qmp_listener.listen(1)
             # The console through a pipe of ours, kept in spec.console_log at a bounded size.
-            self._console = CappedLog(self.spec.console_log)
+            self._console = CappedLog(self.spec.console_log, watch=self._console_watch)
             self._process.argv = qemu_command(self.spec, self._qmp_socket, self._console.path_in_child)
             self._process.pass_fds = (self._console.write_fd,
                                       *(() if self.spec.memory_fd is None else (self.spec.memory_fd,)))
