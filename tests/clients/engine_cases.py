@@ -53,3 +53,15 @@ def check_exec_stop_rm(cli, image: str, run_flags: tuple[str, ...], rm_force: tu
     finally:
         if name in cli("ps", "-a", "--format", "{{.Names}}", timeout=60).stdout:
             cli("rm", *rm_force, name, timeout=120)
+
+
+def ping_from(cli, name: str, target: str) -> None:
+    """`ping target` from container `name` (docker or podman) succeeds; a few tries, as a
+    guest's NIC may still be on its way up."""
+    deadline = time.monotonic() + 60
+    while True:
+        result = cli("exec", name, "ping", "-c", "1", "-W", "3", target, timeout=60)
+        if result.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert result.returncode == 0 and "1 packets received" in result.stdout, cli.explain(result)

@@ -31,6 +31,7 @@ import uuid
 import pytest
 
 from docker_env import IMAGE
+from engine_cases import ping_from
 
 pytestmark = [pytest.mark.integration, pytest.mark.clients]
 
@@ -114,7 +115,7 @@ def test_restart_keeps_network(docker, network):
             assert result.returncode == 0, docker.explain(result)
         assert _docker_address(docker, name, network) == address
         assert _eth0_addresses(docker, name) == [address]
-        _ping(docker, name, "172.29.77.1")  # the bridge, in the env's namespace
+        ping_from(docker, name, "172.29.77.1")  # the bridge, in the env's namespace
     finally:
         _remove(docker, name)
 
@@ -144,7 +145,7 @@ def test_network_connect_and_disconnect_while_running(docker, network):
         assert result.returncode == 0, docker.explain(result)
         address = _docker_address(docker, name, second)
         _wait_for_addresses(docker, name, address)
-        _ping(docker, name, "172.29.78.1")  # the second network's bridge
+        ping_from(docker, name, "172.29.78.1")  # the second network's bridge
         result = docker("network", "disconnect", second, name, timeout=60)
         assert result.returncode == 0, docker.explain(result)
         _wait_for_addresses(docker, name, first_address, absent=address)
@@ -153,24 +154,14 @@ def test_network_connect_and_disconnect_while_running(docker, network):
         docker("network", "rm", second, timeout=60)
 
 
-def _ping(docker, name: str, target: str) -> None:
-    # The second guest's NIC may still be on its way up: a few tries.
-    deadline = time.monotonic() + 60
-    while True:
-        result = docker("exec", name, "ping", "-c", "1", "-W", "3", target, timeout=60)
-        if result.returncode == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(1)
-    assert result.returncode == 0 and "1 packets received" in result.stdout, docker.explain(result)
-
 
 def test_ping_by_address(docker, network):
     first, second = (f"vmrun-p{i}-{uuid.uuid4().hex[:8]}" for i in (1, 2))
     _run_detached(docker, network, first)
     try:
         _run_detached(docker, network, second)
-        _ping(docker, first, _docker_address(docker, second, network))
-        _ping(docker, second, _docker_address(docker, first, network))
+        ping_from(docker, first, _docker_address(docker, second, network))
+        ping_from(docker, second, _docker_address(docker, first, network))
     finally:
         _remove(docker, first, second)
 
@@ -180,7 +171,7 @@ def test_ping_by_name(docker, network):
     _run_detached(docker, network, first)
     try:
         _run_detached(docker, network, second)
-        _ping(docker, first, _docker_address(docker, second, network))  # the network itself works
+        ping_from(docker, first, _docker_address(docker, second, network))  # the network itself works
         resolv = docker("exec", first, "cat", "/etc/resolv.conf", timeout=60)
         assert "nameserver 127.0.0.11" in resolv.stdout, docker.explain(resolv)
         for here, there in ((first, second), (second, first)):
@@ -188,6 +179,6 @@ def test_ping_by_name(docker, network):
             assert lookup.returncode == 0 and _docker_address(docker, there, network) in lookup.stdout, (
                 "docker's embedded DNS did not answer in the guest (vmrun's DNS relay: "
                 "vmrun/network/dns_relay.py, vmrun/agent/dns_relay.py)\n" + docker.explain(lookup))
-            _ping(docker, here, there)
+            ping_from(docker, here, there)
     finally:
         _remove(docker, first, second)

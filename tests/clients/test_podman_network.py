@@ -23,6 +23,7 @@ import uuid
 
 import pytest
 
+from engine_cases import ping_from
 from podman_env import IMAGE
 
 pytestmark = [pytest.mark.integration, pytest.mark.clients]
@@ -95,15 +96,6 @@ def test_network_none_sysctl(podman):
     assert lines[:2] == ["0", "0"] and lines[2:] == ["lo"], podman.explain(result)
 
 
-def _ping(podman, name: str, target: str) -> None:
-    deadline = time.monotonic() + 60  # a guest's NIC may still be on its way up
-    while True:
-        result = podman("exec", name, "ping", "-c", "1", "-W", "3", target, timeout=60)
-        if result.returncode == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(1)
-    assert result.returncode == 0 and "1 packets received" in result.stdout, podman.explain(result)
-
 
 def test_two_containers_ping_and_restart(podman):
     """Two guests on podman's bridge reach each other; after `podman restart` (kill, delete,
@@ -113,13 +105,13 @@ def test_two_containers_ping_and_restart(podman):
         for name in (first, second):
             result = podman("run", "-d", "--name", name, *ULIMITS, IMAGE, "sleep", "600")
             assert result.returncode == 0, podman.explain(result)
-        _ping(podman, first, _network_settings(podman, second)["IPAddress"])
-        _ping(podman, second, _network_settings(podman, first)["IPAddress"])
+        ping_from(podman, first, _network_settings(podman, second)["IPAddress"])
+        ping_from(podman, second, _network_settings(podman, first)["IPAddress"])
         result = podman("restart", "--time", "0", second, timeout=240)
         assert result.returncode == 0, podman.explain(result)
         address = _network_settings(podman, second)["IPAddress"]
         result = podman("exec", second, "ip", "-o", "-4", "addr", "show", "dev", "eth0", timeout=60)
         assert f"inet {address}/" in result.stdout, podman.explain(result)
-        _ping(podman, first, address)
+        ping_from(podman, first, address)
     finally:
         podman("rm", "--force", "--time", "0", first, second, timeout=120)
