@@ -23,11 +23,9 @@ log = logging.getLogger("vmrun.hooks")
 
 # In the order the runtime-spec calls them during create.
 CREATE_HOOKS = ("prestart", "createRuntime", "createContainer")
-HOST_HOOKS = (*CREATE_HOOKS, "poststart", "poststop")
 GUEST_HOOKS = ("startContainer",)
 # runc's order in `features`.
 SUPPORTED_HOOKS = ("prestart", "createRuntime", "createContainer", "startContainer", "poststart", "poststop")
-_KNOWN_HOOKS = SUPPORTED_HOOKS
 
 
 class HookError(VmrunError):
@@ -58,15 +56,6 @@ class Hook:
             raise BundleError(f"{where}.timeout must be a positive number of seconds")
         return cls(path, tuple(args or ()), None if env is None else tuple(env), timeout)
 
-    def to_spec(self) -> dict:
-        entry: dict = {"path": self.path}
-        if self.args:
-            entry["args"] = list(self.args)
-        if self.env is not None:
-            entry["env"] = list(self.env)
-        if self.timeout is not None:
-            entry["timeout"] = self.timeout
-        return entry
 
 
 def parse_hooks(spec: dict) -> dict[str, list[Hook]]:
@@ -78,8 +67,8 @@ def parse_hooks(spec: dict) -> dict[str, list[Hook]]:
         raise BundleError("hooks must be an object")
     parsed: dict[str, list[Hook]] = {}
     for kind, entries in hooks.items():
-        if kind not in _KNOWN_HOOKS:
-            raise BundleError(f"hooks.{kind}: unknown hook kind (known: {', '.join(_KNOWN_HOOKS)})")
+        if kind not in SUPPORTED_HOOKS:
+            raise BundleError(f"hooks.{kind}: unknown hook kind (known: {', '.join(SUPPORTED_HOOKS)})")
         if not isinstance(entries, list):
             raise BundleError(f"hooks.{kind} must be a list")
         parsed[kind] = [Hook.from_spec(kind, index, entry) for index, entry in enumerate(entries)]
