@@ -19,6 +19,7 @@ from vmrun.errors import CommandError, ConfigError, StateConflictError, VmrunErr
 from vmrun.hooks import SUPPORTED_HOOKS
 from vmrun.log import setup_logging
 from vmrun.oci import load_bundle, write_default_spec
+from vmrun.orphans import reclaim_orphaned
 from vmrun.proc import run
 from vmrun.state import DEFAULT_ROOT, StateStore
 
@@ -62,12 +63,18 @@ def cmd_spec(args: argparse.Namespace) -> int:
 
 
 def cmd_state(args: argparse.Namespace) -> int:
-    print(json.dumps(_store(args).load(args.id).runc_json(), indent=2))
+    store = _store(args)
+    state = store.load(args.id)
+    reclaim_orphaned(args.config, store, [state])
+    print(json.dumps(state.runc_json(), indent=2))
     return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    states = [s.runc_json() for s in _store(args).list()]
+    store = _store(args)
+    found = store.list()
+    reclaim_orphaned(args.config, store, found)
+    states = [s.runc_json() for s in found]
     if args.format == "json":
         print(json.dumps(states))
         return 0

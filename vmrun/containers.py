@@ -28,6 +28,7 @@ from vmrun.network.dns_relay import loopback_nameservers
 from vmrun.network.netns import check_netns
 from vmrun.oci import (Bundle, guest_process, guest_spec, load_bundle, network_namespace_path, validate_id,
                        wants_new_network_namespace)
+from vmrun.orphans import reclaim_orphaned
 from vmrun.pod import placement
 from vmrun.pool import take_from_pool
 from vmrun.process_ref import ProcessRef, wait_until_gone
@@ -238,6 +239,7 @@ class Containers:
 
     def kill(self, container_id: str, signum: int, all_processes: bool = False) -> None:
         state = self.store.load(container_id)
+        reclaim_orphaned(self.config, self.store, [state])
         if state.live_status() == "creating":
             raise StateConflictError(f"container {container_id!r} is being created")
         if state.live_status() == "stopped":

@@ -8,6 +8,7 @@ call would wait for a gRPC deadline. So it goes, too, when its agent stops answe
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from typing import Callable
 
@@ -74,8 +75,10 @@ class AgentKeepalive:
 
 # What the guest's kernel prints when it is broken for good: a task stuck in it would hold
 # its container's exit, and the caller's wait, forever ("Fixing recursive fault but
-# reboot is needed"). A guest that prints them on purpose only ends itself.
-_KERNEL_FAILURES = (b"kernel BUG at ", b"Kernel panic - not syncing")
+# reboot is needed"); a virtqueue the driver found corrupt ("tx:id 2 is not a head!")
+# is never used again, and every stream on it hangs. A guest that prints them on
+# purpose only ends itself.
+_KERNEL_FAILURES = re.compile(rb"kernel BUG at |Kernel panic - not syncing|:id \d+ (?:is not a head!|out of range)")
 
 
 class ConsoleWatch:
@@ -92,7 +95,7 @@ class ConsoleWatch:
             return
         text = self._tail + chunk
         self._tail = text[-64:]  # a marker split between two chunks
-        if any(marker in text for marker in _KERNEL_FAILURES):
+        if _KERNEL_FAILURES.search(text):
             self._fired = True
             log.debug("a kernel failure on the guest console")
             self._on_death("the guest kernel")

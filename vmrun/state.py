@@ -130,15 +130,33 @@ class StateStore:
     @contextmanager
     def locked(self, container_id: str) -> Iterator[None]:
         """Serialise changes to one container (flock on its state directory)."""
-        try:
-            fd = os.open(self._dir(container_id), os.O_RDONLY | os.O_DIRECTORY)
-        except FileNotFoundError:
-            raise ContainerNotFoundError(f"container {container_id!r} does not exist") from None
+        fd = self._open_dir(container_id)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)
+
+    @contextmanager
+    def locked_if_free(self, container_id: str) -> Iterator[bool]:
+        """The lock if nobody holds it (True), else at once False: for chores that can
+        wait for the next call, where waiting behind a `create` would not do."""
+        fd = self._open_dir(container_id)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+            else:
+                yield True
+        finally:
+            os.close(fd)
+
+    def _open_dir(self, container_id: str) -> int:
+        try:
+            return os.open(self._dir(container_id), os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            raise ContainerNotFoundError(f"container {container_id!r} does not exist") from None
 
     def _dir(self, container_id: str) -> Path:
         return self.root / validate_id(container_id)

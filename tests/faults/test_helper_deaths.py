@@ -11,7 +11,7 @@ import subprocess
 import time
 
 import pytest
-from leftovers import scan_processes
+from leftovers import mounts_under, scan_processes, wait_for
 
 # How each victim shows in its command line.
 _HELPERS = {"qemu": "qemu-system", "virtiofsd": "virtiofsd", "vsock-backend": "vsock.vhost_user",
@@ -71,3 +71,26 @@ def test_a_killed_helper_ends_vmrun_run(vm_env, victim):
             run.wait()
         run.stdout.close()
         run.stderr.close()
+
+
+def test_the_next_call_reclaims_a_dead_daemons_guest(vm_env):
+    """The daemon killed, `vmrun list` finds its pod and removes the guest's directory and
+    the mounts in it, keeping the logs; the entry stays until delete."""
+    bundle = vm_env.bundle("orphan", ["sleep", "600"])
+    assert vm_env.vmrun("create", "--bundle", str(bundle), "orphan", detached=True).returncode == 0
+    vm_dir = vm_env.base / "run" / "vm"
+    assert mounts_under(vm_dir), "the container's files are mounted into the share"
+    os.kill(_helper_pid(vm_env, _HELPERS["daemon"]), signal.SIGKILL)
+    wait_for(lambda: not list(scan_processes(str(vm_env.base))), timeout=_DEADLINE,
+             message="the guest's helpers and the shim gone")
+    listed = vm_env.vmrun("list", "--format", "json")
+    assert listed.returncode == 0, listed.stderr
+    assert [(c["id"], c["status"]) for c in json.loads(listed.stdout)] == [("orphan", "stopped")]
+    assert b"reclaimed" in listed.stderr
+    assert not mounts_under(vm_dir)
+    assert not any(vm_dir.iterdir()), "the guest's directory is gone"
+    kept = list((vm_env.base / "run" / "failed").iterdir())
+    assert len(kept) == 1 and (kept[0] / "console.log").is_file()
+    deleted = vm_env.vmrun("delete", "orphan", timeout=60)
+    assert deleted.returncode == 0, deleted.stderr
+

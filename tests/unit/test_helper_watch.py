@@ -64,3 +64,13 @@ def test_warnings_on_the_console_are_no_death():
     watch = helper_watch.ConsoleWatch(died.append)
     watch(b"WARNING: CPU: 0 PID: 1 at mm/page_alloc.c\nvmrun-agent: listening\n")
     assert died == []
+
+
+def test_a_corrupt_virtqueue_on_the_console_ends_the_guest():
+    died: list[str] = []
+    watch = helper_watch.ConsoleWatch(died.append)
+    watch(b"[   12.3] virtio_vsock virtio2: tx:id 2 is not a head!\n")
+    assert died == ["the guest kernel"]
+    other: list[str] = []
+    helper_watch.ConsoleWatch(other.append)(b"virtio_blk virtio1: requests.0:id 300 out of range\n")
+    assert other == ["the guest kernel"]

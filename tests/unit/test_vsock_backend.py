@@ -431,6 +431,27 @@ def test_malformed_tx_chains_do_not_stop_the_backend(env):
     guest.expect(Op.RST, dst_port=4000)  # still serving
 
 
+def test_a_broken_ring_stops_the_backend_with_a_failure(tmp_path, caplog):
+    """Streams on a queue that cannot go on would wait for ever: the backend ends instead
+    (and the sandbox, watching it, ends the guest)."""
+    backend = VsockBackend(tmp_path / "vhost.sock", tmp_path / "vsock.sock", CID)
+    thread = threading.Thread(target=backend.run, daemon=True)
+    thread.start()
+    guest = FakeGuest(tmp_path / "vhost.sock")
+    try:
+        guest.realize()
+        guest.start()
+        guest.tx.offer(NUM)  # a head beyond the table: no id to return it under
+        os.eventfd_write(guest.kick[1], 1)
+        thread.join(WAIT)
+        assert not thread.is_alive() and backend.failed
+        assert "the guest's vsock cannot go on" in caplog.text
+    finally:
+        guest.close()
+        backend.stop()
+        thread.join(WAIT)
+
+
 def test_ring_stop_and_restart_keeps_connections(env):
     backend, guest, tmp = env
     ls = host_listen(tmp, 707)

@@ -189,6 +189,37 @@ def test_head_out_of_range_breaks_the_ring(ring):
     assert ring.vq.broken and not ring.vq.ready
 
 
+def test_a_head_offered_again_while_we_hold_it_breaks_the_ring(ring):
+    ring.desc(0, GPA + BUFS, 4)
+    ring.make_available(0)
+    ring.make_available(0)  # the driver hands out what is ours until we push it
+    assert ring.vq.pop().head == 0
+    with pytest.raises(RingError, match="again before it was used"):
+        ring.vq.pop()
+    assert ring.vq.broken
+
+
+def test_a_head_offered_again_after_we_returned_it_is_fine(ring):
+    ring.desc(0, GPA + BUFS, 4)
+    for _ in range(3):
+        ring.make_available(0)
+        ring.vq.push(ring.vq.pop().head, 0)
+    assert ring.used()[0] == 3 and not ring.vq.broken
+
+
+@pytest.mark.parametrize("twice", [False, True])
+def test_we_never_return_a_head_that_is_not_ours(ring, twice):
+    ring.desc(0, GPA + BUFS, 4)
+    ring.make_available(0)
+    chain = ring.vq.pop()
+    if twice:
+        ring.vq.push(chain.head, 0)
+    with pytest.raises(RingError, match="not ours to return"):
+        ring.vq.push(chain.head if twice else 3, 0)
+    assert ring.used()[0] == (1 if twice else 0)  # nothing bogus reaches the driver
+    assert ring.vq.broken
+
+
 def test_avail_idx_running_too_far_ahead_breaks_the_ring(ring):
     ring.write(AVAIL + 2, struct.pack("<H", NUM + 1))
     with pytest.raises(RingError):

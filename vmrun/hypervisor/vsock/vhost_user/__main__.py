@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     _report_ready(args.ready_fd, "OK")
     backend.run()
     logging.info("stopped")
-    return 0
+    return 2 if backend.failed else 0
 
 
 if __name__ == "__main__":

@@ -135,6 +135,7 @@ class VsockBackend:
         self._tx_stalled = False  # tx left unread: MAX_QUEUED_REPLIES replies are waiting
         self.qemu: socket.socket | None = None
         self._stopping = False
+        self.failed = False  # stopped because a queue broke (_ring_broken)
         self._more_work = False
         self._faults = 0
         self._accept_paused = False
@@ -278,6 +279,14 @@ class VsockBackend:
             msg.close_fds()
         self._more_work = True
 
+    def _ring_broken(self, exc: RingError) -> None:
+        """A queue that cannot go on leaves every stream in the guest stuck for good: end,
+        so that the guest ends with us (the sandbox watches its helpers) and whoever waits
+        on a stream gets an error at once, not a hang."""
+        log.error("%s; the guest's vsock cannot go on: stopping", exc)
+        self.failed = True
+        self._stopping = True
+
     def _qemu_gone(self) -> None:
         self._drop_qemu()
         self.device.reset()
@@ -358,7 +367,7 @@ class VsockBackend:
                     q.push(chain.head, 0)
             self._more_work = True
         except RingError as exc:
-            log.error("%s; the tx queue is stopped", exc)
+            self._ring_broken(exc)
 
     def _handle_tx_chain(self, chain: DescChain) -> None:
         if chain.error:
@@ -681,7 +690,7 @@ class VsockBackend:
                         continue
                     self._send_data(q, chain, conn, credit)
         except RingError as exc:
-            log.error("%s; the rx queue is stopped", exc)
+            self._ring_broken(exc)
 
     def _send_data(self, q: Virtqueue, chain: DescChain, conn: Connection, credit: int) -> None:
         data = conn.to_guest

@@ -89,6 +89,10 @@ class Virtqueue:
         self._avail: memoryview | None = None
         self._used: memoryview | None = None
         self.pushed = 0  # used entries written since the last notify()
+        # Heads we popped and have not pushed back: a head is the driver's or ours, never
+        # both. Returning one twice, or one we never got, is what a guest reports as
+        # "id N is not a head!" before it stops the queue for good.
+        self._held = bytearray()
 
     # --- configuration (vhost-user messages) ----------------------------------------------
 
@@ -96,6 +100,7 @@ class Virtqueue:
         if num <= 0 or num > MAX_QUEUE_SIZE or num & (num - 1):
             raise RingError(f"queue {self.index}: invalid size {num}")
         self.num = num
+        self._held = bytearray(num)
         self._detach()
 
     def set_addr(self, desc: int, used: int, avail: int) -> None:
@@ -152,6 +157,9 @@ class Virtqueue:
         """GET_VRING_BASE: stop processing; the reply is the next avail index to read."""
         self.started = False
         self._close_fd("kick_fd")
+        if any(self._held):
+            log.warning("queue %d stopped with %d chains not returned", self.index, sum(self._held))
+            self._held = bytearray(self.num)
         return self.last_avail_idx
 
     def reset(self) -> None:
@@ -159,6 +167,7 @@ class Virtqueue:
         self._close_fd("call_fd")
         self._detach()
         self.num = 0
+        self._held = bytearray()
         self.has_addr = False
         self.enabled = False
         self.broken = False
@@ -218,6 +227,10 @@ class Virtqueue:
             # No valid id to return it under: the ring is unusable.
             self.broken = True
             raise RingError(f"queue {self.index}: avail ring names descriptor {head} of {self.num}")
+        if self._held[head]:
+            self.broken = True
+            raise RingError(f"queue {self.index}: descriptor {head} made available again before it was used")
+        self._held[head] = 1
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         chain = DescChain(head)
         index = head
@@ -252,6 +265,10 @@ class Virtqueue:
     def push(self, head: int, length: int) -> None:
         """Return a chain to the driver, `length` bytes written into its writable part."""
         assert self._used is not None
+        if not (0 <= head < len(self._held) and self._held[head]):
+            self.broken = True
+            raise RingError(f"queue {self.index}: descriptor {head} is not ours to return")
+        self._held[head] = 0
         slot = self.used_idx % self.num
         _USED_ELEM.pack_into(self._used, 4 + _USED_ELEM.size * slot, head, length)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
