@@ -55,3 +55,8 @@ def setup_logging(log_path: str | None, log_format: str, debug: bool) -> bool:
     handler.setFormatter(JSONFormatter() if log_format == "json" else TextFormatter())
     logger.addHandler(handler)
     return bool(log_path)
+
+
+def debugging() -> bool:
+    """Whether this process logs debug lines (--debug): the helpers it starts then do too."""
+    return logging.getLogger("vmrun").isEnabledFor(logging.DEBUG)

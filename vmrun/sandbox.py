@@ -25,6 +25,7 @@ from vmrun.control import CONTROL_SOCKET, ControlServer
 from vmrun.errors import HypervisorError, Interrupted, NetworkError, VmrunError
 from vmrun.helper_watch import AgentKeepalive, ConsoleWatch, HelperWatch
 from vmrun.kept_logs import keep_logs
+from vmrun.log import debugging
 from vmrun.hypervisor.accel import Acceleration, detect_acceleration
 from vmrun.hypervisor.memory_copy import MemoryCopy
 from vmrun.hypervisor.qemu import BASE_KERNEL_PARAMS, QemuVM, VMSpec, hotplug_port_id
@@ -235,7 +236,8 @@ class Sandbox:
         self._stack.callback(bridge.close)
         self.agent = agent_client.result()  # made in the background, above
         self._stack.callback(self.agent.close)
-        self.kernel_release = self.agent.create_sandbox(self.sandbox_id, self.hostname, SHARED_FS_TAG)
+        self.kernel_release = self.agent.create_sandbox(self.sandbox_id, self.hostname, SHARED_FS_TAG,
+                                                        debug=debugging())
         self.sizer = GuestSizer(self.vm, self._guest_counts, self.config.boot_timeout)
         control = ControlServer(self.dir / CONTROL_SOCKET, {
             # Grow the guest for a container's limits (vmrun/sizing.py: fit_guest_to).

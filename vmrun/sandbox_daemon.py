@@ -27,7 +27,7 @@ from vmrun.proc import HelperProcess, ReadyPipe
 from vmrun.process_ref import ProcessRef, wait_until_gone
 from vmrun.capped_log import LOG_LIMIT
 from vmrun.hypervisor.virtiofsd import VIRTIOFSD_SOCKET, pid_file_for
-from vmrun.log import TextFormatter
+from vmrun.log import TextFormatter, debugging
 from vmrun.sandbox import Sandbox, daemon_log_for, vm_dir_for
 from vmrun.signals import interrupted_by_signals
 
@@ -45,7 +45,7 @@ def spawn_sandbox_daemon(sandbox_id: str, vm_dir: Path, hostname: str, boot_time
     """
     ready = ReadyPipe()
     # As the CLI logs (--debug), so does the daemon, into its log (daemon_log_for).
-    debug = ["--debug"] if logging.getLogger("vmrun").isEnabledFor(logging.DEBUG) else []
+    debug = ["--debug"] if debugging() else []
     daemon = HelperProcess(
         "sandbox daemon",
         [sys.executable, "-m", "vmrun.sandbox_daemon", "--id", sandbox_id, "--hostname", hostname,

@@ -41,12 +41,20 @@ def test_a_guest_that_never_gets_ready_is_reported_and_cleaned_up(vm_env, tmp_pa
     assert "QEMU exited" in str(err.value) or "not ready" in str(err.value)
 
 
-def test_debug_reaches_the_daemon_and_its_log_goes_with_the_pod(vm_env):
+def test_debug_reaches_every_process_of_the_sandbox_and_its_log_goes_with_the_pod(vm_env):
     bundle = vm_env.bundle("debugged", ["sleep", "600"])
     assert vm_env.vmrun("--debug", "create", "--bundle", str(bundle), "debugged", detached=True).returncode == 0
     try:
         [log] = (vm_env.base / "run" / "daemon-logs").iterdir()
         assert "level=debug" in log.read_text()
+        [vm_dir] = (vm_env.base / "run" / "vm").iterdir()
+        # The agent in the guest, on the console: the container's creation, and crun's.
+        console = (vm_dir / "console.log").read_text(errors="replace")
+        assert "vmrun-agent: debug:" in console and "CreateContainer(debugged): ok" in console
+        assert "crun run --detach" in console or "crun create" in console
+        assert "DEBUG" in (vm_dir / "vsock-backend.log").read_text(errors="replace")
+        virtiofsd_log = (vm_dir / "virtiofsd.log").read_text(errors="replace")
+        assert "Got VU event" in virtiofsd_log or "DEBUG" in virtiofsd_log  # QEMU's C one, or the Rust one
     finally:
         assert vm_env.vmrun("delete", "--force", "debugged").returncode == 0
     assert not list((vm_env.base / "run" / "daemon-logs").iterdir())

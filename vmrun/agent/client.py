@@ -55,7 +55,7 @@ class AgentClient:
     def guest_details(self) -> pb.GuestDetails:
         return self._call("GetGuestDetails", pb.Empty())
 
-    def create_sandbox(self, sandbox_id: str, hostname: str, shared_fs_tag: str) -> str:
+    def create_sandbox(self, sandbox_id: str, hostname: str, shared_fs_tag: str, debug: bool = False) -> str:
         response = self._call(
             "CreateSandbox",
             pb.CreateSandboxRequest(
@@ -64,6 +64,7 @@ class AgentClient:
                 shared_fs_tag=shared_fs_tag,
                 host_time_ns=time.time_ns(),
                 entropy=os.urandom(64),
+                debug=debug,
             ),
         )
         return response.kernel_release

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmrun.agent import debug_log
 from vmrun.agent.processes import Child, Spawner, exit_status
 from vmrun.common import linux
 from vmrun.common.files import write_json_atomic
@@ -52,6 +53,7 @@ class Crun:
 
     def _simple(self, *args: str) -> bytes:
         result = self._spawner.run([*self._base(), *args])
+        debug_log.debug(f"crun {' '.join(args)}: exit {result.returncode}")
         if result.returncode != 0:
             raise CrunError(_last_line(result.stderr) or f"crun {args[0]} failed ({result.returncode})")
         return result.stdout
@@ -65,6 +67,7 @@ class Crun:
         status = self._spawner.reaper.wait(child)
         assert status is not None
         code, _ = exit_status(status)
+        debug_log.debug(f"crun {' '.join(args)}: exit {code}")
         if code != 0:
             raise CrunError(_last_log_message(log_file) or f"crun {args[0]} failed ({code})")
 

@@ -13,6 +13,7 @@ import select
 import shutil
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from signal import SIGKILL
@@ -22,7 +23,7 @@ import grpc
 
 import vmrun
 from vmrun.agent import agent_pb2 as pb
-from vmrun.agent import agent_pb2_grpc
+from vmrun.agent import agent_pb2_grpc, debug_log
 from vmrun.agent.process_info import process_info
 from vmrun.agent import network
 from vmrun.agent.crun import Crun, CrunError, Stdio, write_json
@@ -159,12 +160,23 @@ def _rpc(method: Callable[..., T]) -> Callable[..., T]:
 
     @functools.wraps(method)
     def wrapper(self: "AgentService", request: object, context: grpc.ServicerContext) -> T:
+        started = time.monotonic()
         try:
-            return method(self, request, context)
+            result = method(self, request, context)
         except _MAPPED as exc:
+            debug_log.debug(f"{method.__name__}{_call_subject(request)}: {type(exc).__name__}: {exc}")
             _abort(context, exc)
+        debug_log.debug(f"{method.__name__}{_call_subject(request)}: ok in {time.monotonic() - started:.3f} s")
+        return result
 
     return wrapper
+
+
+def _call_subject(request: object) -> str:
+    """The container and process a call is about, for a debug line."""
+    names = [str(getattr(request, field)) for field in ("container_id", "exec_id")
+             if getattr(request, field, "")]
+    return f"({', '.join(names)})" if names else ""
 
 
 def _rpc_stream(method: Callable[..., Iterator[T]]) -> Callable[..., Iterator[T]]:
@@ -366,6 +378,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
 
     @_rpc
     def CreateSandbox(self, request: pb.CreateSandboxRequest, context: grpc.ServicerContext) -> pb.CreateSandboxResponse:
+        debug_log.enable(request.debug)
         self._refresh(request.host_time_ns, request.entropy, request.hostname)
         if request.shared_fs_tag and not linux.is_mounted(SHARED_DIR):
             linux.mount_with_retry(request.shared_fs_tag, SHARED_DIR, "virtiofs", _SHARE_MOUNT_TIMEOUT)

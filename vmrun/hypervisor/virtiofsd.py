@@ -10,6 +10,7 @@ from vmrun.capped_log import LOG_LIMIT
 from vmrun.errors import CommandError, HypervisorError
 from vmrun.hypervisor.devices import QemuDevice
 from vmrun.hypervisor.mode_supervisor import ModeSupervisor
+from vmrun.log import debugging
 from vmrun.proc import HelperProcess, run, stdlib_module_command
 
 _CANDIDATES = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd")
@@ -39,7 +40,7 @@ def _is_rust_virtiofsd(binary: str) -> bool:
 _DROPPED_CAPABILITIES = "-mknod:-fsetid:-setfcap"
 
 
-def virtiofsd_args(binary: str, socket_path: Path, shared_dir: Path) -> list[str]:
+def virtiofsd_args(binary: str, socket_path: Path, shared_dir: Path, debug: bool = False) -> list[str]:
     # No announce-submounts: with it each host mount under the share (a container's rootfs,
     # its volumes) is a submount of its own in the guest, and the guest's kernel (Debian's
     # 6.1) hit "Busy inodes after unmount of virtiofs" then "kernel BUG at fs/super.c" when a
@@ -47,9 +48,9 @@ def virtiofsd_args(binary: str, socket_path: Path, shared_dir: Path) -> list[str
     # without (tests/stress). The cost: one st_dev for the whole share in the guest.
     if _is_rust_virtiofsd(binary):
         return [binary, f"--socket-path={socket_path}", f"--shared-dir={shared_dir}", "--cache=auto",
-                "--sandbox=chroot", f"--modcaps={_DROPPED_CAPABILITIES}"]
+                "--sandbox=chroot", f"--modcaps={_DROPPED_CAPABILITIES}", *(["--log-level=debug"] if debug else [])]
     return [binary, f"--socket-path={socket_path}", "-o", f"source={shared_dir}", "-o", "cache=auto",
-            "-o", "sandbox=chroot", "-o", f"modcaps={_DROPPED_CAPABILITIES}"]
+            "-o", "sandbox=chroot", "-o", f"modcaps={_DROPPED_CAPABILITIES}", *(["-o", "log_level=debug"] if debug else [])]
 
 
 _PID_FILE_DIR = Path("/var/run/virtiofsd")
@@ -72,7 +73,7 @@ class Virtiofsd(HelperProcess):
     filter alone leaves a rewritten setuid file its bit."""
 
     def __init__(self, binary: str, socket_path: Path, shared_dir: Path, log_path: Path):
-        super().__init__("virtiofsd", virtiofsd_args(binary, socket_path, shared_dir), log_path=log_path,
+        super().__init__("virtiofsd", virtiofsd_args(binary, socket_path, shared_dir, debugging()), log_path=log_path,
                          log_limit=LOG_LIMIT)
         self.socket_path = socket_path
         self.modes = ModeSupervisor("virtiofsd")

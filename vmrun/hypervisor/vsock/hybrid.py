@@ -21,6 +21,7 @@ from vmrun.capped_log import LOG_LIMIT
 from vmrun.errors import CommandError, VsockError
 from vmrun.hypervisor.devices import QemuDevice
 from vmrun.hypervisor.vsock.base import VsockTransport
+from vmrun.log import debugging
 from vmrun.proc import HelperProcess, ReadyPipe, stdlib_module_command
 
 _OK_LINE_MAX = 64
@@ -118,7 +119,8 @@ class HybridVsock(VsockTransport):
                 argv, env = stdlib_module_command(
                     "vmrun.hypervisor.vsock.vhost_user", "--socket", str(self.socket_path), "--uds", str(self.uds_path),
                     "--cid", str(self.guest_cid), "--host-fd", host, "--qemu-fd", qemu,
-                    "--run-as", str(self.backend_id), "--ready-fd", str(ready.write_fd))
+                    "--run-as", str(self.backend_id), "--ready-fd", str(ready.write_fd),
+                    *(["--verbose"] if debugging() else []))
                 # Its log is capped here too: a backend taken over would not cap its own.
                 helper = HelperProcess(name="vsock backend", argv=argv, env=env, log_path=self.log_path,
                                        log_limit=LOG_LIMIT, pass_fds=(int(host), int(qemu), ready.write_fd, claim))
