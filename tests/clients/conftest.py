@@ -99,6 +99,13 @@ oom_score = 0
     return config
 
 
+def containerd_env(vmrun_config: Path) -> dict[str, str]:
+    """containerd's environment: vmrun's config, and containerd-shim-vmrun-v2 (the console
+    script beside this interpreter) on its PATH, where containerd looks for shims."""
+    return {**os.environ, "VMRUN_CONFIG": str(vmrun_config),
+            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+
+
 def _stop(process: subprocess.Popen, timeout: float = 15.0) -> None:
     if process.poll() is not None:
         return
@@ -145,7 +152,7 @@ def containerd(guest_image, vm_templates_dir):
 
     log = open(base / "containerd.log", "ab")
     process = subprocess.Popen(["containerd", "--config", str(config)], stdin=subprocess.DEVNULL, stdout=log,
-                               stderr=subprocess.STDOUT, env={**os.environ, "VMRUN_CONFIG": str(base / "vmrun.toml")},
+                               stderr=subprocess.STDOUT, env=containerd_env(base / "vmrun.toml"),
                                start_new_session=True)
     log.close()
     # containerd allows no doubled separators in ids, so the prefix is plain hex, not the tmp dir's name.

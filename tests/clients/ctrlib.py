@@ -159,8 +159,10 @@ class Containerd(PrivateContainerdPaths):
         return ["--runtime", "io.containerd.runc.v2", "--runc-binary", str(VMRUN),
                 "--runc-root", str(self.runc_root)]
 
-    def namespace(self, name: str) -> "Ctr":
-        ctr = Ctr(self, name)
+    def namespace(self, name: str, runtime_flags: list[str] | None = None) -> "Ctr":
+        """A ctr of namespace `name` (images imported on first use); `runtime_flags` swap
+        in another runtime than runtime_flags()'s."""
+        ctr = Ctr(self, name, runtime_flags)
         if name not in self.namespaces:
             self.namespaces.append(name)
             archives = self.base / "images"
@@ -230,9 +232,10 @@ class Containerd(PrivateContainerdPaths):
 class Ctr:
     """`ctr --address <private> -n <namespace>`, with helpers for the session's ids."""
 
-    def __init__(self, ctd: Containerd, namespace: str) -> None:
+    def __init__(self, ctd: Containerd, namespace: str, runtime_flags: list[str] | None = None) -> None:
         self.ctd = ctd
         self.namespace = namespace
+        self.runtime_flags = runtime_flags if runtime_flags is not None else ctd.runtime_flags()
 
     def cid(self, name: str) -> str:
         """A container (or exec) id of this session; registered for the cleanup checks."""
@@ -261,7 +264,7 @@ class Ctr:
 
     def run_args(self, container_id: str, *command: str, flags: tuple[str, ...] = ("--rm",),
                  image: str = BBX_IMAGE) -> list[str]:
-        return ["run", *flags, *self.ctd.runtime_flags(), image, container_id, *command]
+        return ["run", *flags, *self.runtime_flags, image, container_id, *command]
 
     def tty_argv(self, *args: str) -> list[str]:
         """A ctr command line given a terminal: `script -qec "ctr ..." /dev/null`."""

@@ -299,6 +299,27 @@ def _flat_keyed(path: Path) -> dict[str, int]:
     return {k: int(v) for k, v in (line.split() for line in lines if len(line.split()) == 2) if v.isdigit()}
 
 
+def _io_stat(path: Path) -> list[dict[str, int]]:
+    """io.stat: one line per device, "MAJ:MIN rbytes=N wbytes=N rios=N wios=N ..."."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return []
+    devices = []
+    for line in lines:
+        device, *fields = line.split()
+        major, _, minor = device.partition(":")
+        if not (major.isdigit() and minor.isdigit()):
+            continue
+        entry = {"major": int(major), "minor": int(minor)}
+        for field in fields:
+            key, _, value = field.partition("=")
+            if value.isdigit():
+                entry[key] = int(value)
+        devices.append(entry)
+    return devices
+
+
 class AgentService(agent_pb2_grpc.AgentServicer):
     def __init__(self, reaper: Reaper, spare_netns: SpareNetns | None = None):
         # crun, and so every container and exec, starts under the vsock guard's filter.
@@ -628,7 +649,11 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         memory = _flat_keyed(cgroup / "memory.stat")
         limit = _read_number(cgroup / "memory.max")
         stats = {"cpu": cpu, "memory": memory, "memory_current": _read_number(cgroup / "memory.current"),
-                 "memory_max": limit, "pids_current": _read_number(cgroup / "pids.current")}
+                 "memory_max": limit, "pids_current": _read_number(cgroup / "pids.current"),
+                 "pids_max": _read_number(cgroup / "pids.max"),
+                 "swap_current": _read_number(cgroup / "memory.swap.current"),
+                 "swap_max": _read_number(cgroup / "memory.swap.max"),
+                 "memory_events": _flat_keyed(cgroup / "memory.events"), "io": _io_stat(cgroup / "io.stat")}
         return pb.StatsContainerResponse(
             cpu_usage_ns=cpu.get("usage_usec", 0) * 1000,
             memory_usage_bytes=stats["memory_current"],

@@ -1,0 +1,1 @@
+"""containerd's protocol buffers (scripts/import_containerd_protos.py)."""

@@ -1,0 +1,210 @@
+"""A task process's stdio where containerd asked for it: its FIFOs (ctr, CRI, docker),
+a file (`file:///path`), or a logging binary (`binary:///path?key=value`, which gets
+the process's stdout and stderr as fds 3 and 4 and says it is ready by closing fd 5).
+
+Output FIFOs are opened read-write, as containerd's runc shim keeps a reader of its own:
+the open never waits for containerd, and a containerd that restarts finds the output
+where it left it instead of the process dying of SIGPIPE. Stdin is read until containerd
+closes its end (CloseIO, or its writer going), then closed in the guest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import stat
+import subprocess
+import threading
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmrun.errors import AgentError, VmrunError
+from vmrun.stdio import StdioRelay
+
+log = logging.getLogger("vmrun.shimv2.io")
+
+_STDIN_CHUNK = 256 * 1024
+_BINARY_READY_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class IOPaths:
+    stdin: str = ""
+    stdout: str = ""
+    stderr: str = ""
+    terminal: bool = False
+
+
+class _StdinPump:
+    """Reads the stdin FIFO (opened in its thread: the open waits for a writer) into the
+    guest process until EOF or close()."""
+
+    def __init__(self, agent, container_id: str, exec_id: str, path: str):
+        self._agent, self._container_id, self._exec_id, self._path = agent, container_id, exec_id, path
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._pump, name="shim-stdin", daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        try:
+            fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            log.warning("stdin %s: %s", self._path, exc.strerror)
+            fd = -1
+        try:
+            while fd >= 0 and not self._closing.is_set():
+                try:
+                    data = os.read(fd, _STDIN_CHUNK)
+                except InterruptedError:
+                    continue
+                except OSError:
+                    data = b""
+                if not data:
+                    break
+                self._agent.write_stdin(self._container_id, data, self._exec_id)
+            self._agent.close_stdin(self._container_id, self._exec_id)
+        except AgentError:
+            pass  # the process is gone, or closed its stdin: nothing more to deliver
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def close(self) -> None:
+        """Stop after what is written now; an open still waiting for a writer is given one."""
+        self._closing.set()
+        if self._thread.is_alive():
+            with contextlib.suppress(OSError):
+                os.close(os.open(self._path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+        self._thread.join(5)
+
+
+class ProcessIO:
+    """The stdio of one guest process (a task's init or an exec), for as long as it runs."""
+
+    def __init__(self, agent, container_id: str, exec_id: str, paths: IOPaths):
+        self._agent, self._container_id, self._exec_id = agent, container_id, exec_id
+        self.paths = paths
+        self._fds: list[int] = []
+        self._logger: subprocess.Popen | None = None
+        self._relay: StdioRelay | None = None
+        self._stdin: _StdinPump | None = None
+
+    def start(self) -> "ProcessIO":
+        """Open the outputs and start relaying (the guest keeps output until it is read)."""
+        try:
+            stdout, stderr = self._open_outputs()
+        except BaseException:
+            self.close()
+            raise
+        self._relay = StdioRelay(self._agent, self._container_id, self._exec_id, stdin=None,
+                                 stdout=stdout, stderr=stderr, terminal=self.paths.terminal).start()
+        if self.paths.stdin:
+            self._stdin = _StdinPump(self._agent, self._container_id, self._exec_id, self.paths.stdin)
+        return self
+
+    def _open_outputs(self) -> tuple[int, int]:
+        stdout_uri = urllib.parse.urlparse(self.paths.stdout)
+        if stdout_uri.scheme == "binary":
+            return self._start_logger(stdout_uri)
+        return self._open_output(self.paths.stdout), self._open_output(self.paths.stderr)
+
+    def _open_output(self, where: str) -> int:
+        if not where:
+            fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        else:
+            uri = urllib.parse.urlparse(where)
+            if uri.scheme == "file":
+                path = Path(urllib.parse.unquote(uri.path))
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+            elif uri.scheme in ("", "fifo"):
+                fd = self._open_fifo(urllib.parse.unquote(uri.path) if uri.scheme else where)
+            else:
+                raise VmrunError(f"task io: {where!r}: unsupported scheme {uri.scheme!r}")
+        self._fds.append(fd)
+        return fd
+
+    @staticmethod
+    def _open_fifo(path: str) -> int:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError as exc:
+            raise VmrunError(f"task io: cannot open {path}: {exc.strerror}") from None
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise VmrunError(f"task io: {path} is not a FIFO")
+        return fd
+
+    def _start_logger(self, uri: urllib.parse.ParseResult) -> tuple[int, int]:
+        out_r, out_w = _pipe_above_9()
+        err_r, err_w = _pipe_above_9()
+        ready_r, ready_w = _pipe_above_9()
+        self._fds += [out_w, err_w]
+        args = [f"{key}={value}" if value else key
+                for key, values in urllib.parse.parse_qs(uri.query, keep_blank_values=True).items()
+                for value in values]
+        env = {**os.environ, "CONTAINER_ID": self._container_id,
+               "CONTAINER_NAMESPACE": os.environ.get("VMRUN_SHIM_NAMESPACE", "")}
+        try:
+            # fds 3, 4 and 5 in the child, as containerd's logging binaries expect: placed by
+            # bash (no Python may run between fork and exec in a threaded process; dash
+            # takes no fd numbers above 9).
+            self._logger = subprocess.Popen(
+                ["/bin/bash", "-c", 'eval "exec 3<&$1 4<&$2 5>&$3 $1<&- $2<&- $3>&-"; shift 3; exec "$@"', "sh",
+                 str(out_r), str(err_r), str(ready_w), urllib.parse.unquote(uri.path), *args],
+                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                pass_fds=(out_r, err_r, ready_w))
+        except OSError as exc:
+            raise VmrunError(f"task io: cannot start the logging binary {uri.path}: {exc.strerror}") from None
+        finally:
+            for fd in (out_r, err_r, ready_w):
+                os.close(fd)
+        try:
+            ready = threading.Thread(target=os.read, args=(ready_r, 1), daemon=True)
+            ready.start()
+            ready.join(_BINARY_READY_TIMEOUT)
+            if ready.is_alive():
+                raise VmrunError(f"task io: the logging binary {uri.path} did not get ready")
+        finally:
+            os.close(ready_r)
+        return out_w, err_w
+
+    def close_stdin(self) -> None:
+        if self._stdin is not None:
+            self._stdin.close()
+        else:
+            with contextlib.suppress(AgentError):
+                self._agent.close_stdin(self._container_id, self._exec_id)
+
+    def wait_output(self) -> None:
+        if self._relay is not None:
+            with contextlib.suppress(AgentError):
+                self._relay.wait_output()
+
+    def close(self) -> None:
+        if self._stdin is not None:
+            self._stdin.close()
+        for fd in self._fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds = []
+        if self._logger is not None:
+            try:
+                self._logger.wait(5)
+            except subprocess.TimeoutExpired:
+                self._logger.kill()
+                self._logger.wait()
+
+
+
+def _pipe_above_9() -> tuple[int, int]:
+    """A pipe whose ends are numbered 10 or more: a child's shell can move them to 3-5 and
+    close them without touching either."""
+    ends = []
+    for fd in os.pipe2(os.O_CLOEXEC):
+        ends.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10))
+        os.close(fd)
+    return ends[0], ends[1]
