@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import re
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -199,8 +201,22 @@ def resources_from_flags(args: argparse.Namespace) -> dict:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    """As runc: one stats event with --stats, else one every --interval until it stops."""
+    """As runc: one stats event with --stats, else one every --interval until it stops,
+    and an "oom" event whenever the guest's OOM killer kills in the container."""
     containers = _containers(args)
+    printing = threading.Lock()
+
+    def emit(event: dict) -> None:
+        with printing:
+            print(json.dumps(event), flush=True)
+
+    if not args.stats:
+        def tell_ooms() -> None:
+            with contextlib.suppress(VmrunError):
+                for _ in containers.watch_oom(args.id):
+                    emit({"type": "oom", "id": args.id})
+
+        threading.Thread(target=tell_ooms, name="oom-events", daemon=True).start()
     while True:
         try:
             data = containers.stats(args.id)
@@ -208,7 +224,7 @@ def cmd_events(args: argparse.Namespace) -> int:
             if args.stats:
                 raise
             return 0  # the container stopped: the event stream ends
-        print(json.dumps({"type": "stats", "id": args.id, "data": data}), flush=True)
+        emit({"type": "stats", "id": args.id, "data": data})
         if args.stats:
             return 0
         time.sleep(args.interval)

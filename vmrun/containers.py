@@ -16,7 +16,7 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from vmrun.config import Config
 from vmrun.errors import AgentError, ContainerNotFoundError, StateConflictError, VmrunError
@@ -388,6 +388,17 @@ class Containers:
                        "raw": detail.get("memory", {})},
             "pids": {"current": stats.pids_current},
         }
+
+    def watch_oom(self, container_id: str) -> Iterator[None]:
+        """One item per OOM kill in the container, as it happens, until the guest goes."""
+        state = self._running_state(container_id, "watch the events of")
+        with self._agent(state) as agent:
+            try:
+                for event in agent.watch_oom():
+                    if event.container_id == container_id:
+                        yield None
+            except AgentError:
+                return
 
     def update(self, container_id: str, resources: dict) -> None:
         state = self._running_state(container_id, "update")

@@ -5,6 +5,7 @@ whose PID 1 traps SIGTERM and exits 42."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -13,7 +14,7 @@ import time
 
 import pytest
 
-from ctrlib import BOOT_TIMEOUT, Events, OutputReader, wait_for
+from ctrlib import BBX_IMAGE, BOOT_TIMEOUT, Events, OutputReader, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.clients]
 
@@ -205,3 +206,42 @@ def test_a_killed_shim_is_cleaned_up_by_its_delete(ctr):
         events.close()
         _kill_group(proc)
         ctr.remove(container_id)
+
+
+def _tmpfs(size: str) -> list[str]:
+    """A tmpfs for the container to fill: its pages count in the container's memory cgroup."""
+    return ["--mount", f"type=tmpfs,src=tmpfs,dst=/fill,options=size={size}"]
+
+
+def test_task_metrics_are_the_guests_cgroup(ctr):
+    container_id = ctr.cid("metrics")
+    limit = 256 << 20
+    result = ctr("run", "-d", *RUNTIME, "--memory-limit", str(limit), *_tmpfs("100m"), BBX_IMAGE, container_id,
+                 "sh", "-c", "dd if=/dev/zero of=/fill/x bs=1M count=72 2>/dev/null && touch /tmp/filled; "
+                             "exec sleep 600", timeout=BOOT_TIMEOUT)
+    try:
+        assert result.returncode == 0, f"{result.stderr}\n{shim_logs(ctr)}"
+        filled = ctr.ctd.bundle(ctr.namespace, container_id) / "rootfs" / "tmp" / "filled"
+        wait_for(filled.exists, 60, message="72 MiB written to the container's tmpfs")
+        metrics = ctr("task", "metrics", "--format", "json", container_id)
+        assert metrics.returncode == 0, metrics.stderr
+        memory = json.loads(metrics.stdout)["memory"]
+        assert memory["usage"] >= 64 << 20 and memory["usage_limit"] == limit, memory
+    finally:
+        ctr.remove(container_id)
+
+
+def test_an_oom_kill_in_the_guest_is_a_tasks_oom_event(ctr):
+    container_id = ctr.cid("oom")
+    events = Events(ctr)
+    try:
+        result = ctr("run", "--rm", *RUNTIME, "--memory-limit", str(64 << 20), *_tmpfs("200m"), BBX_IMAGE,
+                     container_id, "dd", "if=/dev/zero", "of=/fill/x", "bs=1M", "count=150", timeout=BOOT_TIMEOUT)
+        assert result.returncode == 137, f"{result.stdout!r} {result.stderr!r}\n{shim_logs(ctr)}"
+        wait_for(lambda: "/tasks/oom" in events.reader.text, 30, message="a /tasks/oom event")
+        oom_line = next(line for line in events.reader.text.splitlines() if "/tasks/oom" in line)
+        assert container_id in oom_line
+        text = events.reader.text
+        assert text.index("/tasks/oom") < text.index("/tasks/exit"), text  # CRI's OOMKilled needs this order
+    finally:
+        events.close()

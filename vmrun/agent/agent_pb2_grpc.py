@@ -169,6 +169,11 @@ class AgentStub:
                 request_serializer=vmrun_dot_agent_dot_agent__pb2.Empty.SerializeToString,
                 response_deserializer=vmrun_dot_agent_dot_agent__pb2.HealthResponse.FromString,
                 _registered_method=True)
+        self.WatchOOM = channel.unary_stream(
+                '/vmrun.agent.v1.Agent/WatchOOM',
+                request_serializer=vmrun_dot_agent_dot_agent__pb2.Empty.SerializeToString,
+                response_deserializer=vmrun_dot_agent_dot_agent__pb2.OOMEvent.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -345,6 +350,13 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchOOM(self, request, context):
+        """OOM kills in the containers' cgroups, as they happen, until the caller goes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -482,6 +494,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=vmrun_dot_agent_dot_agent__pb2.Empty.FromString,
                     response_serializer=vmrun_dot_agent_dot_agent__pb2.HealthResponse.SerializeToString,
+            ),
+            'WatchOOM': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchOOM,
+                    request_deserializer=vmrun_dot_agent_dot_agent__pb2.Empty.FromString,
+                    response_serializer=vmrun_dot_agent_dot_agent__pb2.OOMEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1213,6 +1230,33 @@ class Agent:
             '/vmrun.agent.v1.Agent/Health',
             vmrun_dot_agent_dot_agent__pb2.Empty.SerializeToString,
             vmrun_dot_agent_dot_agent__pb2.HealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchOOM(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/vmrun.agent.v1.Agent/WatchOOM',
+            vmrun_dot_agent_dot_agent__pb2.Empty.SerializeToString,
+            vmrun_dot_agent_dot_agent__pb2.OOMEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -96,8 +96,19 @@ class AgentClient:
 
     def wait_process(self, container_id: str, exec_id: str = "") -> int:
         """Block until the process exits; its runc-style exit status (128+N on signal N)."""
+        return self.wait_exit(container_id, exec_id).exit_status
+
+    def wait_exit(self, container_id: str, exec_id: str = "") -> pb.WaitProcessResponse:
+        """Block until the process exits: its status, and its container's OOM kills so far."""
         request = pb.ProcessRequest(container_id=container_id, exec_id=exec_id)
-        return self._call("WaitProcess", request, timeout=None).exit_status
+        return self._call("WaitProcess", request, timeout=None)
+
+    def watch_oom(self) -> Iterator[pb.OOMEvent]:
+        """OOM kills in the guest's containers as they happen, until the iterator is closed."""
+        try:
+            yield from self._stub.WatchOOM(pb.Empty())
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
 
     def signal_process(self, container_id: str, signal: int, exec_id: str = "", all_processes: bool = False) -> None:
         request = pb.SignalProcessRequest(

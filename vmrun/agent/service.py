@@ -27,6 +27,7 @@ from vmrun.agent import agent_pb2_grpc, debug_log
 from vmrun.agent.process_info import process_info
 from vmrun.agent import network
 from vmrun.agent.crun import Crun, CrunError, Stdio, write_json
+from vmrun.agent.oom import OomWatch, oom_kills
 from vmrun.agent.processes import Child, Reaper, exit_status
 from vmrun.agent.spare_netns import SpareNetns
 from vmrun.agent.vsock_guard import GuardedSpawner
@@ -129,6 +130,7 @@ class Container:
     bundle: Path
     init: GuestProcess
     execs: dict[str, GuestProcess] = field(default_factory=dict)
+    cgroup: Path | None = None  # its cgroup, found at create: read after its processes exit
 
     def processes(self) -> list[GuestProcess]:
         return [self.init, *self.execs.values()]
@@ -329,6 +331,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         self._crun = Crun(self._spawner)
         self._containers: dict[str, Container] = {}
         self._lock = threading.Lock()
+        self._oom_watch = OomWatch(self._container_cgroups)
 
     # ---- helpers ----
 
@@ -461,8 +464,12 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         finally:
             if spare_netns is not None:
                 spare_netns.release()
+        try:
+            cgroup = _cgroup_dir(init.pid)
+        except NotFound:
+            cgroup = None  # exited already: no OOM to tell of later
         with self._lock:
-            self._containers[container_id] = Container(container_id, bundle, init)
+            self._containers[container_id] = Container(container_id, bundle, init, cgroup=cgroup)
         return pb.CreateContainerResponse(pid=init.pid)
 
     @_rpc
@@ -518,7 +525,9 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             if not context.is_active():
                 context.abort(grpc.StatusCode.CANCELLED, "the caller went away")
         code, signal = exit_status(status)
-        return pb.WaitProcessResponse(exit_status=code, signal=signal)
+        container = self._containers.get(request.container_id)
+        return pb.WaitProcessResponse(exit_status=code, signal=signal,
+                                      oom_kills=oom_kills(container.cgroup if container else None))
 
     @_rpc
     def SignalProcess(self, request: pb.SignalProcessRequest, context: grpc.ServicerContext) -> pb.Empty:
@@ -705,3 +714,12 @@ class AgentService(agent_pb2_grpc.AgentServicer):
     @_rpc
     def Health(self, request: pb.Empty, context: grpc.ServicerContext) -> pb.HealthResponse:
         return pb.HealthResponse(serving=True)
+
+    @_rpc_stream
+    def WatchOOM(self, request: pb.Empty, context: grpc.ServicerContext) -> Iterator[pb.OOMEvent]:
+        for container_id, count in self._oom_watch.subscribe(context.is_active):
+            yield pb.OOMEvent(container_id=container_id, oom_kills=count)
+
+    def _container_cgroups(self) -> dict[str, Path]:
+        with self._lock:
+            return {c.id: c.cgroup for c in self._containers.values() if c.cgroup is not None}

@@ -59,6 +59,7 @@ class TaskService:
         self._sandbox_id = ""
         self._sandbox_guest_pid = 0
         self._agent = None
+        self._ooms_told: dict[str, int] = {}  # container id -> OOM kills published
         # The guest's helpers die with the thread that started them (PR_SET_PDEATHSIG is a
         # thread's, not a process's): one long-lived thread boots and closes the sandbox, not
         # the short-lived thread of the call that asked.
@@ -118,6 +119,22 @@ class TaskService:
                                    f"the sandbox {place.sandbox_id!r} of task {task_id!r} is not running here")
         self._sandbox = self._owner.submit(self._boot, task_id, spec).result()
         self._sandbox_id, self._agent = task_id, self._sandbox.agent
+        threading.Thread(target=self._watch_ooms, args=(self._agent,), name="oom-events", daemon=True).start()
+
+    def _watch_ooms(self, agent) -> None:
+        """/tasks/oom for each OOM kill in the guest, as it happens (until the guest goes)."""
+        try:
+            for event in agent.watch_oom():
+                self._tell_oom(event.container_id, event.oom_kills)
+        except AgentError:
+            pass
+
+    def _tell_oom(self, container_id: str, count: int) -> None:
+        with self._lock:
+            if count <= self._ooms_told.get(container_id, 0) or container_id not in self._tasks:
+                return
+            self._ooms_told[container_id] = count
+        self._events.publish("/tasks/oom", events.TaskOOM(container_id=container_id))
 
     def _boot(self, task_id: str, spec: dict):
         from vmrun.sandbox import Sandbox
@@ -240,7 +257,10 @@ class TaskService:
 
         def wait() -> None:
             try:
-                status = agent.wait_process(task.id, process.exec_id)
+                exited = agent.wait_exit(task.id, process.exec_id)
+                status = exited.exit_status
+                # Before the exit: CRI reads a container's OOM event as its reason to have ended.
+                self._tell_oom(task.id, exited.oom_kills)
             except AgentError as exc:
                 log.debug("waiting for %s: %s", process.id, exc)
                 status = _KILLED
@@ -274,6 +294,7 @@ class TaskService:
             if task.rootfs_mounted:
                 unmount_rootfs(task.bundle)
             del self._tasks[task.id]
+            self._ooms_told.pop(task.id, None)
             run_hooks_logging_failures(parse_hooks(task.spec), "poststop",
                                        hook_state(task.id, "stopped", process.pid, str(task.bundle),
                                                   task.spec.get("annotations")))
