@@ -34,4 +34,7 @@ python3 -m pip install -q --disable-pip-version-check -e '.[test]'
 python3 -m compileall -q vmrun guest
 # Callers are configured with a fixed path (containerd's BinaryName, podman's --runtime, ...).
 ln -sf "$(python3 -c 'import os, sys; print(os.path.join(os.path.dirname(sys.executable), "vmrun"))')" /usr/local/bin/vmrun
+# containerd finds its shims on its PATH: runtime_type "io.containerd.vmrun.v2" runs this one.
+ln -sf "$(python3 -c 'import os, sys; print(os.path.join(os.path.dirname(sys.executable), "containerd-shim-vmrun-v2"))')" \
+  /usr/local/bin/containerd-shim-vmrun-v2
 vmrun image build

@@ -92,6 +92,9 @@ class StdioRelay:
         except AgentError:
             pass  # the process is gone or closed its stdin: nothing more to deliver
 
+    def output_running(self) -> bool:
+        return any(thread.is_alive() for thread in self._output_threads)
+
     def wait_output(self) -> None:
         """Wait until every output stream has reached EOF; AgentError if one broke off."""
         for thread in self._output_threads:

@@ -190,7 +190,9 @@ def shim_socket(containerd_address: str, namespace: str, task_id: str) -> Path:
 
 # Which snippet of docs/callers.md a CriEnv's containerd runs: the runc v2 shim with
 # BinaryName (the handler "vmrun"), or the legacy version 1 `untrusted_workload_runtime`.
-CONFIG_SNIPPETS = {"runc-v2": "containerd-cri", "untrusted-v1": "containerd-untrusted-v1"}
+CONFIG_SNIPPETS = {"runc-v2": "containerd-cri", "untrusted-v1": "containerd-untrusted-v1",
+                   "shim-v2": "containerd-shimv2"}
+V2_FLAVORS = ("runc-v2", "shim-v2")  # containerd config version 2, tasks of the v2 runtime
 
 
 def containerd_config(base: Path, runtime_root: Path, flavor: str = "runc-v2") -> dict:
@@ -198,8 +200,9 @@ def containerd_config(base: Path, runtime_root: Path, flavor: str = "runc-v2") -
     only what a private containerd needs on top (its own root, state, sockets, CNI dirs and
     sandbox image, debug logs): `add_keys` refuses to change anything the snippet sets."""
     name = CONFIG_SNIPPETS[flavor]
-    if flavor == "runc-v2":
-        paths = {doc.VMRUN_BINARY: VMRUN_BINARY, doc.CONTAINERD_ROOT: runtime_root}
+    if flavor in V2_FLAVORS:
+        # The shim v2's snippet names no host path: the shim is found on containerd's PATH.
+        paths = {doc.VMRUN_BINARY: VMRUN_BINARY, doc.CONTAINERD_ROOT: runtime_root} if flavor == "runc-v2" else {}
         cri, opt = "io.containerd.grpc.v1.cri", "io.containerd.internal.v1.opt"  # version 2 plugin ids
     else:
         paths = {doc.VMRUN_BINARY: VMRUN_BINARY, doc.VMRUN_ROOT: runtime_root}
@@ -215,7 +218,7 @@ def containerd_config(base: Path, runtime_root: Path, flavor: str = "runc-v2") -
         "stream_server_port": "0",
         "cni": {"bin_dir": "/usr/lib/cni", "conf_dir": f"{base}/cni"},
     }
-    if flavor == "runc-v2":
+    if flavor in V2_FLAVORS:
         runtimes = documented.get("plugins", {}).get(cri, {}).get("containerd", {}).get("runtimes", {})
         if RUNTIME_HANDLER not in runtimes:
             raise CriSetupError(f"docs/callers.md, snippet {name}: no runtime {RUNTIME_HANDLER!r}")
@@ -270,7 +273,7 @@ class CriEnv(PrivateContainerdPaths):
 
     @property
     def task_dir(self) -> Path:  # the bundles, with vmrun's --log (log.json)
-        runtime = "io.containerd.runtime.v2.task" if self.flavor == "runc-v2" else "io.containerd.runtime.v1.linux"
+        runtime = "io.containerd.runtime.v2.task" if self.flavor in V2_FLAVORS else "io.containerd.runtime.v1.linux"
         return self.base / "state" / runtime / CRI_NAMESPACE
 
     @property
@@ -304,7 +307,9 @@ class CriEnv(PrivateContainerdPaths):
                                      f'templates_dir = "{self.templates_dir}"\n')
         config = self.base / "containerd.toml"
         config.write_text(tomli_w.dumps(containerd_config(self.base, self.runtime_root, self.flavor)))
-        env = {**os.environ, "VMRUN_CONFIG": str(self.vmrun_config)}
+        # containerd finds containerd-shim-vmrun-v2 on its PATH: the one beside this Python.
+        env = {**os.environ, "VMRUN_CONFIG": str(self.vmrun_config),
+               "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
         with open(self.base / "containerd.log", "wb") as log:
             # Only the network namespace is private: mounts stay visible to the checks.
             self.containerd = subprocess.Popen(
@@ -368,6 +373,9 @@ class CriEnv(PrivateContainerdPaths):
             for log in sorted(vm.glob("*.log")):
                 text = log.read_text(errors="replace").splitlines()
                 parts.append(f"--- {log} (last 30 lines)\n" + "\n".join(text[-30:]))
+        for log in sorted(self.run_dir.glob("daemon-logs/shimv2-*.log")):  # the shim v2's own
+            text = log.read_text(errors="replace").splitlines()
+            parts.append(f"--- {log} (last 30 lines)\n" + "\n".join(text[-30:]))
         parts.append(f"--- vm dirs: {self.vm_dirs()}\n--- vmrun states: {self.vmrun_states()}")
         parts.append(f"--- containerd.log (last 60 lines above debug)\n{self.containerd_log()}")
         return "\n".join(parts)

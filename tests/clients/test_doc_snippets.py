@@ -45,8 +45,8 @@ import doc_snippets as doc
 from leftovers import mounts_under, processes_mentioning
 
 HOST_KERNEL = os.uname().release
-SNIPPETS = {"containerd-cri", "containerd-untrusted-v1", "kubernetes-runtimeclass", "crio-dropin",
-            "podman-containers-conf", "docker-daemon-json"}
+SNIPPETS = {"containerd-cri", "containerd-shimv2", "containerd-untrusted-v1", "kubernetes-runtimeclass",
+            "crio-dropin", "podman-containers-conf", "docker-daemon-json"}
 CRI = "io.containerd.grpc.v1.cri"
 
 
@@ -240,6 +240,7 @@ def test_runtimeclass_handler_and_overhead():
     handler = runtime_class["handler"]
     assert handler == RUNTIME_HANDLER
     assert handler in tomllib.loads(doc.snippet("containerd-cri"))["plugins"][CRI]["containerd"]["runtimes"]
+    assert handler in tomllib.loads(doc.snippet("containerd-shimv2"))["plugins"][CRI]["containerd"]["runtimes"]
     assert handler in tomllib.loads(doc.snippet("crio-dropin"))["crio"]["runtime"]["runtimes"]
     # The overhead: the measured per-pod cost, rounded up (by at most half as much again).
     fixed = runtime_class["overhead"]["podFixed"]

@@ -87,19 +87,28 @@ class FakeAgent:
         self.stdin_closed.set()
 
 
-def test_output_to_fifos_never_waits_for_a_reader(tmp_path):
+def test_output_to_fifos_ends_in_eof_for_containerd(tmp_path):
     out, err = tmp_path / "out", tmp_path / "err"
     os.mkfifo(out)
     os.mkfifo(err)
-    reader = os.open(out, os.O_RDONLY | os.O_NONBLOCK)
     io = ProcessIO(FakeAgent([b"hello ", b"world"], [b"oops"]), "c", "", IOPaths(stdout=str(out), stderr=str(err)))
     try:
-        io.start()
-        io.wait_output()
-        assert os.read(reader, 100) == b"hello world"
+        io.start()  # no reader yet: it does not wait for one
+        reader = os.open(out, os.O_RDONLY | os.O_NONBLOCK)
+        data, deadline = b"", time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                chunk = os.read(reader, 100)
+            except BlockingIOError:
+                time.sleep(0.01)
+                continue
+            if not chunk:
+                break  # EOF: the shim's writer closed once the output ended (CRI's ExecSync waits for it)
+            data += chunk
+        assert data == b"hello world" and time.monotonic() < deadline
+        os.close(reader)
     finally:
         io.close()
-        os.close(reader)
 
 
 def test_output_to_a_file_uri_appends(tmp_path):

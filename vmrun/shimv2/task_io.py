@@ -2,10 +2,12 @@
 a file (`file:///path`), or a logging binary (`binary:///path?key=value`, which gets
 the process's stdout and stderr as fds 3 and 4 and says it is ready by closing fd 5).
 
-Output FIFOs are opened read-write, as containerd's runc shim keeps a reader of its own:
-the open never waits for containerd, and a containerd that restarts finds the output
-where it left it instead of the process dying of SIGPIPE. Stdin is read until containerd
-closes its end (CloseIO, or its writer going), then closed in the guest.
+Of each output FIFO the shim holds a reader of its own (never read), as containerd's runc
+shim does: opening the writer never waits for containerd, and a containerd that restarts
+finds the output where it left it instead of the process dying of SIGPIPE. The writers
+close when the guest's output ends, so containerd reads EOF (CRI's ExecSync waits for it).
+Stdin is read until containerd closes its end (CloseIO, or its writer going), then closed
+in the guest.
 """
 
 from __future__ import annotations
@@ -87,7 +89,9 @@ class ProcessIO:
     def __init__(self, agent, container_id: str, exec_id: str, paths: IOPaths):
         self._agent, self._container_id, self._exec_id = agent, container_id, exec_id
         self.paths = paths
-        self._fds: list[int] = []
+        self._writers: list[int] = []  # closed once the output has ended
+        self._readers: list[int] = []  # ours, of the FIFOs: closed with the process
+        self._writers_lock = threading.Lock()
         self._logger: subprocess.Popen | None = None
         self._relay: StdioRelay | None = None
         self._stdin: _StdinPump | None = None
@@ -101,6 +105,7 @@ class ProcessIO:
             raise
         self._relay = StdioRelay(self._agent, self._container_id, self._exec_id, stdin=None,
                                  stdout=stdout, stderr=stderr, terminal=self.paths.terminal).start()
+        threading.Thread(target=self._close_writers_after_output, name="shim-io-end", daemon=True).start()
         if self.paths.stdin:
             self._stdin = _StdinPump(self._agent, self._container_id, self._exec_id, self.paths.stdin)
         return self
@@ -124,25 +129,26 @@ class ProcessIO:
                 fd = self._open_fifo(urllib.parse.unquote(uri.path) if uri.scheme else where)
             else:
                 raise VmrunError(f"task io: {where!r}: unsupported scheme {uri.scheme!r}")
-        self._fds.append(fd)
+        self._writers.append(fd)
         return fd
 
-    @staticmethod
-    def _open_fifo(path: str) -> int:
+    def _open_fifo(self, path: str) -> int:
+        """The FIFO's writer; its reader is kept (see the module's docstring)."""
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
         except OSError as exc:
             raise VmrunError(f"task io: cannot open {path}: {exc.strerror}") from None
-        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
-            os.close(fd)
+        self._readers.append(reader)
+        if not stat.S_ISFIFO(os.fstat(reader).st_mode):
             raise VmrunError(f"task io: {path} is not a FIFO")
-        return fd
+        writer = os.open(f"/proc/self/fd/{reader}", os.O_WRONLY | os.O_CLOEXEC)  # the same FIFO
+        return writer
 
     def _start_logger(self, uri: urllib.parse.ParseResult) -> tuple[int, int]:
         out_r, out_w = _pipe_above_9()
         err_r, err_w = _pipe_above_9()
         ready_r, ready_w = _pipe_above_9()
-        self._fds += [out_w, err_w]
+        self._writers += [out_w, err_w]
         args = [f"{key}={value}" if value else key
                 for key, values in urllib.parse.parse_qs(uri.query, keep_blank_values=True).items()
                 for value in values]
@@ -184,13 +190,28 @@ class ProcessIO:
             with contextlib.suppress(AgentError):
                 self._relay.wait_output()
 
+    def _close_writers_after_output(self) -> None:
+        self.wait_output()
+        self._close_writers()
+
+    def _close_writers(self) -> None:
+        with self._writers_lock:
+            for fd in self._writers:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._writers = []
+
     def close(self) -> None:
         if self._stdin is not None:
             self._stdin.close()
-        for fd in self._fds:
+        if self._relay is None or not self._relay.output_running():
+            self._close_writers()
+        # else: still relaying (a process of the container's holds its output): the relay
+        # closes them when it ends; closing under it could hand its fd to another file.
+        for fd in self._readers:
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self._fds = []
+        self._readers = []
         if self._logger is not None:
             try:
                 self._logger.wait(5)
