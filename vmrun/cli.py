@@ -387,6 +387,12 @@ def cmd_pool_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from vmrun.monitor import serve  # prometheus_client: for this command only
+
+    return serve(args.config, args.listen)
+
+
 def cmd_image_build(args: argparse.Namespace) -> int:
     from guest.build import build_image
 
@@ -553,6 +559,12 @@ def build_parser() -> argparse.ArgumentParser:
     pool_serve.set_defaults(handler=cmd_pool_serve)
     pool_status = pool_commands.add_parser("status", help="how many guests are ready")
     pool_status.set_defaults(handler=cmd_pool_status)
+
+    monitor = commands.add_parser("monitor", help="serve the pods' metrics for Prometheus until SIGTERM "
+                                  "(in the foreground)")
+    monitor.add_argument("--listen", default="127.0.0.1:8090",
+                         help="HOST:PORT to serve /metrics on (default 127.0.0.1:8090; :8090 for all addresses)")
+    monitor.set_defaults(handler=cmd_monitor)
 
     image = commands.add_parser("image", help="the guest image")
     image_commands = image.add_subparsers(dest="image_command", metavar="IMAGE_COMMAND", required=True)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Callable
 from vmrun.bootfiles import BootFiles, boot_files
 from vmrun.common.bridge import SocketBridge, first_then, read_line
 from vmrun.common.constants import AGENT_PORT, READY_MESSAGE, SHARED_FS_TAG, agent_kernel_params, ready_port
+from vmrun.common.files import write_json_atomic
 from vmrun.config import Config
 from vmrun.control import CONTROL_SOCKET, ControlServer
 from vmrun.errors import HypervisorError, Interrupted, NetworkError, VmrunError
@@ -51,6 +52,8 @@ log = logging.getLogger("vmrun.sandbox")
 # Spare PCIe root ports of a booted guest, for NICs hot-plugged into it (a clone has its
 # template's).
 COLD_BOOT_HOTPLUG_PORTS = 4
+# What `vmrun monitor` reads of a running sandbox, in its directory (vmrun/monitor.py).
+SANDBOX_RECORD = "sandbox.json"
 
 def daemon_log_for(vm_dir: Path) -> Path:
     """The log of the sandbox daemon holding the guest at `vm_dir`: not in it (it is
@@ -130,6 +133,8 @@ class Sandbox:
         self._dns_relay: DnsRelayHost | None = None
         self._netns_watcher: NetnsWatcher | None = None
         self.helper_death = ""  # the helper whose death ended the guest, if one did
+        self._record_lock = threading.Lock()  # fit requests come on threads of their own
+        self._memory_mib = 0
 
     def _mark(self, phase: str) -> None:
         self.timings[phase] = time.monotonic() - self._t0
@@ -267,6 +272,19 @@ class Sandbox:
         keepalive = AgentKeepalive(self.agent.health, self._helper_died)
         self._stack.callback(keepalive.close)
         self._mark("sandbox_created")
+        self._write_record(self.vm.spec.memory_mib)
+
+    def _write_record(self, memory_mib: int) -> None:
+        """Record the id (the directory's name is a hash of it), the boot timings and the
+        guest's RAM for `vmrun monitor`: QEMU's QMP socket takes no second client. The
+        guest never shrinks: the largest size wins."""
+        with self._record_lock:
+            self._memory_mib = max(self._memory_mib, memory_mib)
+            record = {"sandbox_id": self.sandbox_id, "timings": self.timings, "memory_mib": self._memory_mib}
+            try:
+                write_json_atomic(self.dir / SANDBOX_RECORD, record, mode=0o600)
+            except OSError as exc:  # monitoring only: never worth failing the pod for
+                log.warning("cannot write %s: %s", self.dir / SANDBOX_RECORD, exc)
 
     def _helper_died(self, name: str) -> None:
         if self.helper_death:
@@ -284,7 +302,9 @@ class Sandbox:
             raise HypervisorError("the sandbox is not running")
         if not isinstance(resources, dict):
             raise HypervisorError("fit: resources must be an object")
-        return self.sizer.fit(container_id, resources)
+        size = self.sizer.fit(container_id, resources)
+        self._write_record(int(size["memory_mib"]))
+        return size
 
     def _guest_counts(self) -> GuestCounts:
         assert self.agent is not None

@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import select
 import stat
 import subprocess
 import threading
@@ -41,46 +42,57 @@ class IOPaths:
 
 
 class _StdinPump:
-    """Reads the stdin FIFO (opened in its thread: the open waits for a writer) into the
-    guest process until EOF or close()."""
+    """Reads the stdin FIFO into the guest process until EOF or close(). The open waits
+    for containerd's writer, in the pump's thread; the reads never block, so close()
+    (CloseIO, or the process gone while the caller's stdin stays open) ends the pump at
+    once, after what is already in the FIFO."""
 
     def __init__(self, agent, container_id: str, exec_id: str, path: str):
         self._agent, self._container_id, self._exec_id, self._path = agent, container_id, exec_id, path
-        self._closing = threading.Event()
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._thread = threading.Thread(target=self._pump, name="shim-stdin", daemon=True)
         self._thread.start()
 
     def _pump(self) -> None:
         try:
-            fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
             log.warning("stdin %s: %s", self._path, exc.strerror)
-            fd = -1
+            return
         try:
-            while fd >= 0 and not self._closing.is_set():
-                try:
-                    data = os.read(fd, _STDIN_CHUNK)
-                except InterruptedError:
-                    continue
-                except OSError:
-                    data = b""
-                if not data:
+            while True:
+                ready, _, _ = select.select([fd, self._wake_r], [], [])
+                if fd in ready and not self._forward(fd):
+                    break  # EOF: every writer closed
+                if self._wake_r in ready:
+                    while self._forward(fd):  # what is in the FIFO already, then stop
+                        pass
                     break
-                self._agent.write_stdin(self._container_id, data, self._exec_id)
             self._agent.close_stdin(self._container_id, self._exec_id)
         except AgentError:
             pass  # the process is gone, or closed its stdin: nothing more to deliver
         finally:
-            if fd >= 0:
-                os.close(fd)
+            os.close(fd)
+
+    def _forward(self, fd: int) -> bool:
+        """One read's worth into the guest; False at EOF or when nothing is there now."""
+        try:
+            data = os.read(fd, _STDIN_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            data = b""
+        if data:
+            self._agent.write_stdin(self._container_id, data, self._exec_id)
+        return bool(data)
 
     def close(self) -> None:
-        """Stop after what is written now; an open still waiting for a writer is given one."""
-        self._closing.set()
-        if self._thread.is_alive():
-            with contextlib.suppress(OSError):
-                os.close(os.open(self._path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
         self._thread.join(5)
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 class ProcessIO:
