@@ -89,6 +89,14 @@ def test_a_pod_of_two_containers_is_one_guest_and_one_shim(cri):
         listed = {s.attributes.id for s in call(cri, "ListContainerStats", api.ListContainerStatsRequest()).stats}
         assert {hog, app} <= listed
 
+        # ---- UpdateContainerResources reaches the container's cgroup in the guest
+        call(cri, "UpdateContainerResources", api.UpdateContainerResourcesRequest(
+            container_id=app, linux=api.LinuxContainerResources(memory_limit_in_bytes=200 * MiB)))
+        # Without a cgroup namespace of its own, the container sees the guest's hierarchy.
+        limit = call(cri, "ExecSync", api.ExecSyncRequest(container_id=app, cmd=[
+            "sh", "-c", 'cat "/sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)/memory.max"'], timeout=60))
+        assert limit.stdout.decode().strip() == str(200 * MiB), limit
+
         # ---- the guest's OOM killer: reason OOMKilled
         oom = container(cri, pod_id, pod_config, "oom", ["dd", "if=/dev/zero", "of=/dev/null", "bs=100M", "count=1"],
                         memory_limit=64 * MiB)
