@@ -11,97 +11,65 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "clients"))
-from images import write_archives  # noqa: E402
+from private_containerd import IMAGE, private_containerd  # beside this file
 
 VMRUN = str(Path(sys.executable).parent / "vmrun")
-NS = "bench"
-IMAGE = "docker.io/library/bbx:latest"
 
 
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="vbench", dir="/tmp"))
-    containerd = None
+    vmrun_config = work / "vmrun.toml"
+    vmrun_config.write_text(f'run_dir = "{work}/run"\ntemplates_dir = "{work}/templates"\ntemplate = ""\n')
+    env = {**os.environ, "VMRUN_CONFIG": str(vmrun_config)}
     try:
-        vmrun_config = work / "vmrun.toml"
-        vmrun_config.write_text(f'run_dir = "{work}/run"\ntemplates_dir = "{work}/templates"\ntemplate = ""\n')
-        env = {**os.environ, "VMRUN_CONFIG": str(vmrun_config)}
-        (work / "config.toml").write_text(f"""version = 2
-root = "{work}/root"
-state = "{work}/state"
-[grpc]
-  address = "{work}/containerd.sock"
-[ttrpc]
-  address = "{work}/containerd-ttrpc.sock"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{work}/opt"
-[plugins."io.containerd.grpc.v1.cri"]
-  disable = true
-""")
-        with open(work / "containerd.log", "wb") as log:
-            containerd = subprocess.Popen(["containerd", "--config", str(work / "config.toml")], stdout=log,
-                                          stderr=log, env=env, start_new_session=True)
-        ctr = ["ctr", "--address", str(work / "containerd.sock"), "-n", NS]
-        deadline = time.monotonic() + 30
-        while subprocess.run([*ctr, "version"], capture_output=True).returncode != 0:
-            if time.monotonic() > deadline:
-                raise SystemExit("containerd did not start")
-            time.sleep(0.1)
-        write_archives(IMAGE, work / "bbx-oci.tar")
-        subprocess.run([*ctr, "image", "import", str(work / "bbx-oci.tar")], check=True, capture_output=True)
-
-        def ctr_run(runtime: str, name: str) -> tuple[float, int]:
-            start = time.monotonic()
-            result = subprocess.run([*ctr, "run", "--rm", "--runc-binary", runtime, "--runc-root",
-                                     str(work / "runtime-root"), IMAGE, name, "/bin/true"],
-                                    capture_output=True, env=env)
-            seconds = time.monotonic() - start
-            if result.returncode != 0:
-                print(result.stderr.decode(), file=sys.stderr)
-            return seconds, result.returncode
-
-        ctr_run(shutil.which("runc") or "runc", "warmup")
-        rows = [("ctr run --rm, runc", *ctr_run(shutil.which("runc") or "runc", "r1")),
-                ("ctr run --rm, vmrun (cold boot)", *ctr_run(VMRUN, "v1"))]
-        made = subprocess.run([VMRUN, "template", "create"], capture_output=True, env=env)
-        if made.returncode == 0:
-            vmrun_config.write_text(vmrun_config.read_text().replace('template = ""', 'template = "default"'))
-            rows.append(("ctr run --rm, vmrun (template)", *ctr_run(VMRUN, "v2")))
-        vmrun_config.write_text(vmrun_config.read_text() + f'pool_socket = "{work}/pool.sock"\npool_size = 1\n')
-        pool = subprocess.Popen([VMRUN, "pool", "serve"], env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 60
-            while b'"idle": 1' not in subprocess.run([VMRUN, "pool", "status"], capture_output=True,
-                                                      env=env).stdout:
-                if time.monotonic() > deadline:
-                    raise SystemExit("the pool did not fill")
-                time.sleep(0.2)
-            rows.append(("ctr run --rm, vmrun (pool)", *ctr_run(VMRUN, "v3")))
-        finally:
-            pool.terminate()
-            pool.wait(60)
-        print(f"{'command':<34}{'wall s':>8}{'rc':>5}")
-        for name, seconds, rc in rows:
-            print(f"{name:<34}{seconds:>8.3f}{rc:>5}")
-        return max(rc for _, _, rc in rows)
+        with private_containerd(work, env) as ctr:
+            return _bench(work, vmrun_config, env, ctr)
     finally:
-        if containerd is not None:
-            os.killpg(containerd.pid, signal.SIGTERM)
-            containerd.wait(30)
-        for mount in reversed(Path("/proc/self/mounts").read_text().splitlines()):
-            point = mount.split()[1]
-            if point.startswith(str(work)):
-                subprocess.run(["umount", "-l", point], check=False)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _bench(work: Path, vmrun_config: Path, env: dict[str, str], ctr: list[str]) -> int:
+    def ctr_run(runtime: str, name: str) -> tuple[float, int]:
+        start = time.monotonic()
+        result = subprocess.run([*ctr, "run", "--rm", "--runc-binary", runtime, "--runc-root",
+                                 str(work / "runtime-root"), IMAGE, name, "/bin/true"],
+                                capture_output=True, env=env)
+        seconds = time.monotonic() - start
+        if result.returncode != 0:
+            print(result.stderr.decode(), file=sys.stderr)
+        return seconds, result.returncode
+
+    ctr_run(shutil.which("runc") or "runc", "warmup")
+    rows = [("ctr run --rm, runc", *ctr_run(shutil.which("runc") or "runc", "r1")),
+            ("ctr run --rm, vmrun (cold boot)", *ctr_run(VMRUN, "v1"))]
+    made = subprocess.run([VMRUN, "template", "create"], capture_output=True, env=env)
+    if made.returncode == 0:
+        vmrun_config.write_text(vmrun_config.read_text().replace('template = ""', 'template = "default"'))
+        rows.append(("ctr run --rm, vmrun (template)", *ctr_run(VMRUN, "v2")))
+    vmrun_config.write_text(vmrun_config.read_text() + f'pool_socket = "{work}/pool.sock"\npool_size = 1\n')
+    pool = subprocess.Popen([VMRUN, "pool", "serve"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while b'"idle": 1' not in subprocess.run([VMRUN, "pool", "status"], capture_output=True,
+                                                  env=env).stdout:
+            if time.monotonic() > deadline:
+                raise SystemExit("the pool did not fill")
+            time.sleep(0.2)
+        rows.append(("ctr run --rm, vmrun (pool)", *ctr_run(VMRUN, "v3")))
+    finally:
+        pool.terminate()
+        pool.wait(60)
+    print(f"{'command':<34}{'wall s':>8}{'rc':>5}")
+    for name, seconds, rc in rows:
+        print(f"{name:<34}{seconds:>8.3f}{rc:>5}")
+    return max(rc for _, _, rc in rows)
 
 
 if __name__ == "__main__":

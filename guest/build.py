@@ -1,11 +1,13 @@
-"""Build (or find) the guest image: a kernel plus an lz4 initramfs holding the whole guest.
+"""Build (or find) the guest image: a kernel, the guest's root as a read-only erofs image
+(root.erofs, mapped into each guest on virtio-pmem with DAX: guest/root_image.py), and a
+small lz4 initramfs (stage 1) that mounts it.
 
 Cache layout under `cache_dir` (default /var/lib/vmrun/image):
 
     debs/              downloaded .deb files, reused while their version is current
     wheels/            downloaded wheels
     apt/pkgcache.bin   APT's binary cache, so that computing the key stays cheap
-    <key>/             one built image: vmlinux or vmlinuz, initrd.img, manifest.json
+    <key>/             one built image: vmlinux or vmlinuz, initrd.img, root.erofs, manifest.json
     current            symlink to the newest <key>
     .lock              serialises builds
 
@@ -31,11 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from guest import cpio, debs, kernel, python_tree, rootfs
+from guest import debs, kernel, python_tree, root_image, rootfs
 from guest.image_cache import GuestImage, find_image, load_image  # noqa: F401 - find_image: public here too
 from vmrun.errors import ImageError
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: the root on erofs + a stage-1 initrd
 GUEST_DIR = Path(__file__).resolve().parent
 INIT_SCRIPT = GUEST_DIR / "initrd" / "init"
 MODULES_LIST = GUEST_DIR / "kernel-config" / "modules.txt"
@@ -266,8 +268,8 @@ def build_image(
     seconds = time.monotonic() - start
     log(
         f"guest image {plan.key}: kernel {_mib(image.kernel.stat().st_size)}"
-        f" ({image.manifest['kernel']['boot']}), initrd {_mib(image.initrd.stat().st_size)}"
-        f" (tree {_mib(image.manifest['sizes']['tree_bytes'])}),"
+        f" ({image.manifest['kernel']['boot']}), root image {_mib(image.manifest['sizes']['root'])}"
+        f" (tree {_mib(image.manifest['sizes']['tree_bytes'])}), stage-1 initrd {_mib(image.initrd.stat().st_size)},"
         f" total {_mib(image.size_bytes)}; built in {seconds:.1f}s"
     )
     return image, False, seconds
@@ -299,7 +301,9 @@ def _build(plan: Plan, cache_dir: Path, work: Path, log: Log, start: float) -> P
     step("kernel: unpacking the PVH vmlinux and resolving modules")
     kern = kernel.kernel_from_staging(staging)
     tree = kernel.ModuleTree.load(staging / "lib/modules" / kern.release)
-    order = tree.resolve(kernel.parse_module_list(MODULES_LIST.read_text()), log)
+    stage1_order = tree.resolve([(name, False) for name in root_image.STAGE1_MODULES], log)
+    order = [name for name in tree.resolve(kernel.parse_module_list(MODULES_LIST.read_text()), log)
+             if name not in stage1_order]  # loaded by stage 1 already
     module_paths = kernel.install_modules(tree, order, root, kern.release)
 
     step("python: interpreter, trimmed stdlib, wheels, agent")
@@ -345,12 +349,12 @@ def _build(plan: Plan, cache_dir: Path, work: Path, log: Log, start: float) -> P
     rootfs.install_init(INIT_SCRIPT, root)
     tree_bytes, _entries = rootfs.tree_size(root)
 
-    step("packing the initramfs (cpio newc + lz4)")
     out = work / "out"
     out.mkdir()
-    cpio_bytes, entries = cpio.pack(
-        root, work, out / "initrd.img", nodes=[cpio.Node("dev/console", 0o20600, 5, 1)]
-    )
+    step("the root image (erofs) and the stage-1 initrd (cpio newc + lz4)")
+    root_bytes = root_image.make_erofs(root, out / "root.erofs")
+    cpio_bytes, entries = root_image.make_stage1(staging / "bin/busybox", tree, stage1_order, work,
+                                                 out / "initrd.img")
     if use_pvh:
         assert kern.vmlinux is not None
         kernel_name = "vmlinux"
@@ -358,12 +362,14 @@ def _build(plan: Plan, cache_dir: Path, work: Path, log: Log, start: float) -> P
     else:
         kernel_name = "vmlinuz"
         shutil.copyfile(kern.bzimage, out / kernel_name)
-    manifest["files"] = {"kernel": kernel_name, "initrd": "initrd.img"}
+    manifest["files"] = {"kernel": kernel_name, "initrd": "initrd.img", "root": "root.erofs"}
+    manifest["stage1_modules"] = stage1_order
     manifest["sizes"] = {
         "kernel": (out / kernel_name).stat().st_size,
         "bzimage": kern.bzimage.stat().st_size,
         "vmlinux": len(kern.vmlinux) if kern.vmlinux is not None else None,
         "initrd": (out / "initrd.img").stat().st_size,
+        "root": root_bytes,
         "cpio": cpio_bytes,
         "tree_bytes": tree_bytes,
         "entries": entries,

@@ -15,13 +15,14 @@ from pathlib import Path
 @dataclass
 class GuestImage:
     kernel: Path  # what QEMU boots with -kernel
-    initrd: Path
+    initrd: Path  # stage 1: it mounts `root`
+    root: Path  # the guest's root, an erofs image the guest maps on virtio-pmem
     key: str  # cache key
     manifest: dict = field(repr=False)  # what it was built from: see guest.build
 
     @property
     def size_bytes(self) -> int:
-        return self.kernel.stat().st_size + self.initrd.stat().st_size
+        return sum(path.stat().st_size for path in (self.kernel, self.initrd, self.root))
 
 
 def load_image(image_dir: Path) -> GuestImage | None:
@@ -30,11 +31,12 @@ def load_image(image_dir: Path) -> GuestImage | None:
         manifest = json.loads((image_dir / "manifest.json").read_text())
         kernel_file = image_dir / manifest["files"]["kernel"]
         initrd_file = image_dir / manifest["files"]["initrd"]
+        root_file = image_dir / manifest["files"]["root"]  # an image from before the erofs root has none
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if not kernel_file.is_file() or not initrd_file.is_file():
+    if not all(path.is_file() for path in (kernel_file, initrd_file, root_file)):
         return None
-    return GuestImage(kernel_file, initrd_file, image_dir.name, manifest)
+    return GuestImage(kernel_file, initrd_file, root_file, image_dir.name, manifest)
 
 
 def find_image(cache_dir: Path) -> GuestImage | None:

@@ -8,7 +8,7 @@ APT_PACKAGES=(
   qemu-system-x86 qemu-system-common   # QEMU, qboot, virtiofsd (/usr/lib/qemu/virtiofsd)
   busybox-static                       # the demo and test containers
   runc                                 # bench: the baseline vmrun is compared with
-  lz4 cpio kmod binutils               # the guest image builder
+  lz4 cpio kmod binutils erofs-utils   # the guest image builder (erofs: the guest's root image)
   iproute2
   containernetworking-plugins          # tests: the CRI pod network (bridge, host-local, loopback)
   containerd                           # tests/clients: containerd + ctr drive vmrun as a real client

@@ -1,4 +1,4 @@
-"""The guest kernel and initrd a sandbox or a template boots."""
+"""The guest kernel, initrd and root image a sandbox or a template boots."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ from vmrun.errors import ImageError
 class BootFiles:
     kernel: Path
     initrd: Path
+    # The guest's root, an erofs image mapped on virtio-pmem (a built image's); None with a
+    # configured kernel and initrd, whose initrd holds the whole guest.
+    root: Path | None = None
 
 
 def boot_files(config: Config) -> BootFiles:
@@ -28,8 +31,8 @@ def boot_files(config: Config) -> BootFiles:
         image = find_image(config.image_dir)
         if image is None:
             raise ImageError(f"no guest image in {config.image_dir}: run `vmrun image build` first")
-        files = BootFiles(image.kernel, image.initrd)
-    for path in (files.kernel, files.initrd):
+        files = BootFiles(image.kernel, image.initrd, image.root)
+    for path in (files.kernel, files.initrd, *([files.root] if files.root else [])):
         if not path.is_file():
             raise ImageError(f"guest image file {path} is missing: run `vmrun image build`")
     return files

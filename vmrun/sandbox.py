@@ -211,6 +211,7 @@ class Sandbox:
                 memory_mib=self.config.memory_mib,
                 kernel=files.kernel,
                 initrd=files.initrd,
+                root_image=files.root,
                 kernel_params=f"{params} {self.config.kernel_params}".strip(),
                 console_log=self.console_log,
                 device_args=[arg for device in devices for arg in device.command_line()],
@@ -330,8 +331,7 @@ class Sandbox:
         self._stack.callback(os.close, memory)
         memory_copy = self._stack.enter_context(MemoryCopy(lease.template.memory, memory))
         spec = template_vm_spec(lease.definition, qemu=self.config.qemu, acceleration=acceleration,
-                                kernel=files.kernel, initrd=files.initrd, console_log=self.console_log,
-                                memory_fd=memory, incoming=True)
+                                files=files, console_log=self.console_log, memory_fd=memory, incoming=True)
         vm = QemuVM(spec, self.dir / "qmp.sock", self.dir / "qemu.log",
                     console_watch=ConsoleWatch(self._helper_died)).launch()
         self._stack.callback(vm.close)

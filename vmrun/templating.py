@@ -26,7 +26,7 @@ def _build(config: Config, store: TemplateStore, definition: TemplateDefinition,
     work_dir.mkdir(parents=True, mode=0o700)
     try:
         return store.create(definition, expected, work_dir, qemu=config.qemu, acceleration=acceleration,
-                            kernel=files.kernel, initrd=files.initrd)
+                            files=files)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
 
@@ -36,7 +36,7 @@ def create_template(config: Config, name: str) -> tuple[Template, float]:
     definition = TemplateDefinition.load(name)
     files = boot_files(config)
     acceleration = detect_acceleration(config.acceleration, config.run_dir)
-    expected = fingerprint(definition, config.qemu, files.kernel, files.initrd, acceleration)
+    expected = fingerprint(definition, config.qemu, files, acceleration)
     store = TemplateStore(config.templates_dir)
     started = time.monotonic()
     with store.building(name):
@@ -64,7 +64,7 @@ def lease_template(config: Config, files: BootFiles, acceleration: Acceleration)
     if not config.template:
         return None
     definition = TemplateDefinition.load(config.template)
-    expected = fingerprint(definition, config.qemu, files.kernel, files.initrd, acceleration)
+    expected = fingerprint(definition, config.qemu, files, acceleration)
     store = TemplateStore(config.templates_dir)
     lease, reason = _hold_if_usable(store, definition, expected)
     if lease is not None:
@@ -108,8 +108,7 @@ def describe_templates(config: Config) -> list[str]:
         name = template.path.name
         try:
             definition = TemplateDefinition.load(name)
-            reason = template.why_unusable(fingerprint(definition, config.qemu, files.kernel, files.initrd,
-                                                     acceleration))
+            reason = template.why_unusable(fingerprint(definition, config.qemu, files, acceleration))
         except Exception as exc:  # noqa: BLE001 - a listing reports, it does not fail
             reason = str(exc)
         created = template.record().get("created", "?")

@@ -37,6 +37,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
+from typing import Iterator
 
 import grpc
 import tomli_w
@@ -439,3 +440,18 @@ class CriEnv(PrivateContainerdPaths):
         elif not mounts_under(self.base):
             shutil.rmtree(self.base, ignore_errors=True)
         return problems
+
+
+def cri_session(templates_dir: Path, flavor: str = "runc-v2") -> Iterator[CriEnv]:
+    """A module's CriEnv (the body of its fixture): started, yielded, then closed and
+    checked for leftovers; the test fails at once when the stubs cannot be made."""
+    import pytest
+
+    from leftovers import client_session
+
+    try:
+        api, api_grpc = cri_stubs()
+    except CriSetupError as exc:
+        pytest.fail(f"cannot generate the CRI v1 stubs: {exc}")
+    env = CriEnv(api, api_grpc, templates_dir, flavor=flavor)
+    yield from client_session(env, env.start)

@@ -50,7 +50,15 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def main(ctr):
+def events(ctr):
+    """`ctr events` for the whole module: the topics main's life published."""
+    events = Events(ctr)
+    yield events
+    events.close()
+
+
+@pytest.fixture(scope="module")
+def main(ctr, events):
     container_id = ctr.cid("main")
     proc = ctr.popen(*ctr.run_args(container_id, "sh", "-c", MAIN_SCRIPT))
     out, err = OutputReader(proc.stdout), OutputReader(proc.stderr)
@@ -83,6 +91,19 @@ def test_run_prints_the_guests_kernel_stdio_and_exit_status(ctr):
     assert kernel != os.uname().release and got == "got:from-stdin"
     assert "to-stderr" in result.stderr
     wait_for(lambda: not shim_processes(ctr), timeout=20, message="the shim gone with its only task")
+
+
+def test_run_with_a_file_log_uri(ctr, tmp_path):
+    container_id = ctr.cid("logfile")
+    log = tmp_path / "out.log"
+    result = ctr("run", "--log-uri", f"file://{log}", *RUNTIME, BBX_IMAGE, container_id,
+                 "sh", "-c", "echo to-the-log; echo also-stderr >&2", timeout=BOOT_TIMEOUT)
+    try:
+        assert result.returncode == 0, f"{result.stderr}\n{shim_logs(ctr)}"
+        wait_for(lambda: log.exists() and "also-stderr" in log.read_text(), 30, message="the log file written")
+        assert "to-the-log" in log.read_text()
+    finally:
+        ctr.remove(container_id)
 
 
 def test_run_tty(ctr):
@@ -167,20 +188,27 @@ def test_task_pause_resume(ctr, main):
     wait_for(lambda: _tick(ctr, container_id) > before, 30, message="ticks after resume")
 
 
-def test_task_kill_sigterm_reaches_pid_1_and_its_status_ctr(ctr, main):
-    """Last on main: its trap's status 42 is ctr run's, and the exit event says so."""
+def test_checkpoint_is_refused_in_one_line(ctr, main):
+    container_id, _, _ = main
+    result = ctr("task", "checkpoint", container_id)
+    assert result.returncode != 0 and "not implemented" in result.stderr, result.stderr
+
+
+def test_task_kill_sigterm_reaches_pid_1_and_its_status_ctr(ctr, main, events):
+    """Last on main: its trap's status 42 is ctr run's, and the exit event says so; every
+    task event of its life was published."""
     container_id, proc, out = main
-    events = Events(ctr)
-    try:
-        assert ctr("task", "kill", container_id).returncode == 0
-        assert proc.wait(60) == 42
-        assert events.wait_exit(container_id)["exit_status"] == 42
-    finally:
-        events.close()
+    assert ctr("task", "kill", container_id).returncode == 0
+    assert proc.wait(60) == 42
+    assert events.wait_exit(container_id)["exit_status"] == 42
     out.join()
     assert "got-term" in out.text
     wait_for(lambda: container_id not in ctr.containers(), 30, message="container removed")
     wait_for(lambda: not shim_processes(ctr), timeout=30, message="the shim gone")
+    topics = {"/tasks/create", "/tasks/start", "/tasks/exec-added", "/tasks/exec-started", "/tasks/paused",
+              "/tasks/resumed", "/tasks/exit", "/tasks/delete"}
+    wait_for(lambda: all(f" {topic} " in events.reader.text and container_id in events.reader.text
+                         for topic in topics), 30, message=f"the events {sorted(topics)}")
 
 
 def test_a_killed_shim_is_cleaned_up_by_its_delete(ctr):

@@ -19,13 +19,12 @@ from cri_env import (
     BUSYBOX_IMAGE,
     RUNTIME_HANDLER,
     CriEnv,
-    CriSetupError,
-    cri_stubs,
+    cri_session,
     mounts_under,
     processes_mentioning,
     shim_socket,
 )
-from leftovers import client_session, wait_for
+from leftovers import wait_for
 from netns_http import fetch_in_netns
 
 from vmrun.config import load_config
@@ -42,12 +41,7 @@ RPC_TIMEOUT = 240  # a cold guest under TCG on a loaded 2-core host
 
 @pytest.fixture(scope="module")
 def cri(guest_image, vm_templates_dir):
-    try:
-        api, api_grpc = cri_stubs()
-    except CriSetupError as exc:
-        pytest.fail(f"cannot generate the CRI v1 stubs: {exc}")
-    env = CriEnv(api, api_grpc, vm_templates_dir)
-    yield from client_session(env, env.start)
+    yield from cri_session(vm_templates_dir)
 
 
 class Steps:

@@ -17,8 +17,7 @@ import os
 import uuid
 
 import pytest
-from cri_env import BUSYBOX_IMAGE, CriEnv, CriSetupError, cri_stubs, mounts_under, processes_mentioning
-from leftovers import client_session
+from cri_env import BUSYBOX_IMAGE, cri_session, mounts_under, processes_mentioning
 from test_cri import Steps
 
 from vmrun.config import load_config
@@ -31,12 +30,7 @@ UNTRUSTED = "io.kubernetes.cri.untrusted-workload"
 
 @pytest.fixture(scope="module")
 def cri_v1(guest_image, vm_templates_dir):
-    try:
-        api, api_grpc = cri_stubs()
-    except CriSetupError as exc:
-        pytest.fail(f"cannot generate the CRI v1 stubs: {exc}")
-    env = CriEnv(api, api_grpc, vm_templates_dir, flavor="untrusted-v1")
-    yield from client_session(env, env.start)
+    yield from cri_session(vm_templates_dir, flavor="untrusted-v1")
 
 
 def test_an_untrusted_pod_runs_in_a_vmrun_guest(cri_v1):

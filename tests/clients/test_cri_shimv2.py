@@ -14,8 +14,8 @@ import uuid
 
 import grpc
 import pytest
-from cri_env import BUSYBOX_IMAGE, RUNTIME_HANDLER, CriEnv, CriSetupError, cri_stubs, processes_mentioning
-from leftovers import client_session, mounts_under, wait_for
+from cri_env import BUSYBOX_IMAGE, RUNTIME_HANDLER, cri_session, processes_mentioning
+from leftovers import mounts_under, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.clients]
 
@@ -25,12 +25,7 @@ MiB = 1 << 20
 
 @pytest.fixture(scope="module")
 def cri(guest_image, vm_templates_dir):
-    try:
-        api, api_grpc = cri_stubs()
-    except CriSetupError as exc:
-        pytest.fail(f"cannot generate the CRI v1 stubs: {exc}")
-    env = CriEnv(api, api_grpc, vm_templates_dir, flavor="shim-v2")
-    yield from client_session(env, env.start)
+    yield from cri_session(vm_templates_dir, flavor="shim-v2")
 
 
 def call(cri, method: str, request, timeout: float = RPC_TIMEOUT):

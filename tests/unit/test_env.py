@@ -90,8 +90,9 @@ def test_guest_versions_of_a_built_image(tmp_path):
     image.mkdir(parents=True)
     (image / "vmlinux").write_bytes(b"\0" * 100 + b"Linux version 6.1.0-9-amd64 (x@y) #1 SMP\0")
     (image / "initrd.img").write_bytes(b"initrd")
+    (image / "root.erofs").write_bytes(b"root")
     (image / "manifest.json").write_text(json.dumps({
-        "files": {"kernel": "vmlinux", "initrd": "initrd.img"}, "built_at": "2026-01-01T00:00:00Z",
+        "files": {"kernel": "vmlinux", "initrd": "initrd.img", "root": "root.erofs"}, "built_at": "2026-01-01T00:00:00Z",
         "kernel": {"package": "linux-image-6.1.0-9-amd64", "release": "6.1.0-9-amd64", "version": "6.1.1-1"}}))
     (tmp_path / "image" / "current").symlink_to("abc123")
     found = guest_versions(Config(image_dir=tmp_path / "image"))

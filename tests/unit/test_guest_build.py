@@ -71,8 +71,9 @@ def _fake_build(plan, cache_dir, work, log, start):
     out.mkdir()
     (out / "vmlinux").write_bytes(b"K" * 10)
     (out / "initrd.img").write_bytes(b"I" * 5)
-    manifest = {"key": plan.key, "files": {"kernel": "vmlinux", "initrd": "initrd.img"},
-                "kernel": {"boot": "pvh"}, "sizes": {"tree_bytes": 1}}  # fmt: skip
+    (out / "root.erofs").write_bytes(b"R" * 3)
+    manifest = {"key": plan.key, "files": {"kernel": "vmlinux", "initrd": "initrd.img", "root": "root.erofs"},
+                "kernel": {"boot": "pvh"}, "sizes": {"tree_bytes": 1, "root": 3}}  # fmt: skip
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
 
@@ -100,7 +101,7 @@ def test_build_then_cache_hit_then_rebuild_on_change(tmp_path, fake_builder):
     image, hit, seconds = build.build_image(cache, log=lambda m: None)
     assert not hit and fake_builder["builds"] == 1
     assert image.kernel == cache / image.key / "vmlinux"
-    assert image.size_bytes == 15
+    assert image.size_bytes == 18 and image.root == cache / image.key / "root.erofs"
     assert find_image(cache) == image
     again, hit, seconds = build.build_image(cache, log=lambda m: None)
     assert hit and again == image and fake_builder["builds"] == 1
@@ -137,9 +138,14 @@ def test_find_image_tolerates_broken_state(tmp_path):
     (tmp_path / "0123456789abcdef/manifest.json").write_text(
         json.dumps({"files": {"kernel": "vmlinux", "initrd": "initrd.img"}})
     )
-    assert find_image(tmp_path) is None  # files missing
     (tmp_path / "0123456789abcdef/vmlinux").write_bytes(b"k")
     (tmp_path / "0123456789abcdef/initrd.img").write_bytes(b"i")
+    assert find_image(tmp_path) is None  # an image from before the root image: rebuilt
+    (tmp_path / "0123456789abcdef/manifest.json").write_text(
+        json.dumps({"files": {"kernel": "vmlinux", "initrd": "initrd.img", "root": "root.erofs"}})
+    )
+    assert find_image(tmp_path) is None  # files missing
+    (tmp_path / "0123456789abcdef/root.erofs").write_bytes(b"r")
     image = find_image(tmp_path)
     assert isinstance(image, GuestImage) and image.key == "0123456789abcdef"
 

@@ -53,3 +53,20 @@ def test_template_and_clone_memory_is_a_shared_file_with_hotplug_ports():
     assert [a for a in args if "pcie-root-port" in a] == [
         "pcie-root-port,id=hp0,bus=pcie.0,chassis=1", "pcie-root-port,id=hp1,bus=pcie.0,chassis=2"]
     assert args[args.index("-incoming") + 1] == "defer"
+
+
+def test_the_root_image_is_mapped_read_only_on_virtio_pmem(tmp_path):
+    image = tmp_path / "root.erofs"
+    image.write_bytes(b"\0" * (64 << 20))
+    args = qemu_command(spec(root_image=image, max_memory_mib=1024), Path("/q.sock"))
+    # Device memory holds virtio-mem's 768 MiB and the image's 64.
+    assert args[args.index("-m") + 1] == "256M,maxmem=1088M"
+    assert f"memory-backend-file,id=rootimg,mem-path={image},size=64M,share=on,readonly=on" in args
+    assert "virtio-pmem-pci,memdev=rootimg,id=rootpmem" in args
+    assert args[args.index("-append") + 1] == "console=ttyS0 swiotlb=noforce"
+
+
+def test_without_a_root_image_nothing_changes():
+    args = qemu_command(spec(), Path("/q.sock"))
+    assert args[args.index("-m") + 1] == "256M" and not any("pmem" in a for a in args)
+    assert args[args.index("-append") + 1] == "console=ttyS0"

@@ -7,6 +7,7 @@ import json
 import threading
 import time
 
+from vmrun.bootfiles import BootFiles
 from vmrun.hypervisor.accel import Acceleration
 from vmrun.hypervisor.templates import Template, TemplateDefinition, TemplateStore, fingerprint
 
@@ -81,7 +82,7 @@ def test_a_template_made_for_another_kernel_command_line_is_stale(tmp_path):
     assert "vmrun.warm_up=1" not in definition.kernel_command_line(kvm).split()
     for name in ("qemu", "vmlinux", "initrd"):
         (tmp_path / name).write_text(name)
-    expected = fingerprint(definition, str(tmp_path / "qemu"), tmp_path / "vmlinux", tmp_path / "initrd", tcg)
+    expected = fingerprint(definition, str(tmp_path / "qemu"), BootFiles(tmp_path / "vmlinux", tmp_path / "initrd"), tcg)
     assert expected["kernel_command_line"] == definition.kernel_command_line(tcg)
     store = TemplateStore(tmp_path / "templates")
     template = make_template(store, "default", "v1")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,8 @@ def pin_crun_binary() -> None:
     mount and then from a memfd copy; under TCG every exec and dynamic link costs tens
     of milliseconds. A copy on a read-only ramfs protects the binary as well.
     """
+    if os.statvfs(CRUN).f_flag & os.ST_RDONLY:
+        return  # on the read-only root image (guest/root_image.py): crun runs it as it is
     linux.pin_read_only_copy(CRUN, CRUN_STORE)
 
 

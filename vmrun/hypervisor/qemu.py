@@ -75,10 +75,16 @@ class VMSpec:
     # template's clones have its maxima. 0: no growth.
     max_vcpus: int = 0
     max_memory_mib: int = 0
+    # The guest's root: a read-only image the guest maps with DAX (guest/root_image.py).
+    root_image: Path | None = None
 
     @property
     def hotplug_memory_mib(self) -> int:
         return max(0, self.max_memory_mib - self.memory_mib)
+
+    @property
+    def root_image_mib(self) -> int:
+        return -(-self.root_image.stat().st_size // (1 << 20)) if self.root_image else 0
 
 
 def _smp(spec: VMSpec) -> str:
@@ -86,8 +92,26 @@ def _smp(spec: VMSpec) -> str:
 
 
 def _memory_size(spec: VMSpec) -> str:
-    # maxmem makes the device-memory region the virtio-mem device lives in.
-    return f"{spec.memory_mib}M,maxmem={spec.max_memory_mib}M" if spec.hotplug_memory_mib else f"{spec.memory_mib}M"
+    # maxmem makes the device-memory region the virtio-mem and virtio-pmem devices live in.
+    device_memory = spec.hotplug_memory_mib + spec.root_image_mib
+    return f"{spec.memory_mib}M,maxmem={spec.memory_mib + device_memory}M" if device_memory else f"{spec.memory_mib}M"
+
+
+def _root_image(spec: VMSpec) -> list[str]:
+    """The root image on virtio-pmem: mapped shared and read-only, so its pages are the host
+    page cache's, one copy for every guest (a guest's writes to it are dropped). Its RAM
+    block is shared: a template's saved state (x-ignore-shared) leaves it out."""
+    if spec.root_image is None:
+        return []
+    return ["-object", f"memory-backend-file,id=rootimg,mem-path={spec.root_image},"
+                       f"size={spec.root_image_mib}M,share=on,readonly=on",
+            "-device", "virtio-pmem-pci,memdev=rootimg,id=rootpmem"]
+
+
+def _kernel_params(spec: VMSpec) -> str:
+    # virtio-pmem's region sits above 4 GiB: without noforce the kernel sets up (and zeroes)
+    # a 64 MiB swiotlb bounce buffer that virtio, with no ACCESS_PLATFORM, never uses.
+    return f"{spec.kernel_params} swiotlb=noforce" if spec.root_image else spec.kernel_params
 
 
 def _hotplug_memory(spec: VMSpec) -> list[str]:
@@ -132,7 +156,7 @@ def qemu_command(spec: VMSpec, qmp_socket: Path, console: str = "") -> list[str]
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-kernel", str(spec.kernel),
         "-initrd", str(spec.initrd),
-        "-append", spec.kernel_params,
+        "-append", _kernel_params(spec),
         # Without an entropy source the guest's first random read blocks for ~1 s.
         "-device", "virtio-rng-pci",
         "-serial", f"file:{console or spec.console_log}",
@@ -145,6 +169,7 @@ def qemu_command(spec: VMSpec, qmp_socket: Path, console: str = "") -> list[str]
     if spec.free_page_reporting:
         args += ["-device", "virtio-balloon-pci,free-page-reporting=on"]
     args += _hotplug_memory(spec)
+    args += _root_image(spec)
     for index in range(spec.hotplug_ports):
         args += ["-device", f"pcie-root-port,id={hotplug_port_id(index)},bus=pcie.0,chassis={index + 1}"]
     if spec.incoming:

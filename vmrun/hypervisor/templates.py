@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Iterator
 
 import vmrun
+from vmrun.bootfiles import BootFiles
 from vmrun.common.constants import agent_kernel_params
 from vmrun.errors import ConfigError, HypervisorError
 from vmrun.hypervisor.accel import Acceleration
@@ -87,16 +88,18 @@ def _file_identity(path: Path) -> str:
     return f"{path}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}"
 
 
-def fingerprint(definition: TemplateDefinition, qemu: str, kernel: Path, initrd: Path,
-                acceleration: Acceleration) -> dict:
+def fingerprint(definition: TemplateDefinition, qemu: str, files: BootFiles, acceleration: Acceleration) -> dict:
     """Everything a saved template depends on; a clone needs all of it unchanged."""
     qemu_path = Path(shutil.which(qemu) or qemu)
     return {
         "definition": asdict(definition),
         "kernel_command_line": definition.kernel_command_line(acceleration),
         "qemu": _file_identity(qemu_path),
-        "kernel": _file_identity(kernel),
-        "initrd": _file_identity(initrd),
+        "kernel": _file_identity(files.kernel),
+        "initrd": _file_identity(files.initrd),
+        # Mapped by the template and every clone: never rewritten while they run (a new build
+        # is a new file), and a template only fits the very file it was made with.
+        "root": _file_identity(files.root) if files.root else "",
         "acceleration": acceleration.name,
         "vmrun": vmrun.__version__,
     }
@@ -189,14 +192,14 @@ class TemplateStore:
         return True
 
     def create(self, definition: TemplateDefinition, expected: dict, work_dir: Path, *, qemu: str,
-               acceleration: Acceleration, kernel: Path, initrd: Path) -> Template:
+               acceleration: Acceleration, files: BootFiles) -> Template:
         """Boot the template's machine until its agent listens; save it as `definition.name`."""
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         staging = self.root / f".{definition.name}.building-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(mode=0o700)  # its RAM holds the agent's memory: no one else's to read
         try:
-            spec = template_vm_spec(definition, qemu=qemu, acceleration=acceleration, kernel=kernel, initrd=initrd,
+            spec = template_vm_spec(definition, qemu=qemu, acceleration=acceleration, files=files,
                                     console_log=work_dir / "template-console.log", memory_file=staging / "memory",
                                     incoming=False)
             vm = QemuVM(spec, work_dir / "template-qmp.sock", work_dir / "template-qemu.log").start()
@@ -273,8 +276,8 @@ def restore_state(vm: QemuVM, state_fd: int) -> None:
         raise HypervisorError(f"the template's state could not be restored: QEMU is {status}")
 
 
-def template_vm_spec(definition: TemplateDefinition, *, qemu: str, acceleration: Acceleration, kernel: Path,
-                     initrd: Path, console_log: Path, incoming: bool, memory_file: Path | None = None,
+def template_vm_spec(definition: TemplateDefinition, *, qemu: str, acceleration: Acceleration, files: BootFiles,
+                     console_log: Path, incoming: bool, memory_file: Path | None = None,
                      memory_fd: int | None = None) -> VMSpec:
     """The machine of a template and of its clones: they must be the same but for RAM and -incoming."""
     return VMSpec(
@@ -283,8 +286,9 @@ def template_vm_spec(definition: TemplateDefinition, *, qemu: str, acceleration:
         acceleration=acceleration,
         vcpus=definition.vcpus,
         memory_mib=definition.memory_mib,
-        kernel=kernel,
-        initrd=initrd,
+        kernel=files.kernel,
+        initrd=files.initrd,
+        root_image=files.root,
         kernel_params=definition.kernel_command_line(acceleration),
         console_log=console_log,
         memory_file=memory_file,

@@ -21,6 +21,7 @@ from typing import Callable
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
+import vmrun
 from vmrun.config import Config
 from vmrun.errors import AgentError, VmrunError
 from vmrun.hooks import CREATE_HOOKS, hook_state, parse_hooks, run_hooks, run_hooks_logging_failures
@@ -29,14 +30,14 @@ from vmrun.oci import guest_process, guest_spec, load_bundle, network_namespace_
 from vmrun.pod import placement
 from vmrun.share import share_container_files, unshare_container_files
 from vmrun.shimv2 import ttrpc
-from vmrun.shimv2.events import EventPublisher, timestamp
+from vmrun.shimv2.events import EventPublisher, timestamp, to_any
 from vmrun.shimv2.metrics import metrics_from_stats
 from vmrun.shimv2.proto import shim_pb2 as shim
 from vmrun.shimv2.proto import task_events_pb2 as events
 from vmrun.shimv2.proto import task_types_pb2 as task_types
 from vmrun.shimv2.rootfs import RootfsMount, mount_rootfs, unmount_rootfs
 from vmrun.shimv2.task_io import IOPaths, ProcessIO
-from vmrun.shimv2.tasks import CREATED, PAUSED, RUNNING, STOPPED, ShimProcess, Task
+from vmrun.shimv2.tasks import CREATED, PAUSED, RUNNING, ShimProcess, Task
 from vmrun.sizing import fit_guest_to, forget_guest_share
 
 log = logging.getLogger("vmrun.shimv2")
@@ -414,13 +415,9 @@ class TaskService:
         with self._lock:
             task = self._task(request.id)
             agent = self._agent
-        from vmrun.shimv2.events import to_any
-
         return shim.StatsResponse(stats=to_any(metrics_from_stats(agent.stats(task.id))))
 
     def Connect(self, request: shim.ConnectRequest) -> shim.ConnectResponse:
-        import vmrun
-
         return shim.ConnectResponse(shim_pid=os.getpid(), task_pid=os.getpid(), version=vmrun.__version__)
 
     def Shutdown(self, request: shim.ShutdownRequest) -> empty_pb2.Empty:
