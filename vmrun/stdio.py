@@ -75,22 +75,27 @@ class StdioRelay:
     def _pump_stdin(self) -> None:
         assert self._stdin is not None
         try:
-            while True:
-                try:
-                    data = os.read(self._stdin, _STDIN_CHUNK)
-                except BlockingIOError:
-                    select.select([self._stdin], [], [])
-                    continue
-                except InterruptedError:
-                    continue
-                except OSError:
-                    data = b""
-                if not data:
-                    self._agent.close_stdin(self._container_id, self._exec_id)
-                    return
-                self._agent.write_stdin(self._container_id, data, self._exec_id)
+            self._agent.stream_stdin(self._container_id, self._stdin_chunks(), self._exec_id)
+            self._agent.close_stdin(self._container_id, self._exec_id)
         except AgentError:
             pass  # the process is gone or closed its stdin: nothing more to deliver
+
+    def _stdin_chunks(self) -> Iterator[bytes]:
+        """Our stdin, as it comes, until EOF."""
+        assert self._stdin is not None
+        while True:
+            try:
+                data = os.read(self._stdin, _STDIN_CHUNK)
+            except BlockingIOError:
+                select.select([self._stdin], [], [])
+                continue
+            except InterruptedError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                return
+            yield data
 
     def output_running(self) -> bool:
         return any(thread.is_alive() for thread in self._output_threads)

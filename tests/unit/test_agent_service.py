@@ -173,6 +173,16 @@ def test_stdin_closes_and_writes_then_fail(agent, tmp_path):
     os.close(out_w)
 
 
+def test_stdin_streamed_in_chunks_arrives_whole(agent, tmp_path):
+    process, in_r, out_w = _piped(Child(1 << 22, status=0))
+    _add(agent, process, tmp_path)
+    chunks = [b"one ", b"two ", b"three"]
+    agent.StreamStdin(iter(pb.WriteStdinRequest(container_id="c1", data=c) for c in chunks), FakeContext())
+    assert os.read(in_r, 100) == b"one two three"
+    os.close(in_r)
+    os.close(out_w)
+
+
 def test_read_output_maps_errors_to_status_codes(agent, tmp_path):
     with pytest.raises(Aborted) as aborted:
         list(agent.ReadOutput(pb.ReadOutputRequest(container_id="nope"), FakeContext()))

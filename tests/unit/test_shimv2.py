@@ -83,6 +83,10 @@ class FakeAgent:
     def write_stdin(self, container_id, data, exec_id=""):
         self.stdin += data
 
+    def stream_stdin(self, container_id, chunks, exec_id=""):
+        for data in chunks:
+            self.stdin += data
+
     def close_stdin(self, container_id, exec_id=""):
         self.stdin_closed.set()
 

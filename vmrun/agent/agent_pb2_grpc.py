@@ -84,6 +84,11 @@ class AgentStub:
                 request_serializer=vmrun_dot_agent_dot_agent__pb2.WriteStdinRequest.SerializeToString,
                 response_deserializer=vmrun_dot_agent_dot_agent__pb2.Empty.FromString,
                 _registered_method=True)
+        self.StreamStdin = channel.stream_unary(
+                '/vmrun.agent.v1.Agent/StreamStdin',
+                request_serializer=vmrun_dot_agent_dot_agent__pb2.WriteStdinRequest.SerializeToString,
+                response_deserializer=vmrun_dot_agent_dot_agent__pb2.Empty.FromString,
+                _registered_method=True)
         self.CloseStdin = channel.unary_unary(
                 '/vmrun.agent.v1.Agent/CloseStdin',
                 request_serializer=vmrun_dot_agent_dot_agent__pb2.ProcessRequest.SerializeToString,
@@ -238,6 +243,13 @@ class AgentServicer:
 
     def WriteStdin(self, request, context):
         """Standard streams and terminals.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamStdin(self, request_iterator, context):
+        """Stdin as a stream of chunks (each naming its process): no round trip per chunk.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -407,6 +419,11 @@ def add_AgentServicer_to_server(servicer, server):
             ),
             'WriteStdin': grpc.unary_unary_rpc_method_handler(
                     servicer.WriteStdin,
+                    request_deserializer=vmrun_dot_agent_dot_agent__pb2.WriteStdinRequest.FromString,
+                    response_serializer=vmrun_dot_agent_dot_agent__pb2.Empty.SerializeToString,
+            ),
+            'StreamStdin': grpc.stream_unary_rpc_method_handler(
+                    servicer.StreamStdin,
                     request_deserializer=vmrun_dot_agent_dot_agent__pb2.WriteStdinRequest.FromString,
                     response_serializer=vmrun_dot_agent_dot_agent__pb2.Empty.SerializeToString,
             ),
@@ -769,6 +786,33 @@ class Agent:
             request,
             target,
             '/vmrun.agent.v1.Agent/WriteStdin',
+            vmrun_dot_agent_dot_agent__pb2.WriteStdinRequest.SerializeToString,
+            vmrun_dot_agent_dot_agent__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamStdin(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/vmrun.agent.v1.Agent/StreamStdin',
             vmrun_dot_agent_dot_agent__pb2.WriteStdinRequest.SerializeToString,
             vmrun_dot_agent_dot_agent__pb2.Empty.FromString,
             options,

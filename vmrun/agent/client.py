@@ -121,6 +121,15 @@ class AgentClient:
         request = pb.WriteStdinRequest(container_id=container_id, exec_id=exec_id, data=data)
         self._call("WriteStdin", request, timeout=None)
 
+    def stream_stdin(self, container_id: str, chunks: Iterator[bytes], exec_id: str = "") -> None:
+        """Write every chunk to the process's stdin, pipelined (no round trip per chunk);
+        returns once all are written. No deadline: the process reads when it will."""
+        requests = (pb.WriteStdinRequest(container_id=container_id, exec_id=exec_id, data=data) for data in chunks)
+        try:
+            self._stub.StreamStdin(requests, timeout=None)
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+
     def close_stdin(self, container_id: str, exec_id: str = "") -> None:
         self._call("CloseStdin", pb.ProcessRequest(container_id=container_id, exec_id=exec_id))
 

@@ -545,6 +545,16 @@ class AgentService(agent_pb2_grpc.AgentServicer):
 
     @_rpc
     def WriteStdin(self, request: pb.WriteStdinRequest, context: grpc.ServicerContext) -> pb.Empty:
+        self._write_stdin(request)
+        return pb.Empty()
+
+    @_rpc
+    def StreamStdin(self, requests: Iterator[pb.WriteStdinRequest], context: grpc.ServicerContext) -> pb.Empty:
+        for request in requests:
+            self._write_stdin(request)
+        return pb.Empty()
+
+    def _write_stdin(self, request: pb.WriteStdinRequest) -> None:
         process = self._process(request.container_id, request.exec_id)
         stdin = process.stdin  # read once: CloseStdin may clear it meanwhile
         if stdin is None:
@@ -554,7 +564,6 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
-        return pb.Empty()
 
     @_rpc
     def CloseStdin(self, request: pb.ProcessRequest, context: grpc.ServicerContext) -> pb.Empty:

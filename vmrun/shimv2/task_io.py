@@ -23,6 +23,7 @@ import threading
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from vmrun.errors import AgentError, VmrunError
 from vmrun.stdio import StdioRelay
@@ -60,31 +61,27 @@ class _StdinPump:
             log.warning("stdin %s: %s", self._path, exc.strerror)
             return
         try:
-            while True:
-                ready, _, _ = select.select([fd, self._wake_r], [], [])
-                if fd in ready and not self._forward(fd):
-                    break  # EOF: every writer closed
-                if self._wake_r in ready:
-                    while self._forward(fd):  # what is in the FIFO already, then stop
-                        pass
-                    break
+            self._agent.stream_stdin(self._container_id, self._chunks(fd), self._exec_id)
             self._agent.close_stdin(self._container_id, self._exec_id)
         except AgentError:
             pass  # the process is gone, or closed its stdin: nothing more to deliver
         finally:
             os.close(fd)
 
-    def _forward(self, fd: int) -> bool:
-        """One read's worth into the guest; False at EOF or when nothing is there now."""
-        try:
-            data = os.read(fd, _STDIN_CHUNK)
-        except (BlockingIOError, InterruptedError):
-            return False
-        except OSError:
-            data = b""
-        if data:
-            self._agent.write_stdin(self._container_id, data, self._exec_id)
-        return bool(data)
+    def _chunks(self, fd: int) -> Iterator[bytes]:
+        """The FIFO's data as it comes, until EOF; once woken, only what is there already."""
+        while True:
+            ready, _, _ = select.select([fd, self._wake_r], [], [])
+            if fd in ready:
+                data = _read_now(fd)
+                if data == b"":
+                    return  # EOF: every writer closed
+                if data:
+                    yield data
+            if self._wake_r in ready:
+                while data := _read_now(fd):
+                    yield data
+                return
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -93,6 +90,16 @@ class _StdinPump:
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+def _read_now(fd: int) -> bytes | None:
+    """What the FIFO holds now (b"" at EOF, None when nothing is there yet)."""
+    try:
+        return os.read(fd, _STDIN_CHUNK)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
 
 
 class ProcessIO:
