@@ -137,7 +137,7 @@ def _clean_containerd_run(ctd: Containerd, namespaces_before: set[str]) -> list[
 
 
 @pytest.fixture(scope="session")
-def containerd(guest_image, vm_templates_dir):
+def containerd(request, guest_image, vm_templates_dir):
     _require_tools()
     # Short: unix socket paths (containerd's, vmrun's under run/vm/<hash>/) must fit 108 bytes.
     base = Path(tempfile.mkdtemp(prefix="vc", dir="/tmp"))
@@ -191,6 +191,15 @@ def containerd(guest_image, vm_templates_dir):
     if problems:
         with contextlib.suppress(OSError):
             shutil.copyfile(ctd.log, kept_log)
+    # After a failed test, the logs of the sandboxes that failed (its error names them under
+    # the private dir, which goes now): kept beside containerd's, with its log.
+    failed = ctd.run_dir / "failed"
+    if request.session.testsfailed and failed.is_dir() and any(failed.iterdir()):
+        kept_failed = Path(tempfile.gettempdir()) / f"vmrun-clients-{base.name}-failed"
+        with contextlib.suppress(OSError):
+            shutil.copytree(failed, kept_failed, dirs_exist_ok=True)
+            shutil.copyfile(ctd.log, kept_log)
+        print(f"\nfailed sandboxes' logs: {kept_failed}, containerd's log: {kept_log}", file=sys.stderr)
     if not mounts_under(base):
         shutil.rmtree(base, ignore_errors=True)
     assert not problems, (f"left behind after containerd stopped: {json.dumps(problems, indent=1)}\n"
