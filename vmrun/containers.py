@@ -390,12 +390,15 @@ class Containers:
         }
 
     def watch_oom(self, container_id: str) -> Iterator[None]:
-        """One item per OOM kill in the container, as it happens, until the guest goes."""
+        """One item per OOM kill in the container, as it happens, until the guest goes.
+        Only a rising count is news: a guest repeating itself prints nothing more."""
         state = self._running_state(container_id, "watch the events of")
+        told = 0
         with self._agent(state) as agent:
             try:
                 for event in agent.watch_oom():
-                    if event.container_id == container_id:
+                    if event.container_id == container_id and event.oom_kills > told:
+                        told = event.oom_kills
                         yield None
             except AgentError:
                 return

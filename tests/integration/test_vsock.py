@@ -40,8 +40,8 @@ def test_concurrent_connections_carry_megabytes_both_ways(vm_env):
                 exec_id = f"e{i}"
                 client.exec_process("c", exec_id, process)
                 payload = data[i:] + data[:i]  # distinct per connection
-                writer = threading.Thread(target=lambda: (client.write_stdin("c", payload[: SIZE // 2], exec_id),
-                                                          client.write_stdin("c", payload[SIZE // 2:], exec_id),
+                halves = [payload[: SIZE // 2], payload[SIZE // 2:]]
+                writer = threading.Thread(target=lambda: (client.stream_stdin("c", iter(halves), exec_id),
                                                           client.close_stdin("c", exec_id)))
                 writer.start()
                 out = b"".join(client.read_output("c", pb.STDOUT, exec_id))

@@ -163,11 +163,11 @@ def test_stdin_closes_and_writes_then_fail(agent, tmp_path):
     process, in_r, out_w = _piped(Child(1 << 22, status=0))
     _add(agent, process, tmp_path)
     context = FakeContext()
-    agent.WriteStdin(pb.WriteStdinRequest(container_id="c1", data=b"abc"), context)
+    agent.StreamStdin(iter([pb.WriteStdinRequest(container_id="c1", data=b"abc")]), context)
     agent.CloseStdin(pb.ProcessRequest(container_id="c1"), context)
     assert os.read(in_r, 10) == b"abc" and os.read(in_r, 10) == b""
     with pytest.raises(Aborted) as aborted:
-        agent.WriteStdin(pb.WriteStdinRequest(container_id="c1", data=b"more"), context)
+        agent.StreamStdin(iter([pb.WriteStdinRequest(container_id="c1", data=b"more")]), context)
     assert aborted.value.code == grpc.StatusCode.INVALID_ARGUMENT
     os.close(in_r)
     os.close(out_w)

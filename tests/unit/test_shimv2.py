@@ -80,9 +80,6 @@ class FakeAgent:
     def close_output(self, container_id, stream, exec_id=""):
         pass
 
-    def write_stdin(self, container_id, data, exec_id=""):
-        self.stdin += data
-
     def stream_stdin(self, container_id, chunks, exec_id=""):
         for data in chunks:
             self.stdin += data

@@ -79,11 +79,6 @@ class AgentStub:
                 request_serializer=vmrun_dot_agent_dot_agent__pb2.SignalProcessRequest.SerializeToString,
                 response_deserializer=vmrun_dot_agent_dot_agent__pb2.Empty.FromString,
                 _registered_method=True)
-        self.WriteStdin = channel.unary_unary(
-                '/vmrun.agent.v1.Agent/WriteStdin',
-                request_serializer=vmrun_dot_agent_dot_agent__pb2.WriteStdinRequest.SerializeToString,
-                response_deserializer=vmrun_dot_agent_dot_agent__pb2.Empty.FromString,
-                _registered_method=True)
         self.StreamStdin = channel.stream_unary(
                 '/vmrun.agent.v1.Agent/StreamStdin',
                 request_serializer=vmrun_dot_agent_dot_agent__pb2.WriteStdinRequest.SerializeToString,
@@ -241,15 +236,9 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def WriteStdin(self, request, context):
-        """Standard streams and terminals.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def StreamStdin(self, request_iterator, context):
-        """Stdin as a stream of chunks (each naming its process): no round trip per chunk.
+        """Standard streams and terminals.
+        Stdin as a stream of chunks (each naming its process): no round trip per chunk.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -415,11 +404,6 @@ def add_AgentServicer_to_server(servicer, server):
             'SignalProcess': grpc.unary_unary_rpc_method_handler(
                     servicer.SignalProcess,
                     request_deserializer=vmrun_dot_agent_dot_agent__pb2.SignalProcessRequest.FromString,
-                    response_serializer=vmrun_dot_agent_dot_agent__pb2.Empty.SerializeToString,
-            ),
-            'WriteStdin': grpc.unary_unary_rpc_method_handler(
-                    servicer.WriteStdin,
-                    request_deserializer=vmrun_dot_agent_dot_agent__pb2.WriteStdinRequest.FromString,
                     response_serializer=vmrun_dot_agent_dot_agent__pb2.Empty.SerializeToString,
             ),
             'StreamStdin': grpc.stream_unary_rpc_method_handler(
@@ -760,33 +744,6 @@ class Agent:
             target,
             '/vmrun.agent.v1.Agent/SignalProcess',
             vmrun_dot_agent_dot_agent__pb2.SignalProcessRequest.SerializeToString,
-            vmrun_dot_agent_dot_agent__pb2.Empty.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def WriteStdin(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/vmrun.agent.v1.Agent/WriteStdin',
-            vmrun_dot_agent_dot_agent__pb2.WriteStdinRequest.SerializeToString,
             vmrun_dot_agent_dot_agent__pb2.Empty.FromString,
             options,
             channel_credentials,

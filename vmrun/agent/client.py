@@ -116,11 +116,6 @@ class AgentClient:
         )
         self._call("SignalProcess", request)
 
-    def write_stdin(self, container_id: str, data: bytes, exec_id: str = "") -> None:
-        # No deadline: a process may take its time to read its stdin.
-        request = pb.WriteStdinRequest(container_id=container_id, exec_id=exec_id, data=data)
-        self._call("WriteStdin", request, timeout=None)
-
     def stream_stdin(self, container_id: str, chunks: Iterator[bytes], exec_id: str = "") -> None:
         """Write every chunk to the process's stdin, pipelined (no round trip per chunk);
         returns once all are written. No deadline: the process reads when it will."""

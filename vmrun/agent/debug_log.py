@@ -16,10 +16,6 @@ def enable(on: bool) -> None:
     _enabled = on
 
 
-def enabled() -> bool:
-    return _enabled
-
-
 def debug(message: str) -> None:
     if _enabled:
         print(f"vmrun-agent: debug: {time.monotonic():.3f} {message}", file=sys.stderr, flush=True)

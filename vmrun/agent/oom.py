@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -79,4 +80,4 @@ class OomWatch:
                                 pass  # a subscriber that does not read loses events, not memory
             for gone in set(self._counts) - set(cgroups):
                 del self._counts[gone]
-            threading.Event().wait(_POLL_INTERVAL)
+            time.sleep(_POLL_INTERVAL)

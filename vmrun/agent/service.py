@@ -57,7 +57,7 @@ class SharedFd:
 
     Closing only marks it closed; the fd itself is closed when its last user lets go, so
     its number cannot be reused (handing another process's output to a reader) while a
-    ReadOutput or WriteStdin still holds it. Readers poll `closed` and let go.
+    ReadOutput or StreamStdin still holds it. Readers poll `closed` and let go.
     """
 
     def __init__(self, fd: int, name: str):
@@ -542,11 +542,6 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         return pb.Empty()
 
     # ---- stdio ----
-
-    @_rpc
-    def WriteStdin(self, request: pb.WriteStdinRequest, context: grpc.ServicerContext) -> pb.Empty:
-        self._write_stdin(request)
-        return pb.Empty()
 
     @_rpc
     def StreamStdin(self, requests: Iterator[pb.WriteStdinRequest], context: grpc.ServicerContext) -> pb.Empty:
