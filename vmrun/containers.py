@@ -124,7 +124,7 @@ class Containers:
             def start_shim() -> StartingShim:
                 if state.shim_cgroup:
                     undo.callback(HostCgroup(state.shim_cgroup).remove)  # once the shim has gone
-                shim = StartingShim(state.agent_socket, container_id, console_socket=console_socket,
+                shim = StartingShim(state.vm_dir, container_id, console_socket=console_socket,
                                     netns=state.host_netns)
                 undo.callback(shim.close)
                 if state.shim_cgroup:
@@ -302,12 +302,12 @@ class Containers:
             if not detach:
                 from vmrun.stdio import relay_until_exit
 
-                return relay_until_exit(agent, container_id, exec_id, stdin=sys.stdin.fileno(),
+                return relay_until_exit(state.vsock_address(), container_id, exec_id, stdin=sys.stdin.fileno(),
                                         stdout=sys.stdout.fileno(), stderr=sys.stderr.fileno(), terminal=terminal,
                                         follow_caller_terminal=True)
         try:
             # Taken while the shim is our child, not yet reaped: its pid is still its own.
-            shim = ProcessRef.of(spawn_shim(state.agent_socket, container_id, exec_id, console_socket=console_socket,
+            shim = ProcessRef.of(spawn_shim(state.vm_dir, container_id, exec_id, console_socket=console_socket,
                                             netns=state.host_netns, cgroup=state.shim_cgroup))
         except BaseException:
             with contextlib.suppress(AgentError), self._agent(state) as agent:

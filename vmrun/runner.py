@@ -110,7 +110,7 @@ def _run_in_guest(config: Config, store: StateStore, bundle: Bundle, state: Cont
         run_hooks_logging_failures(hooks, "poststart", _hook_state(state))
         timings["container_started"] = time.monotonic() - t0
         try:
-            code = relay_until_exit(agent, container_id, stdin=sys.stdin.fileno(), stdout=sys.stdout.fileno(),
+            code = relay_until_exit(sandbox.vsock_address, container_id, stdin=sys.stdin.fileno(), stdout=sys.stdout.fileno(),
                                     stderr=sys.stderr.fileno(), terminal=bundle.terminal,
                                     follow_caller_terminal=True)
         except AgentError:

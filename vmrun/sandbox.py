@@ -34,6 +34,7 @@ from vmrun.hypervisor.resize import DEFAULT_MAX_MEMORY_MIB, DEFAULT_MAX_VCPUS, G
 from vmrun.hypervisor.templates import restore_state, template_vm_spec
 from vmrun.hypervisor.virtiofsd import VIRTIOFSD_SOCKET, Virtiofsd, find_virtiofsd
 from vmrun.hypervisor.vsock.base import VsockTransport
+from vmrun.hypervisor.vsock.dial import record_address
 from vmrun.hypervisor.vsock.transports import make_transport
 from vmrun.mounts import remove_tree_safely
 from vmrun.network.attachment import NetworkAttachment
@@ -179,6 +180,7 @@ class Sandbox:
         transport = self._transport = make_transport(self.dir, cid)
         self._stack.push(transport)
         transport.launch()
+        record_address(self.dir, transport.address)  # for the pod's shims (process streams)
         # Its own ready port, by its CID: with kernel vsock, host ports are shared by all guests.
         ready_listener = transport.listen(ready_port(cid))
         self._stack.callback(ready_listener.close)
@@ -274,6 +276,13 @@ class Sandbox:
         self._stack.callback(keepalive.close)
         self._mark("sandbox_created")
         self._write_record(self.vm.spec.memory_mib)
+
+    @property
+    def vsock_address(self) -> str:
+        """How host processes reach the guest's ports (vmrun/hypervisor/vsock/dial.py)."""
+        if self._transport is None:
+            raise HypervisorError("the sandbox is not running")
+        return self._transport.address
 
     def _write_record(self, memory_mib: int) -> None:
         """Record the id (the directory's name is a hash of it), the boot timings and the

@@ -23,7 +23,8 @@ from vmrun.config import load_config
 from vmrun.errors import VmrunError
 from vmrun.host_cgroup import HostCgroup, joined
 from vmrun.mounts import remove_tree_safely
-from vmrun.proc import HelperProcess, ReadyPipe
+from vmrun.proc import HelperProcess
+from vmrun.ready_pipe import ReadyPipe
 from vmrun.process_ref import ProcessRef, wait_until_gone
 from vmrun.capped_log import LOG_LIMIT
 from vmrun.hypervisor.virtiofsd import VIRTIOFSD_SOCKET, pid_file_for

@@ -4,13 +4,14 @@ Callers (containerd's shim, conmon) take the pid in --pid-file as the container'
 reap it as their child, signal it, and read its exit status. So the shim relays the
 caller's stdio (or a host pty whose master went to --console-socket) to the guest
 process, forwards every signal it gets, turns terminal resizes into ResizeTty, and exits
-with the guest process's status. If the shim is killed, the agent sees its output stream
-vanish and kills the guest process too.
+with the guest process's status. It talks to the guest over the process's stream
+(vmrun/common/process_stream.py), dialled straight through the pod's vsock transport,
+and loads nothing but the standard library: one runs per container and exec. If the shim
+is killed, the agent sees the stream vanish and kills the guest process too.
 """
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import os
 import signal
@@ -19,10 +20,13 @@ import struct
 import sys
 import termios
 import tty
+from typing import NamedTuple
 
 from vmrun.errors import AgentError, VmrunError
-from vmrun.host_cgroup import HostCgroup
-from vmrun.proc import HelperProcess, ReadyPipe
+from vmrun.ready_pipe import ReadyPipe
+from vmrun.signals import forward_signals, wait_in_thread
+
+# The shim process imports this module: what only its starters need is imported in place.
 
 _READY_TIMEOUT = 30.0
 _GO = b"GO"
@@ -31,16 +35,18 @@ LOST_STATUS = 128 + signal.SIGKILL
 
 
 class StartingShim:
-    """A shim started ahead of its guest process: Python and gRPC load (~150 ms) while the
-    guest process is made. `go()` once it exists lets the shim attach, and returns its pid;
-    `close()` before that sends it away."""
+    """A shim started ahead of its guest process: Python loads while the guest process is
+    made. `go()` once it exists lets the shim attach, and returns its pid; `close()` before
+    that sends it away."""
 
-    def __init__(self, agent_socket: str, container_id: str, exec_id: str = "", *, console_socket: str = "",
+    def __init__(self, sandbox_dir: str, container_id: str, exec_id: str = "", *, console_socket: str = "",
                  netns: str = ""):
+        from vmrun.proc import HelperProcess, stdlib_module_command
+
         self._ready = ReadyPipe()
         go_read, self._go_fd = os.pipe()
-        argv = [sys.executable, "-m", "vmrun.shim", "--agent-socket", agent_socket, "--container", container_id,
-                "--ready-fd", str(self._ready.write_fd), "--go-fd", str(go_read)]
+        argv, env = stdlib_module_command("vmrun.shim", "--sandbox-dir", sandbox_dir, "--container", container_id,
+                                          "--ready-fd", str(self._ready.write_fd), "--go-fd", str(go_read))
         if exec_id:
             argv += ["--exec-id", exec_id]
         if console_socket:
@@ -52,7 +58,7 @@ class StartingShim:
         # With a terminal, the process's stdio is the pty; our own stdout is the caller's
         # pipe for *our* output, which it reads to EOF before it takes the call as done:
         # the shim must not hold it. Without one, the shim relays the stdio it inherits.
-        self._process = HelperProcess("shim", argv, pass_fds=(self._ready.write_fd, go_read),
+        self._process = HelperProcess("shim", argv, env=env, pass_fds=(self._ready.write_fd, go_read),
                                       die_with_parent=False, inherit_stdio=not console_socket)
         try:
             self._process.start()
@@ -90,10 +96,12 @@ class StartingShim:
         self._process.stop()
 
 
-def spawn_shim(agent_socket: str, container_id: str, exec_id: str = "", *, console_socket: str = "",
+def spawn_shim(sandbox_dir: str, container_id: str, exec_id: str = "", *, console_socket: str = "",
                netns: str = "", cgroup: str = "") -> int:
     """Start a shim for a guest process that exists (in `cgroup`, if any); its pid once it relays."""
-    shim = StartingShim(agent_socket, container_id, exec_id, console_socket=console_socket, netns=netns)
+    from vmrun.host_cgroup import HostCgroup
+
+    shim = StartingShim(sandbox_dir, container_id, exec_id, console_socket=console_socket, netns=netns)
     try:
         if cgroup:
             HostCgroup(cgroup).join([shim.pid])
@@ -123,27 +131,44 @@ def _window_size(fd: int) -> tuple[int, int]:
     return rows, columns
 
 
+class _ShimArgs(NamedTuple):
+    """What StartingShim passes (argparse alone would cost each shim ~1 MiB)."""
+
+    sandbox_dir: str  # its guest may still boot: the transport's address is read after GO
+    container: str
+    ready_fd: int
+    go_fd: int
+    exec_id: str = ""
+    console_socket: str = ""
+
+    @classmethod
+    def parse(cls, argv: list[str]) -> "_ShimArgs":
+        given = {flag.removeprefix("--").replace("-", "_"): value for flag, value in zip(argv[::2], argv[1::2])}
+        unknown = set(given) - set(cls._fields)
+        if len(argv) % 2 or unknown:
+            raise SystemExit(f"vmrun-shim: bad arguments {argv}")
+        try:
+            return cls(**{**given, "ready_fd": int(given["ready_fd"]), "go_fd": int(given["go_fd"])})
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SystemExit(f"vmrun-shim: bad or missing argument {exc}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
-    # Only the shim process needs gRPC (~70 ms to import); the CLI imports this module
-    # for spawn_shim alone.
-    from vmrun.agent.client import AgentClient
-    from vmrun.stdio import relay_until_exit
+    from vmrun.hypervisor.vsock.dial import recorded_address
+    from vmrun.stdio import open_process_stream
 
-    parser = argparse.ArgumentParser(prog="vmrun-shim")
-    parser.add_argument("--agent-socket", required=True)
-    parser.add_argument("--container", required=True)
-    parser.add_argument("--exec-id", default="")
-    parser.add_argument("--console-socket", default="")
-    parser.add_argument("--ready-fd", type=int, required=True)
-    parser.add_argument("--go-fd", type=int, required=True)
-    args = parser.parse_args(argv)
+    args = _ShimArgs.parse(sys.argv[1:] if argv is None else argv)
 
-    agent = AgentClient(args.agent_socket)
     # Started ahead: wait until the guest process exists (end of file: it never will).
     if os.read(args.go_fd, len(_GO)) != _GO:
         os._exit(0)
     os.close(args.go_fd)
     terminal = bool(args.console_socket)
+    try:
+        stream = open_process_stream(recorded_address(args.sandbox_dir), args.container, args.exec_id)
+    except VmrunError as exc:
+        ReadyPipe.report(args.ready_fd, f"shim: {exc}")
+        os._exit(1)
     try:
         if terminal:
             tty_fd = _send_console(args.console_socket)
@@ -152,25 +177,24 @@ def main(argv: list[str] | None = None) -> None:
             def resize(*_: object) -> None:
                 rows, columns = _window_size(tty_fd)
                 if rows and columns:
-                    try:
-                        agent.resize_tty(args.container, rows, columns, args.exec_id)
-                    except AgentError:
-                        pass
+                    stream.resize(rows, columns)
 
             signal.signal(signal.SIGWINCH, resize)
             resize()
         else:
             stdin, stdout, stderr = 0, 1, 2
-    except (OSError, AgentError) as exc:
+    except OSError as exc:
         ReadyPipe.report(args.ready_fd, f"shim: cannot set up the terminal: {exc}")
         os._exit(1)
 
+    ReadyPipe.report(args.ready_fd)
     try:
-        code = relay_until_exit(agent, args.container, args.exec_id, stdin=stdin, stdout=stdout, stderr=stderr,
-                                terminal=terminal, attached=lambda: ReadyPipe.report(args.ready_fd))
+        with forward_signals(stream.signal):
+            code = wait_in_thread(lambda: stream.relay(stdin=stdin, stdout=stdout, stderr=stderr,
+                                                       terminal=terminal))
     except AgentError:
         code = LOST_STATUS
-    # Exit at once: grpc's threads must not hold up the status the caller waits for.
+    # At once: no thread of ours may hold up the status the caller waits for.
     os._exit(code)
 
 

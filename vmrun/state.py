@@ -94,6 +94,12 @@ class ContainerState:
     def agent_socket(self) -> str:
         return f"{self.vm_dir}/agent.sock"
 
+    def vsock_address(self) -> str:
+        """How to reach the pod's guest ports (vmrun/hypervisor/vsock/dial.py)."""
+        from vmrun.hypervisor.vsock.dial import recorded_address
+
+        return recorded_address(self.vm_dir)
+
     def runc_json(self) -> dict:
         """The document `runc state` prints."""
         return {

@@ -1,4 +1,6 @@
-"""Relays a guest process's stdio to host file descriptors."""
+"""Relays a guest process's stdio, signals and terminal size between host file
+descriptors and the guest, over the process's stream (vmrun/common/process_stream.py),
+until it exits."""
 
 from __future__ import annotations
 
@@ -8,21 +10,24 @@ import logging
 import os
 import select
 import signal
+import socket
 import struct
 import termios
 import threading
 import tty
 from typing import Callable, Iterator
 
-from vmrun.agent import agent_pb2 as pb
-from vmrun.agent.client import AgentClient
+from vmrun.common.process_stream import (MAX_FRAME, STDIN_WINDOW, FrameSocket, Kind, Output, StreamError,
+                                         attach_payload, pack_size, pack_u32, unpack_exit, unpack_output,
+                                         unpack_u32)
 from vmrun.errors import AgentError
 from vmrun.signals import forward_signals, wait_in_thread
 
-_STDIN_CHUNK = 256 * 1024
 log = logging.getLogger("vmrun.stdio")
+_ATTACH_TIMEOUT = 30.0
 
-def _write_all(fd: int, data: bytes) -> bool:
+
+def write_all(fd: int, data: bytes | memoryview) -> bool:
     """Write everything; False once the reader is gone (then the rest is drained)."""
     view = memoryview(data)
     while view:
@@ -36,76 +41,6 @@ def _write_all(fd: int, data: bytes) -> bool:
             return False
     return True
 
-
-class StdioRelay:
-    """Pumps stdout/stderr from the guest to host fds, and host stdin into the guest."""
-
-    def __init__(self, agent: AgentClient, container_id: str, exec_id: str = "", *,
-                 stdin: int | None, stdout: int, stderr: int, terminal: bool):
-        self._agent = agent
-        self._container_id = container_id
-        self._exec_id = exec_id
-        self._stdin = stdin
-        self._outputs = [(pb.STDOUT, stdout)] + ([] if terminal else [(pb.STDERR, stderr)])
-        self._output_threads: list[threading.Thread] = []
-        self.error: AgentError | None = None
-
-    def start(self) -> "StdioRelay":
-        for stream, fd in self._outputs:
-            thread = threading.Thread(target=self._pump_output, args=(stream, fd), daemon=True)
-            thread.start()
-            self._output_threads.append(thread)
-        if self._stdin is not None:
-            # A daemon: a terminal's stdin may never reach EOF, and must not hold us up.
-            threading.Thread(target=self._pump_stdin, daemon=True).start()
-        return self
-
-    def _pump_output(self, stream: int, fd: int) -> None:
-        writable = True
-        try:
-            for data in self._agent.read_output(self._container_id, stream, self._exec_id):
-                if writable and not _write_all(fd, data):
-                    # Our reader is gone (`| head -1`): so is the process's, as with runc,
-                    # where its next write gets SIGPIPE. What is in flight is drained.
-                    writable = False
-                    self._agent.close_output(self._container_id, stream, self._exec_id)
-        except AgentError as exc:
-            self.error = exc
-
-    def _pump_stdin(self) -> None:
-        assert self._stdin is not None
-        try:
-            self._agent.stream_stdin(self._container_id, self._stdin_chunks(), self._exec_id)
-            self._agent.close_stdin(self._container_id, self._exec_id)
-        except AgentError:
-            pass  # the process is gone or closed its stdin: nothing more to deliver
-
-    def _stdin_chunks(self) -> Iterator[bytes]:
-        """Our stdin, as it comes, until EOF."""
-        assert self._stdin is not None
-        while True:
-            try:
-                data = os.read(self._stdin, _STDIN_CHUNK)
-            except BlockingIOError:
-                select.select([self._stdin], [], [])
-                continue
-            except InterruptedError:
-                continue
-            except OSError:
-                data = b""
-            if not data:
-                return
-            yield data
-
-    def output_running(self) -> bool:
-        return any(thread.is_alive() for thread in self._output_threads)
-
-    def wait_output(self) -> None:
-        """Wait until every output stream has reached EOF; AgentError if one broke off."""
-        for thread in self._output_threads:
-            thread.join()
-        if self.error is not None:
-            raise self.error
 
 
 def window_size(fd: int) -> tuple[int, int]:
@@ -129,8 +64,136 @@ def console_size(fd: int | None) -> dict | None:
     return {"height": rows, "width": columns} if rows and columns else None
 
 
+class ProcessStream:
+    """The host's end of one guest process's stream: attach, then relay until it exits."""
+
+    def __init__(self, conn: socket.socket, container_id: str, exec_id: str = ""):
+        self._frames = FrameSocket(conn)
+        self._container_id = container_id
+        self._exec_id = exec_id
+        self._credit = STDIN_WINDOW
+        self._credit_changed = threading.Condition()
+        self._ended = False
+
+    def attach(self) -> None:
+        """Hold the process's outputs: from now on nothing it writes is lost."""
+        self._frames.sock.settimeout(_ATTACH_TIMEOUT)
+        try:
+            self._frames.send(Kind.ATTACH, attach_payload(self._container_id, self._exec_id))
+            frame = self._frames.receive()
+        except (OSError, StreamError) as exc:
+            raise AgentError(f"agent: cannot attach to the process: {exc}") from None
+        self._frames.sock.settimeout(None)
+        if frame is None:
+            raise AgentError("agent: the guest closed the process stream")
+        kind, payload = frame
+        if kind == Kind.REFUSED:
+            raise AgentError(f"agent: {bytes(payload[:512]).decode(errors='replace')}")
+        if kind != Kind.ATTACHED:
+            raise AgentError(f"agent: {kind.name} instead of ATTACHED")
+
+    def signal(self, signum: int) -> None:
+        self._send(Kind.SIGNAL, pack_u32(signum))
+
+    def resize(self, rows: int, columns: int) -> None:
+        self._send(Kind.RESIZE, pack_size(rows, columns))
+
+    def _send(self, kind: Kind, payload: bytes = b"") -> None:
+        try:
+            self._frames.send(kind, payload)
+        except OSError as exc:
+            log.debug("process stream: cannot send %s: %s", kind.name, exc)
+
+    def relay(self, *, stdin: int | None, stdout: int, stderr: int, terminal: bool) -> int:
+        """Relay until the process exited and its outputs ended; its exit status.
+        AgentError if the stream ends before (the guest or its agent went)."""
+        if stdin is not None:
+            # A daemon: a terminal's stdin may never reach EOF, and must not hold us up.
+            threading.Thread(target=self._pump_stdin, args=(stdin,), name="stdin", daemon=True).start()
+        outputs = {Output.STDOUT: stdout, Output.STDERR: stderr}
+        writable = {Output.STDOUT: True, Output.STDERR: True}
+        open_outputs = {Output.STDOUT} | (set() if terminal else {Output.STDERR})
+        code: int | None = None
+        try:
+            while (frame := self._frames.receive()) is not None:
+                kind, payload = frame
+                if kind in (Kind.STDOUT, Kind.STDERR):
+                    output = Output.STDOUT if kind == Kind.STDOUT else Output.STDERR
+                    if writable[output] and not write_all(outputs[output], payload):
+                        # Our reader is gone (`| head -1`): so is the process's, as with
+                        # runc, where its next write gets SIGPIPE. What is in flight is dropped.
+                        writable[output] = False
+                        self._send(Kind.CLOSE_OUTPUT, bytes([output]))
+                elif kind == Kind.STDIN_CREDIT:
+                    with self._credit_changed:
+                        self._credit = min(self._credit + unpack_u32(payload), STDIN_WINDOW)
+                        self._credit_changed.notify_all()
+                elif kind == Kind.OUTPUT_END:
+                    open_outputs.discard(unpack_output(payload))
+                elif kind == Kind.EXIT:
+                    code = unpack_exit(payload)
+                else:
+                    raise StreamError(f"{kind.name} is not the guest's to send")
+        except (OSError, StreamError) as exc:
+            raise AgentError(f"agent: the process stream broke: {exc}") from None
+        finally:
+            with self._credit_changed:
+                self._ended = True
+                self._credit_changed.notify_all()
+            self._frames.close()
+        if code is None or open_outputs:
+            raise AgentError("agent: the process stream ended before the process did")
+        return code
+
+    def _pump_stdin(self, fd: int) -> None:
+        """Our stdin into the guest, within the credit it grants, until EOF."""
+        while True:
+            with self._credit_changed:
+                self._credit_changed.wait_for(lambda: self._credit > 0 or self._ended)
+                if self._ended:
+                    return
+                allowed = min(self._credit, MAX_FRAME)
+            data = _read_some(fd, allowed)
+            if not data:
+                self._send(Kind.STDIN_EOF)
+                return
+            with self._credit_changed:
+                self._credit -= len(data)
+            try:
+                self._frames.send(Kind.STDIN, data)
+            except OSError:
+                return  # the stream ended: the process is gone
+
+
+def _read_some(fd: int, limit: int) -> bytes:
+    """Up to `limit` bytes of `fd` as they come; b"" at EOF (or when it cannot be read)."""
+    while True:
+        try:
+            return os.read(fd, limit)
+        except BlockingIOError:
+            select.select([fd], [], [])
+        except InterruptedError:
+            continue
+        except OSError:
+            return b""
+
+
+def open_process_stream(address: str, container_id: str, exec_id: str = "") -> ProcessStream:
+    """Attach to a guest process through the pod's vsock transport at `address`."""
+    from vmrun.common.process_stream import PROCESS_STREAM_PORT
+    from vmrun.hypervisor.vsock.dial import dial
+
+    stream = ProcessStream(dial(address, PROCESS_STREAM_PORT), container_id, exec_id)
+    try:
+        stream.attach()
+    except BaseException:
+        stream._frames.close()
+        raise
+    return stream
+
+
 @contextlib.contextmanager
-def caller_terminal(agent: AgentClient, container_id: str, exec_id: str = "") -> Iterator[None]:
+def caller_terminal(resize_to: Callable[[int, int], None]) -> Iterator[None]:
     """The caller's terminal, for a guest process on a pty: raw (keys reach the guest's
     line discipline unchanged), its size followed on every SIGWINCH, restored on exit."""
     fd = caller_terminal_fd()
@@ -141,10 +204,7 @@ def caller_terminal(agent: AgentClient, container_id: str, exec_id: str = "") ->
     def resize(*_: object) -> None:
         rows, columns = window_size(fd)
         if rows and columns:
-            try:
-                agent.resize_tty(container_id, rows, columns, exec_id)
-            except AgentError:
-                pass  # the process is gone: nothing left to size
+            resize_to(rows, columns)
 
     saved = termios.tcgetattr(fd) if fd == 0 else None
     previous = signal.signal(signal.SIGWINCH, resize)
@@ -159,34 +219,19 @@ def caller_terminal(agent: AgentClient, container_id: str, exec_id: str = "") ->
             termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
-def relay_until_exit(agent: AgentClient, container_id: str, exec_id: str = "", *, stdin: int | None,
+def relay_until_exit(address: str, container_id: str, exec_id: str = "", *, stdin: int | None,
                      stdout: int, stderr: int, terminal: bool,
-                     attached: Callable[[], None] = lambda: None, follow_caller_terminal: bool = False) -> int:
+                     attached: Callable[[ProcessStream], None] = lambda _stream: None,
+                     follow_caller_terminal: bool = False) -> int:
     """Relay stdio and forward signals until the guest process exits; its exit status.
 
-    `attached` runs once the output streams are attached (e.g. to start the container),
+    `attached` runs once the process's outputs are held (e.g. to start the container),
     so no output can be missed. With `follow_caller_terminal` (a foreground `run` or
     `exec -t`), the caller's terminal is made raw and its size followed meanwhile.
     """
-    with caller_terminal(agent, container_id, exec_id) if terminal and follow_caller_terminal \
-            else contextlib.nullcontext():
-        return _relay(agent, container_id, exec_id, stdin=stdin, stdout=stdout, stderr=stderr, terminal=terminal,
-                      attached=attached)
-
-
-def _relay(agent: AgentClient, container_id: str, exec_id: str, *, stdin: int | None, stdout: int, stderr: int,
-           terminal: bool, attached: Callable[[], None]) -> int:
-    relay = StdioRelay(agent, container_id, exec_id, stdin=stdin, stdout=stdout, stderr=stderr,
-                       terminal=terminal).start()
-
-    def deliver(signum: int) -> None:
-        try:
-            agent.signal_process(container_id, signum, exec_id)
-        except AgentError as exc:
-            log.warning("could not forward signal %d: %s", signum, exc)
-
-    with forward_signals(deliver):
-        attached()
-        code = wait_in_thread(lambda: agent.wait_process(container_id, exec_id))
-    relay.wait_output()
-    return code
+    stream = open_process_stream(address, container_id, exec_id)
+    with caller_terminal(stream.resize) if terminal and follow_caller_terminal else contextlib.nullcontext():
+        with forward_signals(stream.signal):
+            attached(stream)
+            return wait_in_thread(lambda: stream.relay(stdin=stdin, stdout=stdout, stderr=stderr,
+                                                       terminal=terminal))

@@ -158,7 +158,9 @@ def main() -> None:
     import grpc
 
     from vmrun.agent import agent_pb2_grpc
+    from vmrun.agent.process_streams import ProcessStreamServer
     from vmrun.agent.service import AgentService
+    from vmrun.common.process_stream import PROCESS_STREAM_PORT
 
     os.makedirs(os.path.dirname(AGENT_UNIX_SOCKET), exist_ok=True)
     if os.path.exists(AGENT_UNIX_SOCKET):
@@ -169,11 +171,14 @@ def main() -> None:
     except OSError as exc:
         _log(f"no spare network namespace, crun will make each: {exc}")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=64))
-    agent_pb2_grpc.add_AgentServicer_to_server(AgentService(reaper, spare_netns), server)
+    service = AgentService(reaper, spare_netns)
+    agent_pb2_grpc.add_AgentServicer_to_server(service, server)
     server.add_insecure_port(f"unix:{AGENT_UNIX_SOCKET}")
     server.start()
     bridge = SocketBridge(_vsock_listener(agent_port), _dial_agent, "vsock-agent").start()
     DnsRelayGuest(_vsock_listener(RELAY_PORT), _log).start()  # idle until the host asks for it
+    # Each guest process's stdio, signals and exit, for the host process standing for it.
+    ProcessStreamServer(_vsock_listener(PROCESS_STREAM_PORT), service, _log).start()
     if template:
         _serve_first_calls(calls=8)
         if warm_up is not None:

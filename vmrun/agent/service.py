@@ -123,6 +123,47 @@ class GuestProcess:
             stream.close()
         self.stdin = self.stdout = self.stderr = None
 
+    def write_stdin(self, data: bytes | memoryview) -> None:
+        stdin = self.stdin  # read once: close_stdin may clear it meanwhile
+        if stdin is None:
+            raise InvalidArgument("stdin is closed")
+        with stdin.use() as fd:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+
+    def close_stdin(self) -> None:
+        stdin = self.stdin
+        if stdin is None:
+            return
+        if self.terminal:
+            # A pty has no half-close: send the EOF character instead.
+            with stdin.use() as fd:
+                os.write(fd, b"\x04")
+        else:
+            self.stdin = None
+            stdin.close()
+
+    def close_output(self, stdout: bool) -> None:
+        """Its host reader went away: the process's next write gets SIGPIPE, as with runc."""
+        if self.terminal:
+            return  # the pty is its stdin too: it stays until the process ends
+        stream = self.stdout if stdout else self.stderr
+        if stream is not None:
+            # Its reader lets go within a wake slice; then the pipe has no reader left.
+            stream.close()
+
+    def resize(self, rows: int, columns: int) -> None:
+        import fcntl
+        import struct
+        import termios
+
+        pty = self.stdout
+        if not self.terminal or pty is None:
+            raise InvalidArgument("the process has no terminal")
+        with pty.use() as fd:
+            fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+
 
 @dataclass
 class Container:
@@ -342,6 +383,19 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             raise NotFound(f"container {container_id!r} does not exist")
         return container
 
+    def process(self, container_id: str, exec_id: str) -> GuestProcess:
+        """A container's init (no exec id) or one of its execs; NotFound if none."""
+        return self._process(container_id, exec_id)
+
+    def exit_code(self, process: GuestProcess, timeout: float) -> int | None:
+        """The runc-style exit status of `process` once it exited (None: still running)."""
+        status = self._reaper.wait(process.child, timeout)
+        return None if status is None else exit_status(status)[0]
+
+    def kill(self, process: GuestProcess, signum: int) -> None:
+        # Once exited, its pid may be another process's: nothing is sent then.
+        self._reaper.kill(process.child, signum)
+
     def _process(self, container_id: str, exec_id: str) -> GuestProcess:
         container = self._container(container_id)
         if not exec_id:
@@ -550,29 +604,11 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         return pb.Empty()
 
     def _write_stdin(self, request: pb.WriteStdinRequest) -> None:
-        process = self._process(request.container_id, request.exec_id)
-        stdin = process.stdin  # read once: CloseStdin may clear it meanwhile
-        if stdin is None:
-            raise InvalidArgument("stdin is closed")
-        with stdin.use() as fd:
-            view = memoryview(request.data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+        self._process(request.container_id, request.exec_id).write_stdin(request.data)
 
     @_rpc
     def CloseStdin(self, request: pb.ProcessRequest, context: grpc.ServicerContext) -> pb.Empty:
-        process = self._process(request.container_id, request.exec_id)
-        stdin = process.stdin
-        if stdin is None:
-            return pb.Empty()
-        if process.terminal:
-            # A pty has no half-close: send the EOF character instead.
-            with stdin.use() as fd:
-                os.write(fd, b"\x04")
-        else:
-            process.stdin = None
-            stdin.close()
+        self._process(request.container_id, request.exec_id).close_stdin()
         return pb.Empty()
 
     @_rpc_stream
@@ -596,13 +632,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
 
     @_rpc
     def CloseOutput(self, request: pb.ReadOutputRequest, context: grpc.ServicerContext) -> pb.Empty:
-        process = self._process(request.container_id, request.exec_id)
-        if process.terminal:
-            return pb.Empty()  # the pty is its stdin too: it stays until the process ends
-        stream = process.stdout if request.stream == pb.STDOUT else process.stderr
-        if stream is not None:
-            # Its reader lets go within a wake slice; then the pipe has no reader left.
-            stream.close()
+        self._process(request.container_id, request.exec_id).close_output(stdout=request.stream == pb.STDOUT)
         return pb.Empty()
 
     def _kill_orphaned(self, process: GuestProcess) -> None:
@@ -610,16 +640,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
 
     @_rpc
     def ResizeTty(self, request: pb.ResizeTtyRequest, context: grpc.ServicerContext) -> pb.Empty:
-        import fcntl
-        import struct
-        import termios
-
-        process = self._process(request.container_id, request.exec_id)
-        pty = process.stdout
-        if not process.terminal or pty is None:
-            raise InvalidArgument("the process has no terminal")
-        with pty.use() as fd:
-            fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", request.rows, request.columns, 0, 0))
+        self._process(request.container_id, request.exec_id).resize(request.rows, request.columns)
         return pb.Empty()
 
     # ---- inspection and control ----

@@ -26,12 +26,86 @@ from pathlib import Path
 from typing import Iterator
 
 from vmrun.errors import AgentError, VmrunError
-from vmrun.stdio import StdioRelay
+from vmrun.agent import agent_pb2 as pb
+from vmrun.agent.client import AgentClient
+from vmrun.stdio import write_all
 
 log = logging.getLogger("vmrun.shimv2.io")
 
 _STDIN_CHUNK = 256 * 1024
 _BINARY_READY_TIMEOUT = 10.0
+
+
+class StdioRelay:
+    """Pumps stdout/stderr from the guest to host fds, and host stdin into the guest."""
+
+    def __init__(self, agent: AgentClient, container_id: str, exec_id: str = "", *,
+                 stdin: int | None, stdout: int, stderr: int, terminal: bool):
+        self._agent = agent
+        self._container_id = container_id
+        self._exec_id = exec_id
+        self._stdin = stdin
+        self._outputs = [(pb.STDOUT, stdout)] + ([] if terminal else [(pb.STDERR, stderr)])
+        self._output_threads: list[threading.Thread] = []
+        self.error: AgentError | None = None
+
+    def start(self) -> "StdioRelay":
+        for stream, fd in self._outputs:
+            thread = threading.Thread(target=self._pump_output, args=(stream, fd), daemon=True)
+            thread.start()
+            self._output_threads.append(thread)
+        if self._stdin is not None:
+            # A daemon: a terminal's stdin may never reach EOF, and must not hold us up.
+            threading.Thread(target=self._pump_stdin, daemon=True).start()
+        return self
+
+    def _pump_output(self, stream: int, fd: int) -> None:
+        writable = True
+        try:
+            for data in self._agent.read_output(self._container_id, stream, self._exec_id):
+                if writable and not write_all(fd, data):
+                    # Our reader is gone (`| head -1`): so is the process's, as with runc,
+                    # where its next write gets SIGPIPE. What is in flight is drained.
+                    writable = False
+                    self._agent.close_output(self._container_id, stream, self._exec_id)
+        except AgentError as exc:
+            self.error = exc
+
+    def _pump_stdin(self) -> None:
+        assert self._stdin is not None
+        try:
+            self._agent.stream_stdin(self._container_id, self._stdin_chunks(), self._exec_id)
+            self._agent.close_stdin(self._container_id, self._exec_id)
+        except AgentError:
+            pass  # the process is gone or closed its stdin: nothing more to deliver
+
+    def _stdin_chunks(self) -> Iterator[bytes]:
+        """Our stdin, as it comes, until EOF."""
+        assert self._stdin is not None
+        while True:
+            try:
+                data = os.read(self._stdin, _STDIN_CHUNK)
+            except BlockingIOError:
+                select.select([self._stdin], [], [])
+                continue
+            except InterruptedError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                return
+            yield data
+
+    def output_running(self) -> bool:
+        return any(thread.is_alive() for thread in self._output_threads)
+
+    def wait_output(self) -> None:
+        """Wait until every output stream has reached EOF; AgentError if one broke off."""
+        for thread in self._output_threads:
+            thread.join()
+        if self.error is not None:
+            raise self.error
+
 
 
 @dataclass(frozen=True)

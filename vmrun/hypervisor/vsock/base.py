@@ -43,9 +43,16 @@ class VsockTransport(ABC):
         """QEMU command-line arguments that add the vsock device."""
         return self.device().command_line()
 
+    @property
     @abstractmethod
+    def address(self) -> str:
+        """How any host process reaches the guest's ports (vsock/dial.py)."""
+
     def connect(self, port: int, timeout: float = 5.0) -> socket.socket:
         """A connected stream socket to `port` in the guest (host-initiated)."""
+        from vmrun.hypervisor.vsock.dial import dial
+
+        return dial(self.address, port, timeout)
 
     @abstractmethod
     def listen(self, port: int) -> socket.socket:

@@ -14,7 +14,6 @@ import hashlib
 import os
 import socket
 import stat
-import time
 from pathlib import Path
 
 from vmrun.capped_log import LOG_LIMIT
@@ -22,9 +21,9 @@ from vmrun.errors import CommandError, VsockError
 from vmrun.hypervisor.devices import QemuDevice
 from vmrun.hypervisor.vsock.base import VsockTransport
 from vmrun.log import debugging
-from vmrun.proc import HelperProcess, ReadyPipe, stdlib_module_command
+from vmrun.proc import HelperProcess, stdlib_module_command
+from vmrun.ready_pipe import ReadyPipe
 
-_OK_LINE_MAX = 64
 
 
 START_TIMEOUT = 5.0
@@ -150,46 +149,9 @@ class HybridVsock(VsockTransport):
     def device(self) -> QemuDevice:
         return QemuDevice("vhost-user-vsock-pci", self.device_id, backend_socket=self.socket_path)
 
-    def connect(self, port: int, timeout: float = 5.0) -> socket.socket:
-        deadline = time.monotonic() + timeout
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(timeout)
-            try:
-                sock.connect(str(self.uds_path))
-            except OSError as exc:
-                raise VsockError(
-                    f"vsock: cannot reach the backend at {self.uds_path}: "
-                    f"{exc.strerror or exc}") from exc
-            sock.sendall(f"CONNECT {port}\n".encode())
-            line = b""
-            while not line.endswith(b"\n"):
-                sock.settimeout(max(deadline - time.monotonic(), 0.001))
-                # One byte at a time: whatever follows the line is the guest's data.
-                byte = sock.recv(1)
-                if not byte:
-                    raise VsockError(
-                        f"vsock: guest refused the connection to port {port} "
-                        f"(nothing listening, or the guest is not up)")
-                line += byte
-                if len(line) > _OK_LINE_MAX:
-                    raise VsockError(f"vsock: bad handshake reply {line[:_OK_LINE_MAX]!r}")
-            if not line.startswith(b"OK "):
-                raise VsockError(f"vsock: bad handshake reply {line.strip()!r}")
-            sock.settimeout(None)
-            return sock
-        except TimeoutError as exc:
-            sock.close()
-            raise VsockError(
-                f"vsock: connecting to guest port {port} timed out after {timeout:g}s") from exc
-        except VsockError:
-            sock.close()
-            raise
-        except OSError as exc:
-            sock.close()
-            raise VsockError(
-                f"vsock: connecting to guest port {port} failed: {exc.strerror or exc}"
-            ) from exc
+    @property
+    def address(self) -> str:
+        return f"hybrid:{self.uds_path}"
 
     def listen(self, port: int) -> socket.socket:
         if port in self._listeners:

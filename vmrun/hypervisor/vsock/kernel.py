@@ -26,23 +26,9 @@ class KernelVsock(VsockTransport):
     def device(self) -> QemuDevice:
         return QemuDevice("vhost-vsock-pci", self.device_id, {"guest-cid": self.guest_cid})
 
-    def connect(self, port: int, timeout: float = 5.0) -> socket.socket:
-        where = f"vsock: connecting to {self.guest_cid}:{port}"
-        sock: socket.socket | None = None
-        try:
-            sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-            sock.settimeout(timeout)
-            sock.connect((self.guest_cid, port))
-            sock.settimeout(None)
-            return sock
-        except TimeoutError as exc:
-            if sock is not None:
-                sock.close()
-            raise VsockError(f"{where} timed out after {timeout:g}s") from exc
-        except OSError as exc:
-            if sock is not None:
-                sock.close()
-            raise VsockError(f"{where} failed: {exc.strerror or exc}") from exc
+    @property
+    def address(self) -> str:
+        return f"vsock:{self.guest_cid}"
 
     def listen(self, port: int) -> socket.socket:
         sock: socket.socket | None = None
