@@ -145,8 +145,29 @@ class ProcessStream:
             raise AgentError("agent: the process stream ended before the process did")
         return code
 
+    def write_stdin(self, data: bytes | memoryview) -> bool:
+        """Send `data` to the process's stdin, within the credit the guest grants (waiting
+        for it); False once the stream has ended."""
+        view = memoryview(data)
+        while view:
+            with self._credit_changed:
+                self._credit_changed.wait_for(lambda: self._credit > 0 or self._ended)
+                if self._ended:
+                    return False
+                count = min(self._credit, MAX_FRAME, len(view))
+                self._credit -= count
+            try:
+                self._frames.send(Kind.STDIN, view[:count])
+            except OSError:
+                return False  # the stream ended: the process is gone
+            view = view[count:]
+        return True
+
+    def close_stdin(self) -> None:
+        self._send(Kind.STDIN_EOF)
+
     def _pump_stdin(self, fd: int) -> None:
-        """Our stdin into the guest, within the credit it grants, until EOF."""
+        """Our stdin into the guest, as it comes, until EOF."""
         while True:
             with self._credit_changed:
                 self._credit_changed.wait_for(lambda: self._credit > 0 or self._ended)
@@ -155,14 +176,14 @@ class ProcessStream:
                 allowed = min(self._credit, MAX_FRAME)
             data = _read_some(fd, allowed)
             if not data:
-                self._send(Kind.STDIN_EOF)
+                self.close_stdin()
                 return
-            with self._credit_changed:
-                self._credit -= len(data)
-            try:
-                self._frames.send(Kind.STDIN, data)
-            except OSError:
-                return  # the stream ended: the process is gone
+            if not self.write_stdin(data):
+                return
+
+    def close(self) -> None:
+        """Drop the stream (the guest kills a process that has not exited)."""
+        self._frames.close()
 
 
 def _read_some(fd: int, limit: int) -> bytes:
@@ -187,7 +208,7 @@ def open_process_stream(address: str, container_id: str, exec_id: str = "") -> P
     try:
         stream.attach()
     except BaseException:
-        stream._frames.close()
+        stream.close()
         raise
     return stream
 

@@ -1,18 +1,19 @@
 """The vsock path (our vhost-user backend here) through a real guest: several connections
-at once, megabytes each way, byte-exact."""
+at once (gRPC calls and process streams), megabytes each way, byte-exact."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 import threading
 
 import pytest
 
-from vmrun.agent import agent_pb2 as pb
 from vmrun.agent.client import AgentClient
 from vmrun.oci import guest_spec, load_bundle
 from vmrun.sandbox import Sandbox
+from vmrun.stdio import open_process_stream
 
 pytestmark = pytest.mark.integration
 
@@ -35,18 +36,22 @@ def test_concurrent_connections_carry_megabytes_both_ways(vm_env):
         sandbox.agent.start_container("c")
 
         def worker(i: int) -> None:
-            # Its own client: its own gRPC channel, so its own vsock connection.
+            # Its own client: its own gRPC channel, so its own vsock connection; and the
+            # process's own stream, another.
             with AgentClient(str(sandbox.agent_socket)) as client:
                 exec_id = f"e{i}"
                 client.exec_process("c", exec_id, process)
-                payload = data[i:] + data[:i]  # distinct per connection
-                halves = [payload[: SIZE // 2], payload[SIZE // 2:]]
-                writer = threading.Thread(target=lambda: (client.stream_stdin("c", iter(halves), exec_id),
-                                                          client.close_stdin("c", exec_id)))
-                writer.start()
-                out = b"".join(client.read_output("c", pb.STDOUT, exec_id))
-                writer.join()
-                results[i] = (out, client.wait_process("c", exec_id))
+            stream = open_process_stream(sandbox.vsock_address, "c", exec_id)
+            payload = data[i:] + data[:i]  # distinct per connection
+            halves = [payload[: SIZE // 2], payload[SIZE // 2:]]
+            writer = threading.Thread(target=lambda: ([stream.write_stdin(half) for half in halves],
+                                                      stream.close_stdin()))
+            writer.start()
+            with tempfile.TemporaryFile() as out, open(os.devnull, "wb") as null:
+                status = stream.relay(stdin=None, stdout=out.fileno(), stderr=null.fileno(), terminal=False)
+                out.seek(0)
+                results[i] = (out.read(), status)
+            writer.join()
 
         threads = [threading.Thread(target=worker, args=(i,)) for i in range(CONNECTIONS)]
         for thread in threads:

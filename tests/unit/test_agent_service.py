@@ -5,18 +5,20 @@ import errno
 import json
 import os
 import signal
+import socket
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import grpc
 import pytest
 
 from vmrun.agent import agent_pb2 as pb
-from vmrun.agent import service
+from vmrun.agent import process_streams, service
+from vmrun.agent.process_streams import ProcessStreamServer
 from vmrun.agent.processes import Child, Reaper
 from vmrun.agent.service import AgentService, Container, GuestProcess, SharedFd
+from vmrun.common.process_stream import FrameSocket, Kind, Output, attach_payload, pack_exit
 
 
 class Aborted(Exception):
@@ -102,46 +104,94 @@ def _is_open(fd: int) -> bool:
     return True
 
 
-def test_read_output_streams_until_eof(agent, tmp_path, sleeper):
-    process, _, out_w = _piped(Child(sleeper.pid))
+class StreamToAgent:
+    """A host's process stream into the agent's end (agent/process_streams.py), over a
+    socketpair instead of vsock."""
+
+    def __init__(self, agent: AgentService, container_id: str = "c1"):
+        host_sock, guest_sock = socket.socketpair()
+        server = ProcessStreamServer(None, agent, lambda message: None)
+        self.thread = threading.Thread(target=server._serve, args=(guest_sock,), daemon=True)
+        self.thread.start()
+        self.frames = FrameSocket(host_sock)
+        self.frames.send(Kind.ATTACH, attach_payload(container_id, ""))
+
+    def frames_until_end(self) -> list[tuple[Kind, bytes]]:
+        got = []
+        while (frame := self.frames.receive()) is not None:
+            got.append((frame[0], bytes(frame[1])))
+        return got
+
+
+@pytest.fixture
+def fast_streams(monkeypatch):
+    monkeypatch.setattr(process_streams, "_WAKE_SLICE", 0.02)
+
+
+def test_a_stream_carries_output_until_eof_then_the_exit(agent, tmp_path, sleeper, fast_streams):
+    process, _, out_w = _piped(Child(sleeper.pid, status=3 << 8))
     _add(agent, process, tmp_path)
-    context = FakeContext()
     os.write(out_w, b"hello")
     os.close(out_w)
-    chunks = list(agent.ReadOutput(pb.ReadOutputRequest(container_id="c1", stream=pb.STDOUT), context))
-    assert b"".join(chunk.data for chunk in chunks) == b"hello"
-    context.end()
-    assert sleeper.poll() is None  # it reached EOF: nothing is killed
+    frames = StreamToAgent(agent).frames_until_end()
+    assert frames[0] == (Kind.ATTACHED, b"")
+    assert b"".join(data for kind, data in frames if kind == Kind.STDOUT) == b"hello"
+    assert (Kind.EXIT, pack_exit(3)) in frames
+    assert sleeper.poll() is None  # it had exited (as far as the agent knew): nothing is killed
 
 
-def test_reader_vanishing_before_eof_kills_the_process(agent, tmp_path, sleeper):
+def test_the_host_vanishing_before_the_exit_kills_the_process(agent, tmp_path, sleeper, fast_streams):
     process, _, _ = _piped(Child(sleeper.pid))
     _add(agent, process, tmp_path)
-    context = FakeContext()
-    output = agent.ReadOutput(pb.ReadOutputRequest(container_id="c1", stream=pb.STDOUT), context)
-    reader = threading.Thread(target=lambda: list(output))
-    reader.start()
-    deadline = time.monotonic() + 10
-    while not context.callbacks and time.monotonic() < deadline:
-        time.sleep(0.01)
-    context.end()
-    reader.join(10)
-    assert not reader.is_alive()  # a blocked reader notices too
+    stream = StreamToAgent(agent)
+    assert stream.frames.receive()[0] == Kind.ATTACHED
+    stream.frames.close()
+    stream.thread.join(10)
+    assert not stream.thread.is_alive()
     assert sleeper.wait(timeout=10) == -signal.SIGKILL
 
 
-def test_remove_leaves_a_held_fd_to_its_reader(agent, tmp_path, sleeper):
+def test_remove_leaves_a_held_fd_to_its_stream(agent, tmp_path, sleeper, fast_streams):
     process, _, out_w = _piped(Child(sleeper.pid, status=0))
     _add(agent, process, tmp_path)
     out_r = process.stdout.fd
     os.write(out_w, b"x")
-    output = agent.ReadOutput(pb.ReadOutputRequest(container_id="c1", stream=pb.STDOUT), FakeContext())
-    assert next(output).data == b"x"
-    agent._remove("c1", force=True)
-    assert _is_open(out_r)  # its number cannot be reused while the reader holds it
-    assert list(output) == []  # the reader notices the close and lets go
-    assert not _is_open(out_r)
+    stream = StreamToAgent(agent)
+    assert stream.frames.receive()[0] == Kind.ATTACHED
+    assert bytes(stream.frames.receive()[1]) == b"x"
+    agent._remove("c1", force=True)  # the pump lets go of it within a wake slice
+    frames = stream.frames_until_end()
+    assert (Kind.OUTPUT_END, bytes([Output.STDOUT])) in frames
+    assert not _is_open(out_r)  # let go: its number may be reused now
     os.close(out_w)
+
+
+def test_stdin_through_a_stream_is_written_credited_and_closed(agent, tmp_path, fast_streams):
+    process, in_r, out_w = _piped(Child(1 << 22))
+    _add(agent, process, tmp_path)
+    stream = StreamToAgent(agent)
+    assert stream.frames.receive()[0] == Kind.ATTACHED
+    for chunk in (b"one ", b"two ", b"three"):
+        stream.frames.send(Kind.STDIN, chunk)
+    stream.frames.send(Kind.STDIN_EOF)
+    data = b""
+    while chunk := os.read(in_r, 100):
+        data += chunk
+    assert data == b"one two three"  # and then EOF: stdin closed in order, after the data
+    credited = 0
+    while credited < len(data):
+        kind, payload = stream.frames.receive()
+        if kind == Kind.STDIN_CREDIT:
+            credited += int.from_bytes(payload, "big")
+    assert process.stdin is None
+    stream.frames.close()
+    os.close(in_r)
+    os.close(out_w)
+
+
+def test_a_stream_to_a_missing_container_is_refused(agent, fast_streams):
+    kind, payload = StreamToAgent(agent, "nope").frames.receive()
+    assert kind == Kind.REFUSED and b"does not exist" in bytes(payload)
 
 
 def test_a_terminal_is_closed_once_for_stdin_and_stdout(agent, tmp_path):
@@ -157,41 +207,6 @@ def test_a_terminal_is_closed_once_for_stdin_and_stdout(agent, tmp_path):
         assert _is_open(reused)
     finally:
         os.close(reused)
-
-
-def test_stdin_closes_and_writes_then_fail(agent, tmp_path):
-    process, in_r, out_w = _piped(Child(1 << 22, status=0))
-    _add(agent, process, tmp_path)
-    context = FakeContext()
-    agent.StreamStdin(iter([pb.WriteStdinRequest(container_id="c1", data=b"abc")]), context)
-    agent.CloseStdin(pb.ProcessRequest(container_id="c1"), context)
-    assert os.read(in_r, 10) == b"abc" and os.read(in_r, 10) == b""
-    with pytest.raises(Aborted) as aborted:
-        agent.StreamStdin(iter([pb.WriteStdinRequest(container_id="c1", data=b"more")]), context)
-    assert aborted.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    os.close(in_r)
-    os.close(out_w)
-
-
-def test_stdin_streamed_in_chunks_arrives_whole(agent, tmp_path):
-    process, in_r, out_w = _piped(Child(1 << 22, status=0))
-    _add(agent, process, tmp_path)
-    chunks = [b"one ", b"two ", b"three"]
-    agent.StreamStdin(iter(pb.WriteStdinRequest(container_id="c1", data=c) for c in chunks), FakeContext())
-    assert os.read(in_r, 100) == b"one two three"
-    os.close(in_r)
-    os.close(out_w)
-
-
-def test_read_output_maps_errors_to_status_codes(agent, tmp_path):
-    with pytest.raises(Aborted) as aborted:
-        list(agent.ReadOutput(pb.ReadOutputRequest(container_id="nope"), FakeContext()))
-    assert aborted.value.code == grpc.StatusCode.NOT_FOUND
-    directory = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)  # readable by poll, not by read
-    _add(agent, GuestProcess(Child(1 << 22, status=0), None, None, SharedFd(directory, "stderr"), False), tmp_path)
-    with pytest.raises(Aborted) as aborted:
-        list(agent.ReadOutput(pb.ReadOutputRequest(container_id="c1", stream=pb.STDERR), FakeContext()))
-    assert aborted.value.code == grpc.StatusCode.INTERNAL
 
 
 def test_wait_process_returns_the_status_or_gives_up_on_a_cancelled_call(agent, tmp_path):

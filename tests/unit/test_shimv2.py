@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import threading
 import time
@@ -13,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from vmrun.agent import agent_pb2 as pb
+from vmrun.common.bridge import read_line
+from vmrun.common.process_stream import PROCESS_STREAM_PORT, FrameSocket, Kind, Output, pack_exit, pack_u32
 from vmrun.config import Config
 from vmrun.errors import VmrunError
 from vmrun.mounts import outermost_mounts_under
@@ -66,33 +69,55 @@ def test_no_memory_limit_reads_as_unlimited():
     assert metrics.memory.usage_limit == 2**64 - 1
 
 
-class FakeAgent:
-    """The agent calls ProcessIO makes: output to hand out, stdin received."""
+class FakeGuest:
+    """A guest's process stream behind a hybrid vsock socket: output to hand out, stdin
+    received (credited back). The exit comes at once, or once stdin is closed."""
 
-    def __init__(self, stdout: list[bytes] = (), stderr: list[bytes] = ()):
-        self._output = {pb.STDOUT: list(stdout), pb.STDERR: list(stderr)}
+    def __init__(self, where: Path, stdout: list[bytes] = (), stderr: list[bytes] = (),
+                 exit_after_stdin: bool = False):
+        self._output = [(Kind.STDOUT, data) for data in stdout] + [(Kind.STDERR, data) for data in stderr]
+        self._exit_after_stdin = exit_after_stdin
         self.stdin = b""
         self.stdin_closed = threading.Event()
+        path = where / "vsock.sock"
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(path))
+        self._listener.listen(1)
+        self.address = f"hybrid:{path}"
+        threading.Thread(target=self._serve, daemon=True).start()
 
-    def read_output(self, container_id, stream, exec_id=""):
-        yield from self._output[stream]
-
-    def close_output(self, container_id, stream, exec_id=""):
-        pass
-
-    def stream_stdin(self, container_id, chunks, exec_id=""):
-        for data in chunks:
-            self.stdin += data
-
-    def close_stdin(self, container_id, exec_id=""):
-        self.stdin_closed.set()
+    def _serve(self) -> None:
+        conn, _ = self._listener.accept()
+        assert read_line(conn, 64) == f"CONNECT {PROCESS_STREAM_PORT}\n".encode()
+        conn.sendall(b"OK 1\n")
+        frames = FrameSocket(conn)
+        assert frames.receive()[0] == Kind.ATTACH
+        frames.send(Kind.ATTACHED)
+        for kind, data in self._output:
+            frames.send(kind, data)
+        frames.send(Kind.OUTPUT_END, bytes([Output.STDOUT]))
+        frames.send(Kind.OUTPUT_END, bytes([Output.STDERR]))
+        if not self._exit_after_stdin:
+            frames.send(Kind.EXIT, pack_exit(0))
+            conn.shutdown(socket.SHUT_RDWR)  # all said, as the agent does
+        while (frame := frames.receive()) is not None:
+            kind, payload = frame
+            if kind == Kind.STDIN:
+                self.stdin += bytes(payload)
+                frames.send(Kind.STDIN_CREDIT, pack_u32(len(payload)))
+            elif kind == Kind.STDIN_EOF:
+                self.stdin_closed.set()
+                if self._exit_after_stdin:
+                    frames.send(Kind.EXIT, pack_exit(0))
+                    conn.shutdown(socket.SHUT_RDWR)
 
 
 def test_output_to_fifos_ends_in_eof_for_containerd(tmp_path):
     out, err = tmp_path / "out", tmp_path / "err"
     os.mkfifo(out)
     os.mkfifo(err)
-    io = ProcessIO(FakeAgent([b"hello ", b"world"], [b"oops"]), "c", "", IOPaths(stdout=str(out), stderr=str(err)))
+    guest = FakeGuest(tmp_path, [b"hello ", b"world"], [b"oops"])
+    io = ProcessIO(guest.address, "c", "", IOPaths(stdout=str(out), stderr=str(err)))
     try:
         io.start()  # no reader yet: it does not wait for one
         reader = os.open(out, os.O_RDONLY | os.O_NONBLOCK)
@@ -114,7 +139,7 @@ def test_output_to_fifos_ends_in_eof_for_containerd(tmp_path):
 
 def test_output_to_a_file_uri_appends(tmp_path):
     log = tmp_path / "logs" / "c.log"
-    io = ProcessIO(FakeAgent([b"one\n"], [b"two\n"]), "c", "",
+    io = ProcessIO(FakeGuest(tmp_path, [b"one\n"], [b"two\n"]).address, "c", "",
                    IOPaths(stdout=f"file://{log}", stderr=f"file://{log}")).start()
     io.wait_output()
     io.close()
@@ -125,7 +150,7 @@ def test_a_regular_file_named_as_a_fifo_is_refused(tmp_path):
     plain = tmp_path / "plain"
     plain.write_text("")
     with pytest.raises(VmrunError, match="is not a FIFO"):
-        ProcessIO(FakeAgent(), "c", "", IOPaths(stdout=str(plain))).start()
+        ProcessIO(FakeGuest(tmp_path).address, "c", "", IOPaths(stdout=str(plain))).start()
 
 
 def test_a_logging_binary_gets_stdout_and_stderr_as_fds_3_and_4(tmp_path):
@@ -135,7 +160,7 @@ def test_a_logging_binary_gets_stdout_and_stderr_as_fds_3_and_4(tmp_path):
     logger.write_text(f'#!/bin/sh\nexec 5>&-\necho "args:$*" > {captured}\ncat <&3 >> {captured}\n'
                       f'cat <&4 >> {captured}\n')
     logger.chmod(0o755)
-    io = ProcessIO(FakeAgent([b"out-line\n"], [b"err-line\n"]), "c", "",
+    io = ProcessIO(FakeGuest(tmp_path, [b"out-line\n"], [b"err-line\n"]).address, "c", "",
                    IOPaths(stdout=f"binary://{logger}?tag=web", stderr=f"binary://{logger}?tag=web")).start()
     io.wait_output()
     io.close()  # closes our ends: the logger sees EOF and exits
@@ -145,8 +170,8 @@ def test_a_logging_binary_gets_stdout_and_stderr_as_fds_3_and_4(tmp_path):
 def test_stdin_is_pumped_until_containerd_closes_it(tmp_path):
     stdin = tmp_path / "in"
     os.mkfifo(stdin)
-    agent = FakeAgent()
-    io = ProcessIO(agent, "c", "", IOPaths(stdin=str(stdin))).start()
+    agent = FakeGuest(tmp_path, exit_after_stdin=True)
+    io = ProcessIO(agent.address, "c", "", IOPaths(stdin=str(stdin))).start()
     try:
         writer = os.open(stdin, os.O_WRONLY)
         os.write(writer, b"typed\n")
@@ -160,8 +185,8 @@ def test_stdin_is_pumped_until_containerd_closes_it(tmp_path):
 def test_close_io_with_no_writer_ever_does_not_hang(tmp_path):
     stdin = tmp_path / "in"
     os.mkfifo(stdin)
-    agent = FakeAgent()
-    io = ProcessIO(agent, "c", "", IOPaths(stdin=str(stdin))).start()
+    agent = FakeGuest(tmp_path, exit_after_stdin=True)
+    io = ProcessIO(agent.address, "c", "", IOPaths(stdin=str(stdin))).start()
     started = time.monotonic()
     io.close_stdin()
     assert agent.stdin_closed.wait(5) and time.monotonic() - started < 5

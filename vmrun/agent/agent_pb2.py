@@ -24,15 +24,13 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17vmrun/agent/agent.proto\x12\x0evmrun.agent.v1\"\x07\n\x05\x45mpty\"\x89\x01\n\x14\x43reateSandboxRequest\x12\x12\n\nsandbox_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x15\n\rshared_fs_tag\x18\x03 \x01(\t\x12\x14\n\x0chost_time_ns\x18\x04 \x01(\x03\x12\x0f\n\x07\x65ntropy\x18\x05 \x01(\x0c\x12\r\n\x05\x64\x65\x62ug\x18\x06 \x01(\x08\"/\n\x15\x43reateSandboxResponse\x12\x16\n\x0ekernel_release\x18\x01 \x01(\t\"+\n\x15\x44\x65stroySandboxRequest\x12\x12\n\nsandbox_id\x18\x01 \x01(\t\"N\n\x13RefreshGuestRequest\x12\x14\n\x0chost_time_ns\x18\x01 \x01(\x03\x12\x0f\n\x07\x65ntropy\x18\x02 \x01(\x0c\x12\x10\n\x08hostname\x18\x03 \x01(\t\"P\n\x16\x43reateContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x11\n\tspec_json\x18\x02 \x01(\x0c\x12\r\n\x05start\x18\x03 \x01(\x08\"&\n\x17\x43reateContainerResponse\x12\x0b\n\x03pid\x18\x01 \x01(\x05\"(\n\x10\x43ontainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\"=\n\x16RemoveContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"Q\n\x12\x45xecProcessRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x14\n\x0cprocess_json\x18\x03 \x01(\x0c\"\"\n\x13\x45xecProcessResponse\x12\x0b\n\x03pid\x18\x01 \x01(\x05\"7\n\x0eProcessRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\"M\n\x13WaitProcessResponse\x12\x13\n\x0b\x65xit_status\x18\x01 \x01(\x05\x12\x0e\n\x06signal\x18\x02 \x01(\x05\x12\x11\n\toom_kills\x18\x03 \x01(\x04\"3\n\x08OOMEvent\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x11\n\toom_kills\x18\x02 \x01(\x04\"Z\n\x14SignalProcessRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0e\n\x06signal\x18\x03 \x01(\x05\x12\x0b\n\x03\x61ll\x18\x04 \x01(\x08\"H\n\x11WriteStdinRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"b\n\x11ReadOutputRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12&\n\x06stream\x18\x03 \x01(\x0e\x32\x16.vmrun.agent.v1.Stream\"\x1b\n\x0bOutputChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"X\n\x10ResizeTtyRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0c\n\x04rows\x18\x03 \x01(\r\x12\x0f\n\x07\x63olumns\x18\x04 \x01(\r\"\x86\x01\n\x0bProcessInfo\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x0c\n\x04ppid\x18\x02 \x01(\x05\x12\x0c\n\x04user\x18\x03 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x04 \x01(\t\x12\x0b\n\x03uid\x18\x05 \x01(\r\x12\x13\n\x0b\x63pu_time_ms\x18\x06 \x01(\x04\x12\x0e\n\x06\x61ge_ms\x18\x07 \x01(\x04\x12\x0b\n\x03tty\x18\x08 \x01(\t\"G\n\x15ListProcessesResponse\x12.\n\tprocesses\x18\x01 \x03(\x0b\x32\x1b.vmrun.agent.v1.ProcessInfo\"F\n\x16UpdateContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x16\n\x0eresources_json\x18\x02 \x01(\x0c\"\x97\x01\n\x16StatsContainerResponse\x12\x14\n\x0c\x63pu_usage_ns\x18\x01 \x01(\x04\x12\x1a\n\x12memory_usage_bytes\x18\x02 \x01(\x04\x12\x1a\n\x12memory_limit_bytes\x18\x03 \x01(\x04\x12\x14\n\x0cpids_current\x18\x04 \x01(\x04\x12\x19\n\x11\x63group_stats_json\x18\x05 \x01(\x0c\"3\n\tIPAddress\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x15\n\rprefix_length\x18\x02 \x01(\r\"q\n\tInterface\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03mac\x18\x02 \x01(\t\x12\x0b\n\x03mtu\x18\x03 \x01(\r\x12,\n\taddresses\x18\x04 \x03(\x0b\x32\x19.vmrun.agent.v1.IPAddress\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\";\n\nInterfaces\x12-\n\ninterfaces\x18\x01 \x03(\x0b\x32\x19.vmrun.agent.v1.Interface\"\\\n\x05Route\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x0f\n\x07gateway\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\r\n\x05scope\x18\x05 \x01(\r\"/\n\x06Routes\x12%\n\x06routes\x18\x01 \x03(\x0b\x32\x15.vmrun.agent.v1.Route\"8\n\x08Neighbor\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0b\n\x03mac\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\"F\n\x16UpdateInterfaceRequest\x12,\n\tinterface\x18\x01 \x01(\x0b\x32\x19.vmrun.agent.v1.Interface\"%\n\x16RemoveInterfaceRequest\x12\x0b\n\x03mac\x18\x01 \x01(\t\"=\n\x13UpdateRoutesRequest\x12&\n\x06routes\x18\x01 \x01(\x0b\x32\x16.vmrun.agent.v1.Routes\"B\n\x13\x41\x64\x64NeighborsRequest\x12+\n\tneighbors\x18\x01 \x03(\x0b\x32\x18.vmrun.agent.v1.Neighbor\"a\n\x0cGuestDetails\x12\x16\n\x0ekernel_release\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x04\x12\x0c\n\x04\x63pus\x18\x04 \x01(\r\"!\n\x0eHealthResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08* \n\x06Stream\x12\n\n\x06STDOUT\x10\x00\x12\n\n\x06STDERR\x10\x01\x32\x95\x11\n\x05\x41gent\x12\\\n\rCreateSandbox\x12$.vmrun.agent.v1.CreateSandboxRequest\x1a%.vmrun.agent.v1.CreateSandboxResponse\x12N\n\x0e\x44\x65stroySandbox\x12%.vmrun.agent.v1.DestroySandboxRequest\x1a\x15.vmrun.agent.v1.Empty\x12J\n\x0cRefreshGuest\x12#.vmrun.agent.v1.RefreshGuestRequest\x1a\x15.vmrun.agent.v1.Empty\x12\x62\n\x0f\x43reateContainer\x12&.vmrun.agent.v1.CreateContainerRequest\x1a\'.vmrun.agent.v1.CreateContainerResponse\x12I\n\x0eStartContainer\x12 .vmrun.agent.v1.ContainerRequest\x1a\x15.vmrun.agent.v1.Empty\x12P\n\x0fRemoveContainer\x12&.vmrun.agent.v1.RemoveContainerRequest\x1a\x15.vmrun.agent.v1.Empty\x12V\n\x0b\x45xecProcess\x12\".vmrun.agent.v1.ExecProcessRequest\x1a#.vmrun.agent.v1.ExecProcessResponse\x12R\n\x0bWaitProcess\x12\x1e.vmrun.agent.v1.ProcessRequest\x1a#.vmrun.agent.v1.WaitProcessResponse\x12L\n\rSignalProcess\x12$.vmrun.agent.v1.SignalProcessRequest\x1a\x15.vmrun.agent.v1.Empty\x12I\n\x0bStreamStdin\x12!.vmrun.agent.v1.WriteStdinRequest\x1a\x15.vmrun.agent.v1.Empty(\x01\x12\x43\n\nCloseStdin\x12\x1e.vmrun.agent.v1.ProcessRequest\x1a\x15.vmrun.agent.v1.Empty\x12N\n\nReadOutput\x12!.vmrun.agent.v1.ReadOutputRequest\x1a\x1b.vmrun.agent.v1.OutputChunk0\x01\x12G\n\x0b\x43loseOutput\x12!.vmrun.agent.v1.ReadOutputRequest\x1a\x15.vmrun.agent.v1.Empty\x12\x44\n\tResizeTty\x12 .vmrun.agent.v1.ResizeTtyRequest\x1a\x15.vmrun.agent.v1.Empty\x12X\n\rListProcesses\x12 .vmrun.agent.v1.ContainerRequest\x1a%.vmrun.agent.v1.ListProcessesResponse\x12I\n\x0ePauseContainer\x12 .vmrun.agent.v1.ContainerRequest\x1a\x15.vmrun.agent.v1.Empty\x12J\n\x0fResumeContainer\x12 .vmrun.agent.v1.ContainerRequest\x1a\x15.vmrun.agent.v1.Empty\x12P\n\x0fUpdateContainer\x12&.vmrun.agent.v1.UpdateContainerRequest\x1a\x15.vmrun.agent.v1.Empty\x12Z\n\x0eStatsContainer\x12 .vmrun.agent.v1.ContainerRequest\x1a&.vmrun.agent.v1.StatsContainerResponse\x12T\n\x0fUpdateInterface\x12&.vmrun.agent.v1.UpdateInterfaceRequest\x1a\x19.vmrun.agent.v1.Interface\x12P\n\x0fRemoveInterface\x12&.vmrun.agent.v1.RemoveInterfaceRequest\x1a\x15.vmrun.agent.v1.Empty\x12K\n\x0cUpdateRoutes\x12#.vmrun.agent.v1.UpdateRoutesRequest\x1a\x16.vmrun.agent.v1.Routes\x12J\n\x0c\x41\x64\x64Neighbors\x12#.vmrun.agent.v1.AddNeighborsRequest\x1a\x15.vmrun.agent.v1.Empty\x12\x43\n\x0eListInterfaces\x12\x15.vmrun.agent.v1.Empty\x1a\x1a.vmrun.agent.v1.Interfaces\x12;\n\nListRoutes\x12\x15.vmrun.agent.v1.Empty\x1a\x16.vmrun.agent.v1.Routes\x12\x46\n\x0fGetGuestDetails\x12\x15.vmrun.agent.v1.Empty\x1a\x1c.vmrun.agent.v1.GuestDetails\x12?\n\x06Health\x12\x15.vmrun.agent.v1.Empty\x1a\x1e.vmrun.agent.v1.HealthResponse\x12=\n\x08WatchOOM\x12\x15.vmrun.agent.v1.Empty\x1a\x18.vmrun.agent.v1.OOMEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17vmrun/agent/agent.proto\x12\x0evmrun.agent.v1\"\x07\n\x05\x45mpty\"\x89\x01\n\x14\x43reateSandboxRequest\x12\x12\n\nsandbox_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x15\n\rshared_fs_tag\x18\x03 \x01(\t\x12\x14\n\x0chost_time_ns\x18\x04 \x01(\x03\x12\x0f\n\x07\x65ntropy\x18\x05 \x01(\x0c\x12\r\n\x05\x64\x65\x62ug\x18\x06 \x01(\x08\"/\n\x15\x43reateSandboxResponse\x12\x16\n\x0ekernel_release\x18\x01 \x01(\t\"+\n\x15\x44\x65stroySandboxRequest\x12\x12\n\nsandbox_id\x18\x01 \x01(\t\"N\n\x13RefreshGuestRequest\x12\x14\n\x0chost_time_ns\x18\x01 \x01(\x03\x12\x0f\n\x07\x65ntropy\x18\x02 \x01(\x0c\x12\x10\n\x08hostname\x18\x03 \x01(\t\"P\n\x16\x43reateContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x11\n\tspec_json\x18\x02 \x01(\x0c\x12\r\n\x05start\x18\x03 \x01(\x08\"&\n\x17\x43reateContainerResponse\x12\x0b\n\x03pid\x18\x01 \x01(\x05\"(\n\x10\x43ontainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\"=\n\x16RemoveContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"Q\n\x12\x45xecProcessRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x14\n\x0cprocess_json\x18\x03 \x01(\x0c\"\"\n\x13\x45xecProcessResponse\x12\x0b\n\x03pid\x18\x01 \x01(\x05\"7\n\x0eProcessRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\"M\n\x13WaitProcessResponse\x12\x13\n\x0b\x65xit_status\x18\x01 \x01(\x05\x12\x0e\n\x06signal\x18\x02 \x01(\x05\x12\x11\n\toom_kills\x18\x03 \x01(\x04\"3\n\x08OOMEvent\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x11\n\toom_kills\x18\x02 \x01(\x04\"Z\n\x14SignalProcessRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0e\n\x06signal\x18\x03 \x01(\x05\x12\x0b\n\x03\x61ll\x18\x04 \x01(\x08\"X\n\x10ResizeTtyRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0c\n\x04rows\x18\x03 \x01(\r\x12\x0f\n\x07\x63olumns\x18\x04 \x01(\r\"\x86\x01\n\x0bProcessInfo\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x0c\n\x04ppid\x18\x02 \x01(\x05\x12\x0c\n\x04user\x18\x03 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x04 \x01(\t\x12\x0b\n\x03uid\x18\x05 \x01(\r\x12\x13\n\x0b\x63pu_time_ms\x18\x06 \x01(\x04\x12\x0e\n\x06\x61ge_ms\x18\x07 \x01(\x04\x12\x0b\n\x03tty\x18\x08 \x01(\t\"G\n\x15ListProcessesResponse\x12.\n\tprocesses\x18\x01 \x03(\x0b\x32\x1b.vmrun.agent.v1.ProcessInfo\"F\n\x16UpdateContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x16\n\x0eresources_json\x18\x02 \x01(\x0c\"\x97\x01\n\x16StatsContainerResponse\x12\x14\n\x0c\x63pu_usage_ns\x18\x01 \x01(\x04\x12\x1a\n\x12memory_usage_bytes\x18\x02 \x01(\x04\x12\x1a\n\x12memory_limit_bytes\x18\x03 \x01(\x04\x12\x14\n\x0cpids_current\x18\x04 \x01(\x04\x12\x19\n\x11\x63group_stats_json\x18\x05 \x01(\x0c\"3\n\tIPAddress\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x15\n\rprefix_length\x18\x02 \x01(\r\"q\n\tInterface\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03mac\x18\x02 \x01(\t\x12\x0b\n\x03mtu\x18\x03 \x01(\r\x12,\n\taddresses\x18\x04 \x03(\x0b\x32\x19.vmrun.agent.v1.IPAddress\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\";\n\nInterfaces\x12-\n\ninterfaces\x18\x01 \x03(\x0b\x32\x19.vmrun.agent.v1.Interface\"\\\n\x05Route\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x0f\n\x07gateway\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\r\n\x05scope\x18\x05 \x01(\r\"/\n\x06Routes\x12%\n\x06routes\x18\x01 \x03(\x0b\x32\x15.vmrun.agent.v1.Route\"8\n\x08Neighbor\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0b\n\x03mac\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\"F\n\x16UpdateInterfaceRequest\x12,\n\tinterface\x18\x01 \x01(\x0b\x32\x19.vmrun.agent.v1.Interface\"%\n\x16RemoveInterfaceRequest\x12\x0b\n\x03mac\x18\x01 \x01(\t\"=\n\x13UpdateRoutesRequest\x12&\n\x06routes\x18\x01 \x01(\x0b\x32\x16.vmrun.agent.v1.Routes\"B\n\x13\x41\x64\x64NeighborsRequest\x12+\n\tneighbors\x18\x01 \x03(\x0b\x32\x18.vmrun.agent.v1.Neighbor\"a\n\x0cGuestDetails\x12\x16\n\x0ekernel_release\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x04\x12\x0c\n\x04\x63pus\x18\x04 \x01(\r\"!\n\x0eHealthResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x32\xec\x0e\n\x05\x41gent\x12\\\n\rCreateSandbox\x12$.vmrun.agent.v1.CreateSandboxRequest\x1a%.vmrun.agent.v1.CreateSandboxResponse\x12N\n\x0e\x44\x65stroySandbox\x12%.vmrun.agent.v1.DestroySandboxRequest\x1a\x15.vmrun.agent.v1.Empty\x12J\n\x0cRefreshGuest\x12#.vmrun.agent.v1.RefreshGuestRequest\x1a\x15.vmrun.agent.v1.Empty\x12\x62\n\x0f\x43reateContainer\x12&.vmrun.agent.v1.CreateContainerRequest\x1a\'.vmrun.agent.v1.CreateContainerResponse\x12I\n\x0eStartContainer\x12 .vmrun.agent.v1.ContainerRequest\x1a\x15.vmrun.agent.v1.Empty\x12P\n\x0fRemoveContainer\x12&.vmrun.agent.v1.RemoveContainerRequest\x1a\x15.vmrun.agent.v1.Empty\x12V\n\x0b\x45xecProcess\x12\".vmrun.agent.v1.ExecProcessRequest\x1a#.vmrun.agent.v1.ExecProcessResponse\x12R\n\x0bWaitProcess\x12\x1e.vmrun.agent.v1.ProcessRequest\x1a#.vmrun.agent.v1.WaitProcessResponse\x12L\n\rSignalProcess\x12$.vmrun.agent.v1.SignalProcessRequest\x1a\x15.vmrun.agent.v1.Empty\x12\x44\n\tResizeTty\x12 .vmrun.agent.v1.ResizeTtyRequest\x1a\x15.vmrun.agent.v1.Empty\x12X\n\rListProcesses\x12 .vmrun.agent.v1.ContainerRequest\x1a%.vmrun.agent.v1.ListProcessesResponse\x12I\n\x0ePauseContainer\x12 .vmrun.agent.v1.ContainerRequest\x1a\x15.vmrun.agent.v1.Empty\x12J\n\x0fResumeContainer\x12 .vmrun.agent.v1.ContainerRequest\x1a\x15.vmrun.agent.v1.Empty\x12P\n\x0fUpdateContainer\x12&.vmrun.agent.v1.UpdateContainerRequest\x1a\x15.vmrun.agent.v1.Empty\x12Z\n\x0eStatsContainer\x12 .vmrun.agent.v1.ContainerRequest\x1a&.vmrun.agent.v1.StatsContainerResponse\x12T\n\x0fUpdateInterface\x12&.vmrun.agent.v1.UpdateInterfaceRequest\x1a\x19.vmrun.agent.v1.Interface\x12P\n\x0fRemoveInterface\x12&.vmrun.agent.v1.RemoveInterfaceRequest\x1a\x15.vmrun.agent.v1.Empty\x12K\n\x0cUpdateRoutes\x12#.vmrun.agent.v1.UpdateRoutesRequest\x1a\x16.vmrun.agent.v1.Routes\x12J\n\x0c\x41\x64\x64Neighbors\x12#.vmrun.agent.v1.AddNeighborsRequest\x1a\x15.vmrun.agent.v1.Empty\x12\x43\n\x0eListInterfaces\x12\x15.vmrun.agent.v1.Empty\x1a\x1a.vmrun.agent.v1.Interfaces\x12;\n\nListRoutes\x12\x15.vmrun.agent.v1.Empty\x1a\x16.vmrun.agent.v1.Routes\x12\x46\n\x0fGetGuestDetails\x12\x15.vmrun.agent.v1.Empty\x1a\x1c.vmrun.agent.v1.GuestDetails\x12?\n\x06Health\x12\x15.vmrun.agent.v1.Empty\x1a\x1e.vmrun.agent.v1.HealthResponse\x12=\n\x08WatchOOM\x12\x15.vmrun.agent.v1.Empty\x1a\x18.vmrun.agent.v1.OOMEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vmrun.agent.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STREAM']._serialized_start=2528
-  _globals['_STREAM']._serialized_end=2560
   _globals['_EMPTY']._serialized_start=43
   _globals['_EMPTY']._serialized_end=50
   _globals['_CREATESANDBOXREQUEST']._serialized_start=53
@@ -63,46 +61,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OOMEVENT']._serialized_end=899
   _globals['_SIGNALPROCESSREQUEST']._serialized_start=901
   _globals['_SIGNALPROCESSREQUEST']._serialized_end=991
-  _globals['_WRITESTDINREQUEST']._serialized_start=993
-  _globals['_WRITESTDINREQUEST']._serialized_end=1065
-  _globals['_READOUTPUTREQUEST']._serialized_start=1067
-  _globals['_READOUTPUTREQUEST']._serialized_end=1165
-  _globals['_OUTPUTCHUNK']._serialized_start=1167
-  _globals['_OUTPUTCHUNK']._serialized_end=1194
-  _globals['_RESIZETTYREQUEST']._serialized_start=1196
-  _globals['_RESIZETTYREQUEST']._serialized_end=1284
-  _globals['_PROCESSINFO']._serialized_start=1287
-  _globals['_PROCESSINFO']._serialized_end=1421
-  _globals['_LISTPROCESSESRESPONSE']._serialized_start=1423
-  _globals['_LISTPROCESSESRESPONSE']._serialized_end=1494
-  _globals['_UPDATECONTAINERREQUEST']._serialized_start=1496
-  _globals['_UPDATECONTAINERREQUEST']._serialized_end=1566
-  _globals['_STATSCONTAINERRESPONSE']._serialized_start=1569
-  _globals['_STATSCONTAINERRESPONSE']._serialized_end=1720
-  _globals['_IPADDRESS']._serialized_start=1722
-  _globals['_IPADDRESS']._serialized_end=1773
-  _globals['_INTERFACE']._serialized_start=1775
-  _globals['_INTERFACE']._serialized_end=1888
-  _globals['_INTERFACES']._serialized_start=1890
-  _globals['_INTERFACES']._serialized_end=1949
-  _globals['_ROUTE']._serialized_start=1951
-  _globals['_ROUTE']._serialized_end=2043
-  _globals['_ROUTES']._serialized_start=2045
-  _globals['_ROUTES']._serialized_end=2092
-  _globals['_NEIGHBOR']._serialized_start=2094
-  _globals['_NEIGHBOR']._serialized_end=2150
-  _globals['_UPDATEINTERFACEREQUEST']._serialized_start=2152
-  _globals['_UPDATEINTERFACEREQUEST']._serialized_end=2222
-  _globals['_REMOVEINTERFACEREQUEST']._serialized_start=2224
-  _globals['_REMOVEINTERFACEREQUEST']._serialized_end=2261
-  _globals['_UPDATEROUTESREQUEST']._serialized_start=2263
-  _globals['_UPDATEROUTESREQUEST']._serialized_end=2324
-  _globals['_ADDNEIGHBORSREQUEST']._serialized_start=2326
-  _globals['_ADDNEIGHBORSREQUEST']._serialized_end=2392
-  _globals['_GUESTDETAILS']._serialized_start=2394
-  _globals['_GUESTDETAILS']._serialized_end=2491
-  _globals['_HEALTHRESPONSE']._serialized_start=2493
-  _globals['_HEALTHRESPONSE']._serialized_end=2526
-  _globals['_AGENT']._serialized_start=2563
-  _globals['_AGENT']._serialized_end=4760
+  _globals['_RESIZETTYREQUEST']._serialized_start=993
+  _globals['_RESIZETTYREQUEST']._serialized_end=1081
+  _globals['_PROCESSINFO']._serialized_start=1084
+  _globals['_PROCESSINFO']._serialized_end=1218
+  _globals['_LISTPROCESSESRESPONSE']._serialized_start=1220
+  _globals['_LISTPROCESSESRESPONSE']._serialized_end=1291
+  _globals['_UPDATECONTAINERREQUEST']._serialized_start=1293
+  _globals['_UPDATECONTAINERREQUEST']._serialized_end=1363
+  _globals['_STATSCONTAINERRESPONSE']._serialized_start=1366
+  _globals['_STATSCONTAINERRESPONSE']._serialized_end=1517
+  _globals['_IPADDRESS']._serialized_start=1519
+  _globals['_IPADDRESS']._serialized_end=1570
+  _globals['_INTERFACE']._serialized_start=1572
+  _globals['_INTERFACE']._serialized_end=1685
+  _globals['_INTERFACES']._serialized_start=1687
+  _globals['_INTERFACES']._serialized_end=1746
+  _globals['_ROUTE']._serialized_start=1748
+  _globals['_ROUTE']._serialized_end=1840
+  _globals['_ROUTES']._serialized_start=1842
+  _globals['_ROUTES']._serialized_end=1889
+  _globals['_NEIGHBOR']._serialized_start=1891
+  _globals['_NEIGHBOR']._serialized_end=1947
+  _globals['_UPDATEINTERFACEREQUEST']._serialized_start=1949
+  _globals['_UPDATEINTERFACEREQUEST']._serialized_end=2019
+  _globals['_REMOVEINTERFACEREQUEST']._serialized_start=2021
+  _globals['_REMOVEINTERFACEREQUEST']._serialized_end=2058
+  _globals['_UPDATEROUTESREQUEST']._serialized_start=2060
+  _globals['_UPDATEROUTESREQUEST']._serialized_end=2121
+  _globals['_ADDNEIGHBORSREQUEST']._serialized_start=2123
+  _globals['_ADDNEIGHBORSREQUEST']._serialized_end=2189
+  _globals['_GUESTDETAILS']._serialized_start=2191
+  _globals['_GUESTDETAILS']._serialized_end=2288
+  _globals['_HEALTHRESPONSE']._serialized_start=2290
+  _globals['_HEALTHRESPONSE']._serialized_end=2323
+  _globals['_AGENT']._serialized_start=2326
+  _globals['_AGENT']._serialized_end=4226
 # @@protoc_insertion_point(module_scope)

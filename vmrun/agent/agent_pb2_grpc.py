@@ -79,26 +79,6 @@ class AgentStub:
                 request_serializer=vmrun_dot_agent_dot_agent__pb2.SignalProcessRequest.SerializeToString,
                 response_deserializer=vmrun_dot_agent_dot_agent__pb2.Empty.FromString,
                 _registered_method=True)
-        self.StreamStdin = channel.stream_unary(
-                '/vmrun.agent.v1.Agent/StreamStdin',
-                request_serializer=vmrun_dot_agent_dot_agent__pb2.WriteStdinRequest.SerializeToString,
-                response_deserializer=vmrun_dot_agent_dot_agent__pb2.Empty.FromString,
-                _registered_method=True)
-        self.CloseStdin = channel.unary_unary(
-                '/vmrun.agent.v1.Agent/CloseStdin',
-                request_serializer=vmrun_dot_agent_dot_agent__pb2.ProcessRequest.SerializeToString,
-                response_deserializer=vmrun_dot_agent_dot_agent__pb2.Empty.FromString,
-                _registered_method=True)
-        self.ReadOutput = channel.unary_stream(
-                '/vmrun.agent.v1.Agent/ReadOutput',
-                request_serializer=vmrun_dot_agent_dot_agent__pb2.ReadOutputRequest.SerializeToString,
-                response_deserializer=vmrun_dot_agent_dot_agent__pb2.OutputChunk.FromString,
-                _registered_method=True)
-        self.CloseOutput = channel.unary_unary(
-                '/vmrun.agent.v1.Agent/CloseOutput',
-                request_serializer=vmrun_dot_agent_dot_agent__pb2.ReadOutputRequest.SerializeToString,
-                response_deserializer=vmrun_dot_agent_dot_agent__pb2.Empty.FromString,
-                _registered_method=True)
         self.ResizeTty = channel.unary_unary(
                 '/vmrun.agent.v1.Agent/ResizeTty',
                 request_serializer=vmrun_dot_agent_dot_agent__pb2.ResizeTtyRequest.SerializeToString,
@@ -236,36 +216,10 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def StreamStdin(self, request_iterator, context):
-        """Standard streams and terminals.
-        Stdin as a stream of chunks (each naming its process): no round trip per chunk.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def CloseStdin(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def ReadOutput(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def CloseOutput(self, request, context):
-        """The host's reader of that output is gone (its pipe closed): the process's further
-        writes to it fail (EPIPE, SIGPIPE), as they would on the host.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def ResizeTty(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Terminals. A process's stdio, signals from the host process standing for it and its
+        exit also travel on its process stream (vsock port 1026, vmrun/common/process_stream.py).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -404,26 +358,6 @@ def add_AgentServicer_to_server(servicer, server):
             'SignalProcess': grpc.unary_unary_rpc_method_handler(
                     servicer.SignalProcess,
                     request_deserializer=vmrun_dot_agent_dot_agent__pb2.SignalProcessRequest.FromString,
-                    response_serializer=vmrun_dot_agent_dot_agent__pb2.Empty.SerializeToString,
-            ),
-            'StreamStdin': grpc.stream_unary_rpc_method_handler(
-                    servicer.StreamStdin,
-                    request_deserializer=vmrun_dot_agent_dot_agent__pb2.WriteStdinRequest.FromString,
-                    response_serializer=vmrun_dot_agent_dot_agent__pb2.Empty.SerializeToString,
-            ),
-            'CloseStdin': grpc.unary_unary_rpc_method_handler(
-                    servicer.CloseStdin,
-                    request_deserializer=vmrun_dot_agent_dot_agent__pb2.ProcessRequest.FromString,
-                    response_serializer=vmrun_dot_agent_dot_agent__pb2.Empty.SerializeToString,
-            ),
-            'ReadOutput': grpc.unary_stream_rpc_method_handler(
-                    servicer.ReadOutput,
-                    request_deserializer=vmrun_dot_agent_dot_agent__pb2.ReadOutputRequest.FromString,
-                    response_serializer=vmrun_dot_agent_dot_agent__pb2.OutputChunk.SerializeToString,
-            ),
-            'CloseOutput': grpc.unary_unary_rpc_method_handler(
-                    servicer.CloseOutput,
-                    request_deserializer=vmrun_dot_agent_dot_agent__pb2.ReadOutputRequest.FromString,
                     response_serializer=vmrun_dot_agent_dot_agent__pb2.Empty.SerializeToString,
             ),
             'ResizeTty': grpc.unary_unary_rpc_method_handler(
@@ -744,114 +678,6 @@ class Agent:
             target,
             '/vmrun.agent.v1.Agent/SignalProcess',
             vmrun_dot_agent_dot_agent__pb2.SignalProcessRequest.SerializeToString,
-            vmrun_dot_agent_dot_agent__pb2.Empty.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def StreamStdin(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_unary(
-            request_iterator,
-            target,
-            '/vmrun.agent.v1.Agent/StreamStdin',
-            vmrun_dot_agent_dot_agent__pb2.WriteStdinRequest.SerializeToString,
-            vmrun_dot_agent_dot_agent__pb2.Empty.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def CloseStdin(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/vmrun.agent.v1.Agent/CloseStdin',
-            vmrun_dot_agent_dot_agent__pb2.ProcessRequest.SerializeToString,
-            vmrun_dot_agent_dot_agent__pb2.Empty.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def ReadOutput(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/vmrun.agent.v1.Agent/ReadOutput',
-            vmrun_dot_agent_dot_agent__pb2.ReadOutputRequest.SerializeToString,
-            vmrun_dot_agent_dot_agent__pb2.OutputChunk.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def CloseOutput(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/vmrun.agent.v1.Agent/CloseOutput',
-            vmrun_dot_agent_dot_agent__pb2.ReadOutputRequest.SerializeToString,
             vmrun_dot_agent_dot_agent__pb2.Empty.FromString,
             options,
             channel_credentials,

@@ -116,30 +116,6 @@ class AgentClient:
         )
         self._call("SignalProcess", request)
 
-    def stream_stdin(self, container_id: str, chunks: Iterator[bytes], exec_id: str = "") -> None:
-        """Write every chunk to the process's stdin, pipelined (no round trip per chunk);
-        returns once all are written. No deadline: the process reads when it will."""
-        requests = (pb.WriteStdinRequest(container_id=container_id, exec_id=exec_id, data=data) for data in chunks)
-        try:
-            self._stub.StreamStdin(requests, timeout=None)
-        except grpc.RpcError as exc:
-            raise _error(exc) from None
-
-    def close_stdin(self, container_id: str, exec_id: str = "") -> None:
-        self._call("CloseStdin", pb.ProcessRequest(container_id=container_id, exec_id=exec_id))
-
-    def close_output(self, container_id: str, stream: int, exec_id: str = "") -> None:
-        self._call("CloseOutput", pb.ReadOutputRequest(container_id=container_id, exec_id=exec_id, stream=stream))
-
-    def read_output(self, container_id: str, stream: int, exec_id: str = "") -> Iterator[bytes]:
-        """The process's stdout or stderr (pb.STDOUT / pb.STDERR) until its EOF."""
-        request = pb.ReadOutputRequest(container_id=container_id, exec_id=exec_id, stream=stream)
-        try:
-            for chunk in self._stub.ReadOutput(request):
-                yield chunk.data
-        except grpc.RpcError as exc:
-            raise _error(exc) from None
-
     def pause_container(self, container_id: str) -> None:
         self._call("PauseContainer", pb.ContainerRequest(container_id=container_id))
 

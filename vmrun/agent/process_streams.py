@@ -9,7 +9,6 @@ read its stdin holds up nothing else; one waits for the exit.
 
 from __future__ import annotations
 
-import errno
 import os
 import queue
 import select
@@ -171,14 +170,16 @@ class ProcessStream:
                 if not poller.poll(int(_WAKE_SLICE * 1000)):
                     continue
                 try:
-                    data = _read(stream.fd)
+                    data = os.read(stream.fd, MAX_FRAME)
                 except BlockingIOError:  # a non-blocking fd (crun's pty master may be one)
                     continue
+                except OSError:  # EIO: a pty whose other side closed; anything else ends it too
+                    break
                 if not data:
                     break
                 self._frames.send(kind, data)
             self._frames.send(Kind.OUTPUT_END, bytes([output]))
-        except OSError:
+        except OSError:  # the host's side is gone
             self._host_gone.set()
         finally:
             stream.release()
@@ -206,11 +207,3 @@ class ProcessStream:
         except OSError:
             pass
 
-
-def _read(fd: int) -> bytes:
-    try:
-        return os.read(fd, MAX_FRAME)
-    except OSError as exc:
-        if exc.errno == errno.EIO:  # a pty whose other side closed
-            return b""
-        raise

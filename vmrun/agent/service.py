@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import json
 import os
 import re
 import secrets
-import select
 import shutil
 import socket
 import threading
@@ -17,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from signal import SIGKILL
-from typing import Callable, Generator, Iterator, NoReturn, TypeVar
+from typing import Callable, Iterator, NoReturn, TypeVar
 
 import grpc
 
@@ -36,7 +34,6 @@ from vmrun.common.bridge import close_listener
 from vmrun.common.constants import BUNDLES_DIR, CONSOLES_DIR, SHARED_DIR
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
-_READ_CHUNK = 256 * 1024
 _CONSOLE_TIMEOUT = 30.0
 _SHARE_MOUNT_TIMEOUT = 30.0
 _PIPE_SIZE = 1 << 20
@@ -57,7 +54,7 @@ class SharedFd:
 
     Closing only marks it closed; the fd itself is closed when its last user lets go, so
     its number cannot be reused (handing another process's output to a reader) while a
-    ReadOutput or StreamStdin still holds it. Readers poll `closed` and let go.
+    process stream still holds it. Readers poll `closed` and let go.
     """
 
     def __init__(self, fd: int, name: str):
@@ -287,30 +284,6 @@ def _pipe() -> tuple[int, int]:
     except OSError:
         pass
     return r, w
-
-
-def _read_chunks(stream: SharedFd, context: grpc.ServicerContext) -> Generator[pb.OutputChunk, None, bool]:
-    """Chunks read from a held `stream`: True once it ends (EOF, or the agent closed it),
-    False if the caller went away first."""
-    poller = select.poll()
-    poller.register(stream.fd, select.POLLIN)
-    while not stream.closed:
-        if not context.is_active():
-            return False
-        if not poller.poll(int(_WAKE_SLICE * 1000)):
-            continue
-        try:
-            data = os.read(stream.fd, _READ_CHUNK)
-        except BlockingIOError:  # a non-blocking fd (crun's pty master may be one)
-            continue
-        except OSError as exc:
-            if exc.errno == errno.EIO:  # a pty whose other side closed
-                return True
-            raise
-        if not data:
-            return True
-        yield pb.OutputChunk(data=data)
-    return True
 
 
 def _cgroup_dir(pid: int) -> Path:
@@ -595,48 +568,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             self._reaper.kill(process.child, request.signal)
         return pb.Empty()
 
-    # ---- stdio ----
-
-    @_rpc
-    def StreamStdin(self, requests: Iterator[pb.WriteStdinRequest], context: grpc.ServicerContext) -> pb.Empty:
-        for request in requests:
-            self._write_stdin(request)
-        return pb.Empty()
-
-    def _write_stdin(self, request: pb.WriteStdinRequest) -> None:
-        self._process(request.container_id, request.exec_id).write_stdin(request.data)
-
-    @_rpc
-    def CloseStdin(self, request: pb.ProcessRequest, context: grpc.ServicerContext) -> pb.Empty:
-        self._process(request.container_id, request.exec_id).close_stdin()
-        return pb.Empty()
-
-    @_rpc_stream
-    def ReadOutput(self, request: pb.ReadOutputRequest, context: grpc.ServicerContext) -> Iterator[pb.OutputChunk]:
-        process = self._process(request.container_id, request.exec_id)
-        stream = process.stdout if request.stream == pb.STDOUT else process.stderr
-        if stream is None or not stream.acquire():
-            return
-        try:
-            reached_eof = threading.Event()
-            if request.stream == pb.STDOUT:
-                # The reader of stdout is the host process standing for this one (a shim,
-                # or `vmrun run`). If it vanishes before EOF, nobody can wait for or signal
-                # this process any more: it goes too, as a runc container dies with its
-                # parent shim.
-                context.add_callback(lambda: reached_eof.is_set() or self._kill_orphaned(process))
-            if (yield from _read_chunks(stream, context)):
-                reached_eof.set()
-        finally:
-            stream.release()
-
-    @_rpc
-    def CloseOutput(self, request: pb.ReadOutputRequest, context: grpc.ServicerContext) -> pb.Empty:
-        self._process(request.container_id, request.exec_id).close_output(stdout=request.stream == pb.STDOUT)
-        return pb.Empty()
-
-    def _kill_orphaned(self, process: GuestProcess) -> None:
-        self._reaper.kill(process.child, SIGKILL)
+    # ---- terminals ----
 
     @_rpc
     def ResizeTty(self, request: pb.ResizeTtyRequest, context: grpc.ServicerContext) -> pb.Empty:

@@ -26,86 +26,12 @@ from pathlib import Path
 from typing import Iterator
 
 from vmrun.errors import AgentError, VmrunError
-from vmrun.agent import agent_pb2 as pb
-from vmrun.agent.client import AgentClient
-from vmrun.stdio import write_all
+from vmrun.stdio import ProcessStream, open_process_stream
 
 log = logging.getLogger("vmrun.shimv2.io")
 
 _STDIN_CHUNK = 256 * 1024
 _BINARY_READY_TIMEOUT = 10.0
-
-
-class StdioRelay:
-    """Pumps stdout/stderr from the guest to host fds, and host stdin into the guest."""
-
-    def __init__(self, agent: AgentClient, container_id: str, exec_id: str = "", *,
-                 stdin: int | None, stdout: int, stderr: int, terminal: bool):
-        self._agent = agent
-        self._container_id = container_id
-        self._exec_id = exec_id
-        self._stdin = stdin
-        self._outputs = [(pb.STDOUT, stdout)] + ([] if terminal else [(pb.STDERR, stderr)])
-        self._output_threads: list[threading.Thread] = []
-        self.error: AgentError | None = None
-
-    def start(self) -> "StdioRelay":
-        for stream, fd in self._outputs:
-            thread = threading.Thread(target=self._pump_output, args=(stream, fd), daemon=True)
-            thread.start()
-            self._output_threads.append(thread)
-        if self._stdin is not None:
-            # A daemon: a terminal's stdin may never reach EOF, and must not hold us up.
-            threading.Thread(target=self._pump_stdin, daemon=True).start()
-        return self
-
-    def _pump_output(self, stream: int, fd: int) -> None:
-        writable = True
-        try:
-            for data in self._agent.read_output(self._container_id, stream, self._exec_id):
-                if writable and not write_all(fd, data):
-                    # Our reader is gone (`| head -1`): so is the process's, as with runc,
-                    # where its next write gets SIGPIPE. What is in flight is drained.
-                    writable = False
-                    self._agent.close_output(self._container_id, stream, self._exec_id)
-        except AgentError as exc:
-            self.error = exc
-
-    def _pump_stdin(self) -> None:
-        assert self._stdin is not None
-        try:
-            self._agent.stream_stdin(self._container_id, self._stdin_chunks(), self._exec_id)
-            self._agent.close_stdin(self._container_id, self._exec_id)
-        except AgentError:
-            pass  # the process is gone or closed its stdin: nothing more to deliver
-
-    def _stdin_chunks(self) -> Iterator[bytes]:
-        """Our stdin, as it comes, until EOF."""
-        assert self._stdin is not None
-        while True:
-            try:
-                data = os.read(self._stdin, _STDIN_CHUNK)
-            except BlockingIOError:
-                select.select([self._stdin], [], [])
-                continue
-            except InterruptedError:
-                continue
-            except OSError:
-                data = b""
-            if not data:
-                return
-            yield data
-
-    def output_running(self) -> bool:
-        return any(thread.is_alive() for thread in self._output_threads)
-
-    def wait_output(self) -> None:
-        """Wait until every output stream has reached EOF; AgentError if one broke off."""
-        for thread in self._output_threads:
-            thread.join()
-        if self.error is not None:
-            raise self.error
-
 
 
 @dataclass(frozen=True)
@@ -122,8 +48,8 @@ class _StdinPump:
     (CloseIO, or the process gone while the caller's stdin stays open) ends the pump at
     once, after what is already in the FIFO."""
 
-    def __init__(self, agent, container_id: str, exec_id: str, path: str):
-        self._agent, self._container_id, self._exec_id, self._path = agent, container_id, exec_id, path
+    def __init__(self, stream: ProcessStream, path: str):
+        self._stream, self._path = stream, path
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._thread = threading.Thread(target=self._pump, name="shim-stdin", daemon=True)
         self._thread.start()
@@ -135,10 +61,10 @@ class _StdinPump:
             log.warning("stdin %s: %s", self._path, exc.strerror)
             return
         try:
-            self._agent.stream_stdin(self._container_id, self._chunks(fd), self._exec_id)
-            self._agent.close_stdin(self._container_id, self._exec_id)
-        except AgentError:
-            pass  # the process is gone, or closed its stdin: nothing more to deliver
+            for data in self._chunks(fd):
+                if not self._stream.write_stdin(data):
+                    return  # the process is gone: nothing more to deliver
+            self._stream.close_stdin()
         finally:
             os.close(fd)
 
@@ -179,29 +105,38 @@ def _read_now(fd: int) -> bytes | None:
 class ProcessIO:
     """The stdio of one guest process (a task's init or an exec), for as long as it runs."""
 
-    def __init__(self, agent, container_id: str, exec_id: str, paths: IOPaths):
-        self._agent, self._container_id, self._exec_id = agent, container_id, exec_id
+    def __init__(self, vsock_address: str, container_id: str, exec_id: str, paths: IOPaths):
+        self._vsock_address, self._container_id, self._exec_id = vsock_address, container_id, exec_id
         self.paths = paths
         self._writers: list[int] = []  # closed once the output has ended
         self._readers: list[int] = []  # ours, of the FIFOs: closed with the process
         self._writers_lock = threading.Lock()
         self._logger: subprocess.Popen | None = None
-        self._relay: StdioRelay | None = None
+        self._stream: ProcessStream | None = None
+        self._relay: threading.Thread | None = None  # until the process exited and its output ended
         self._stdin: _StdinPump | None = None
 
     def start(self) -> "ProcessIO":
         """Open the outputs and start relaying (the guest keeps output until it is read)."""
         try:
             stdout, stderr = self._open_outputs()
+            stream = self._stream = open_process_stream(self._vsock_address, self._container_id, self._exec_id)
         except BaseException:
             self.close()
             raise
-        self._relay = StdioRelay(self._agent, self._container_id, self._exec_id, stdin=None,
-                                 stdout=stdout, stderr=stderr, terminal=self.paths.terminal).start()
-        threading.Thread(target=self._close_writers_after_output, name="shim-io-end", daemon=True).start()
+        self._relay = threading.Thread(target=self._relay_then_close_writers, args=(stream, stdout, stderr),
+                                       name="shim-io", daemon=True)
+        self._relay.start()
         if self.paths.stdin:
-            self._stdin = _StdinPump(self._agent, self._container_id, self._exec_id, self.paths.stdin)
+            self._stdin = _StdinPump(stream, self.paths.stdin)
         return self
+
+    def _relay_then_close_writers(self, stream: ProcessStream, stdout: int, stderr: int) -> None:
+        try:
+            stream.relay(stdin=None, stdout=stdout, stderr=stderr, terminal=self.paths.terminal)
+        except AgentError as exc:
+            log.debug("%s/%s: %s", self._container_id, self._exec_id, exc)
+        self._close_writers()
 
     def _open_outputs(self) -> tuple[int, int]:
         stdout_uri = urllib.parse.urlparse(self.paths.stdout)
@@ -274,18 +209,13 @@ class ProcessIO:
     def close_stdin(self) -> None:
         if self._stdin is not None:
             self._stdin.close()
-        else:
-            with contextlib.suppress(AgentError):
-                self._agent.close_stdin(self._container_id, self._exec_id)
+        elif self._stream is not None:
+            self._stream.close_stdin()
 
     def wait_output(self) -> None:
+        """Until the process's output has ended (and it exited)."""
         if self._relay is not None:
-            with contextlib.suppress(AgentError):
-                self._relay.wait_output()
-
-    def _close_writers_after_output(self) -> None:
-        self.wait_output()
-        self._close_writers()
+            self._relay.join()
 
     def _close_writers(self) -> None:
         with self._writers_lock:
@@ -297,7 +227,7 @@ class ProcessIO:
     def close(self) -> None:
         if self._stdin is not None:
             self._stdin.close()
-        if self._relay is None or not self._relay.output_running():
+        if self._relay is None or not self._relay.is_alive():
             self._close_writers()
         # else: still relaying (a process of the container's holds its output): the relay
         # closes them when it ends; closing under it could hand its fd to another file.

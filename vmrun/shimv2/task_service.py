@@ -200,7 +200,7 @@ class TaskService:
                 undo.callback(self._remove_in_guest, request.id)
                 init = ShimProcess(request.id, "", os.getpid(),
                                    IOPaths(request.stdin, request.stdout, request.stderr, request.terminal))
-                init.io = ProcessIO(self._agent, request.id, "", init.io_paths).start()
+                init.io = ProcessIO(sandbox.vsock_address, request.id, "", init.io_paths).start()
                 undo.callback(init.io.close)
                 state = hook_state(request.id, "created", init.pid, str(bundle_dir), bundle.spec.get("annotations"))
                 for kind in CREATE_HOOKS:
@@ -242,7 +242,7 @@ class TaskService:
             self._agent.exec_process(task.id, request.exec_id, guest_process(process.spec))
             process.status = RUNNING
             try:
-                process.io = ProcessIO(self._agent, task.id, request.exec_id, process.io_paths).start()
+                process.io = ProcessIO(self._sandbox.vsock_address, task.id, request.exec_id, process.io_paths).start()
             except BaseException:
                 with contextlib.suppress(AgentError):
                     self._agent.signal_process(task.id, 9, request.exec_id)
