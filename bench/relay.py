@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from kept_failures import keep_failed_logs
 from vmrun.busybox import make_busybox_bundle
 
 VMRUN = [sys.executable, "-m", "vmrun.cli"]
@@ -39,8 +40,7 @@ def main() -> int:
             result = subprocess.run([*cli, "run", "--bundle", str(bundle), name], env=env, stdin=stdin,
                                     stdout=stdout, stderr=subprocess.PIPE)
             if result.returncode != 0:
-                failed = Path(tempfile.mkdtemp(prefix="vrelay-failed-", dir="/tmp"))
-                shutil.copytree(base / "run" / "failed", failed, dirs_exist_ok=True)
+                failed = keep_failed_logs(base / "run", "vrelay-failed-")
                 raise SystemExit(f"vmrun run {name}: {result.stderr.decode().strip()} (logs kept in {failed})")
             return time.monotonic() - started
 

@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from kept_failures import keep_failed_logs
 from vmrun.busybox import make_busybox_bundle
 
 VMRUN = [sys.executable, "-m", "vmrun.cli"]
@@ -100,7 +101,9 @@ def main() -> int:
                                          "--log-format", "json", "run", "--bundle", str(bundle), f"v{round_}"],
                                         {**os.environ, "VMRUN_CONFIG": str(config)})
                 if result.returncode != 0:
-                    print(f"vmrun run ({name}) failed: {result.stderr.decode()}", file=sys.stderr)
+                    kept = keep_failed_logs(work / "run", "vrun-true-failed-", log)
+                    print(f"vmrun run ({name}) failed: {result.stderr.decode().strip()} (logs kept in {kept})",
+                          file=sys.stderr)
                     return result.returncode
                 walls[name].append(seconds)
                 phases[name].append(vmrun_phases(log))

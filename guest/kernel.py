@@ -177,16 +177,38 @@ def modinfo(data: bytes) -> dict[str, list[str]]:
 
 
 def read_module(path: Path) -> bytes:
-    """A module file's bytes, decompressed."""
+    """A module file's bytes, decompressed, without its signature (strip_signature)."""
     data = path.read_bytes()
     name = path.name
     if name.endswith(".xz"):
-        return lzma.decompress(data)
-    if name.endswith(".gz"):
-        return gzip.decompress(data)
-    if name.endswith(".zst"):
-        return run(["zstd", "-d", "-c"], input=data, timeout=60).stdout
-    return data
+        data = lzma.decompress(data)
+    elif name.endswith(".gz"):
+        data = gzip.decompress(data)
+    elif name.endswith(".zst"):
+        data = run(["zstd", "-d", "-c"], input=data, timeout=60).stdout
+    return strip_signature(data)
+
+
+_SIGNATURE_MAGIC = b"~Module signature appended~\n"
+_SIGNATURE_INFO = struct.Struct(">BBBBB3xI")  # algo, hash, id type, signer len, key id len, sig len
+
+
+def strip_signature(module: bytes) -> bytes:
+    """The module without the signature appended to it. The guest kernel then skips the
+    RSA check of each module it loads (milliseconds each under TCG) and marks itself
+    tainted ('E'): the guest's code is its tenant's to change anyway, and the host trusts
+    nothing the guest says. A module without a signature is returned as it is."""
+    if not module.endswith(_SIGNATURE_MAGIC):
+        return module
+    info_end = len(module) - len(_SIGNATURE_MAGIC)
+    info_start = info_end - _SIGNATURE_INFO.size
+    if info_start < 0:
+        raise ValueError("a module signature's trailer without its information")
+    *_, signer_len, key_id_len, sig_len = _SIGNATURE_INFO.unpack_from(module, info_start)
+    data_end = info_start - sig_len - signer_len - key_id_len
+    if data_end <= 0:
+        raise ValueError("a module signature longer than its module")
+    return module[:data_end]
 
 
 @dataclass

@@ -173,3 +173,23 @@ def test_kernel_package_from_meta_depends():
     assert kernel.kernel_package(meta) == "linux-image-6.1.0-57-cloud-amd64"
     with pytest.raises(ImageError, match="linux-image-cloud-amd64"):
         kernel.kernel_package(Package("linux-image-cloud-amd64", "1", ("libc6",)))
+
+
+def _signed(module: bytes, signature: bytes) -> bytes:
+    # As scripts/sign-file appends it: the PKCS#7 signature, its information block
+    # (algo, hash, id type, signer len, key id len, 3 pad bytes, sig len), then the magic.
+    info = struct.pack(">BBBBB3xI", 0, 0, 2, 0, 0, len(signature))
+    return module + signature + info + b"~Module signature appended~\n"
+
+
+def test_a_modules_signature_is_stripped_and_the_rest_kept_whole():
+    module = b"\x7fELF" + bytes(range(256)) * 10
+    assert kernel.strip_signature(_signed(module, b"S" * 721)) == module
+    assert kernel.strip_signature(module) == module  # unsigned: as it is
+
+
+def test_a_signature_trailer_that_does_not_fit_is_an_error():
+    with pytest.raises(ValueError):
+        kernel.strip_signature(_signed(b"tiny", b"S" * 721)[-50:])
+    with pytest.raises(ValueError):
+        kernel.strip_signature(b"~Module signature appended~\n")
