@@ -21,6 +21,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from kept_failures import keep_failed_logs
 from vmrun.busybox import make_busybox_bundle
 
 VMRUN = [sys.executable, "-m", "vmrun.cli"]
@@ -78,7 +79,9 @@ def measure(n: int, base: Path, env: dict[str, str]) -> None:
                                             stdout=subprocess.DEVNULL, stderr=errors)
                     if result.returncode != 0:
                         errors.seek(0)
-                        raise SystemExit(f"vmrun {step[0]} {container_id}: {errors.read().decode().strip()}")
+                        kept = keep_failed_logs(base / "run", "vdensity-failed-")
+                        raise SystemExit(f"vmrun {step[0]} {container_id}: {errors.read().decode().strip()} "
+                                         f"(logs kept in {kept})")
             made.append(container_id)
         startup = time.monotonic() - started
         time.sleep(SETTLE_SECONDS)

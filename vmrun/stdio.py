@@ -42,7 +42,6 @@ def write_all(fd: int, data: bytes | memoryview) -> bool:
     return True
 
 
-
 def window_size(fd: int) -> tuple[int, int]:
     """(rows, columns) of the terminal `fd`; (0, 0) if it is none or says nothing."""
     try:

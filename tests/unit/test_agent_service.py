@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from vmrun.agent import agent_pb2 as pb
-from vmrun.agent import process_streams, service
+from vmrun.agent import service
 from vmrun.agent.process_streams import ProcessStreamServer
 from vmrun.agent.processes import Child, Reaper
 from vmrun.agent.service import AgentService, Container, GuestProcess, SharedFd
@@ -123,12 +123,7 @@ class StreamToAgent:
         return got
 
 
-@pytest.fixture
-def fast_streams(monkeypatch):
-    monkeypatch.setattr(process_streams, "_WAKE_SLICE", 0.02)
-
-
-def test_a_stream_carries_output_until_eof_then_the_exit(agent, tmp_path, sleeper, fast_streams):
+def test_a_stream_carries_output_until_eof_then_the_exit(agent, tmp_path, sleeper):
     process, _, out_w = _piped(Child(sleeper.pid, status=3 << 8))
     _add(agent, process, tmp_path)
     os.write(out_w, b"hello")
@@ -140,7 +135,7 @@ def test_a_stream_carries_output_until_eof_then_the_exit(agent, tmp_path, sleepe
     assert sleeper.poll() is None  # it had exited (as far as the agent knew): nothing is killed
 
 
-def test_the_host_vanishing_before_the_exit_kills_the_process(agent, tmp_path, sleeper, fast_streams):
+def test_the_host_vanishing_before_the_exit_kills_the_process(agent, tmp_path, sleeper):
     process, _, _ = _piped(Child(sleeper.pid))
     _add(agent, process, tmp_path)
     stream = StreamToAgent(agent)
@@ -151,7 +146,7 @@ def test_the_host_vanishing_before_the_exit_kills_the_process(agent, tmp_path, s
     assert sleeper.wait(timeout=10) == -signal.SIGKILL
 
 
-def test_remove_leaves_a_held_fd_to_its_stream(agent, tmp_path, sleeper, fast_streams):
+def test_remove_leaves_a_held_fd_to_its_stream(agent, tmp_path, sleeper):
     process, _, out_w = _piped(Child(sleeper.pid, status=0))
     _add(agent, process, tmp_path)
     out_r = process.stdout.fd
@@ -166,7 +161,7 @@ def test_remove_leaves_a_held_fd_to_its_stream(agent, tmp_path, sleeper, fast_st
     os.close(out_w)
 
 
-def test_stdin_through_a_stream_is_written_credited_and_closed(agent, tmp_path, fast_streams):
+def test_stdin_through_a_stream_is_written_credited_and_closed(agent, tmp_path):
     process, in_r, out_w = _piped(Child(1 << 22))
     _add(agent, process, tmp_path)
     stream = StreamToAgent(agent)
@@ -189,7 +184,7 @@ def test_stdin_through_a_stream_is_written_credited_and_closed(agent, tmp_path, 
     os.close(out_w)
 
 
-def test_a_stream_to_a_missing_container_is_refused(agent, fast_streams):
+def test_a_stream_to_a_missing_container_is_refused(agent):
     kind, payload = StreamToAgent(agent, "nope").frames.receive()
     assert kind == Kind.REFUSED and b"does not exist" in bytes(payload)
 

@@ -254,6 +254,9 @@ class FakeService:
 
     def kill(self, process, signum):
         self.signals.append(signum)
+        if signum == 9:  # it dies of it
+            self.code = 137
+            self.exited.set()
 
 
 def guest_process():
@@ -359,4 +362,23 @@ def test_the_guest_refuses_guest_side_frames_from_the_host_and_forwards_signals(
     thread.join(5)
     assert not thread.is_alive() and service.signals == [15, 9]
     for fd in fds:
+        os.close(fd)
+
+
+def test_an_output_closed_before_the_attach_is_said_to_have_ended_at_once():
+    process, (in_r, out_w, err_w) = guest_process()
+    process.stderr.close()  # e.g. an earlier host reader went away (CLOSE_OUTPUT)
+    service = FakeService()
+    host, thread = serve_guest(process, service)
+    kind, payload = host.receive()
+    assert (kind, bytes(payload)) == (Kind.OUTPUT_END, bytes([Output.STDERR]))
+    os.close(out_w)
+    service.code = 0
+    service.exited.set()
+    frames = []
+    while (frame := host.receive()) is not None:
+        frames.append((frame[0], bytes(frame[1])))
+    thread.join(5)
+    assert (Kind.OUTPUT_END, bytes([Output.STDOUT])) in frames and (Kind.EXIT, pack_exit(0)) in frames
+    for fd in (in_r, err_w):
         os.close(fd)

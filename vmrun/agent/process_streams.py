@@ -23,9 +23,35 @@ from vmrun.common.process_stream import (MAX_FRAME, OUTPUT_KINDS, STDIN_WINDOW, 
                                          unpack_size, unpack_u32)
 
 _ATTACH_TIMEOUT = 10.0
-# Output pumps and the exit waiter wake this often to notice a host that went away.
-_WAKE_SLICE = 0.5
 _MAX_SIGNAL = 64
+
+
+class _Wake:
+    """Wakes one output pump from its poll (its host reader or the host went): an idle
+    pump sleeps until then instead of waking on a timer, which costs every idle guest CPU
+    under TCG."""
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def fileno(self) -> int:
+        return self._read
+
+    def set(self) -> None:
+        with self._lock:
+            if not self._closed:  # its fds are never written once closed (their numbers move on)
+                try:
+                    os.write(self._write, b"x")
+                except BlockingIOError:
+                    pass  # already awake
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            os.close(self._read)
+            os.close(self._write)
 
 
 class ProcessStreamServer:
@@ -84,19 +110,35 @@ class ProcessStream:
         self._parts_lock = threading.Lock()
         self._stdin: queue.Queue[bytes | None] = queue.Queue()
         self._stdin_pending = 0  # received from the host, not yet credited back
+        self._stdin_lock = threading.Lock()
+        self._wakes = {Output.STDOUT: _Wake(), Output.STDERR: _Wake()}
+
+    def _end_host(self) -> None:
+        """The host's side is gone (or said everything it will): the pumps let go."""
+        self._host_gone.set()
+        for wake in self._wakes.values():
+            wake.set()
 
     def run(self) -> None:
         outputs: list[tuple[Output, SharedFd]] = []
+        ended: list[Output] = []  # closed already (or none): said at once
         for output, stream in ((Output.STDOUT, self._process.stdout),
                                (Output.STDERR, None if self._process.terminal else self._process.stderr)):
             if stream is not None and stream.acquire():
                 outputs.append((output, stream))
+            elif output == Output.STDOUT or not self._process.terminal:
+                ended.append(output)
         self._parts_left += len(outputs)
+        for output in set(self._wakes) - {output for output, _ in outputs}:
+            self._wakes[output].close()  # no pump of its own to wake
         try:
             self._frames.send(Kind.ATTACHED)
+            for output in ended:
+                self._frames.send(Kind.OUTPUT_END, bytes([output]))
         except OSError:
-            for _, stream in outputs:
+            for output, stream in outputs:
                 stream.release()
+                self._wakes[output].close()
             raise
         for output, stream in outputs:
             threading.Thread(target=self._pump_output, args=(output, stream), name="stream-output",
@@ -106,7 +148,7 @@ class ProcessStream:
         try:
             self._read_host()
         finally:
-            self._host_gone.set()
+            self._end_host()
             self._stdin.put(None)
             if not self._exit_sent.is_set():
                 self._service.kill(self._process, SIGKILL)
@@ -117,9 +159,10 @@ class ProcessStream:
         while (frame := self._frames.receive()) is not None:
             kind, payload = frame
             if kind == Kind.STDIN:
-                self._stdin_pending += len(payload)
-                if self._stdin_pending > STDIN_WINDOW:
-                    raise StreamError("stdin sent beyond the credit granted")
+                with self._stdin_lock:
+                    self._stdin_pending += len(payload)
+                    if self._stdin_pending > STDIN_WINDOW:
+                        raise StreamError("stdin sent beyond the credit granted")
                 self._stdin.put(bytes(payload))
             elif kind == Kind.STDIN_EOF:
                 self._stdin.put(None)
@@ -148,7 +191,8 @@ class ProcessStream:
                     self._process.write_stdin(data)
                 except (InvalidArgument, OSError):
                     writable = False
-            self._stdin_pending -= len(data)
+            with self._stdin_lock:
+                self._stdin_pending -= len(data)
             try:
                 self._frames.send(Kind.STDIN_CREDIT, pack_u32(len(data)))
             except OSError:
@@ -162,13 +206,16 @@ class ProcessStream:
     # ---- to the host ----
 
     def _pump_output(self, output: Output, stream: SharedFd) -> None:
+        wake = self._wakes[output]
         poller = select.poll()
         poller.register(stream.fd, select.POLLIN)
+        poller.register(wake.fileno(), select.POLLIN)
         kind = OUTPUT_KINDS[output]
+        stream.notify_on_close(wake.set)  # the container removed, or its reader gone
         try:
             while not stream.closed and not self._host_gone.is_set():
-                if not poller.poll(int(_WAKE_SLICE * 1000)):
-                    continue
+                if any(fd == wake.fileno() for fd, _ in poller.poll()):
+                    continue  # the loop's condition says why
                 try:
                     data = os.read(stream.fd, MAX_FRAME)
                 except BlockingIOError:  # a non-blocking fd (crun's pty master may be one)
@@ -180,15 +227,18 @@ class ProcessStream:
                 self._frames.send(kind, data)
             self._frames.send(Kind.OUTPUT_END, bytes([output]))
         except OSError:  # the host's side is gone
-            self._host_gone.set()
+            self._end_host()
         finally:
+            stream.forget(wake.set)
             stream.release()
+            wake.close()
             self._part_done()
 
     def _wait_exit(self) -> None:
-        while (code := self._service.exit_code(self._process, _WAKE_SLICE)) is None:
-            if self._host_gone.is_set():
-                return
+        # No timeout: if the host goes, the process is killed, and this wait ends with it.
+        code = self._service.exit_code(self._process, None)
+        if code is None or self._host_gone.is_set():
+            return
         try:
             self._frames.send(Kind.EXIT, pack_exit(code))
             self._exit_sent.set()

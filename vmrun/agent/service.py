@@ -54,7 +54,7 @@ class SharedFd:
 
     Closing only marks it closed; the fd itself is closed when its last user lets go, so
     its number cannot be reused (handing another process's output to a reader) while a
-    process stream still holds it. Readers poll `closed` and let go.
+    process stream still holds it. Readers are woken (notify_on_close) and let go.
     """
 
     def __init__(self, fd: int, name: str):
@@ -63,6 +63,18 @@ class SharedFd:
         self._users = 1  # the owner's hold, dropped by close()
         self._closed = False
         self._lock = threading.Lock()
+        self._on_close: list[Callable[[], None]] = []  # wakes readers blocked on the fd
+
+    def notify_on_close(self, wake: Callable[[], None]) -> None:
+        with self._lock:
+            self._on_close.append(wake)
+        if self._closed:
+            wake()
+
+    def forget(self, wake: Callable[[], None]) -> None:
+        with self._lock:
+            if wake in self._on_close:
+                self._on_close.remove(wake)
 
     @property
     def closed(self) -> bool:
@@ -88,6 +100,9 @@ class SharedFd:
             if self._closed:
                 return
             self._closed = True
+            wakes = list(self._on_close)
+        for wake in wakes:
+            wake()
         self.release()
 
     @contextlib.contextmanager
@@ -360,7 +375,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         """A container's init (no exec id) or one of its execs; NotFound if none."""
         return self._process(container_id, exec_id)
 
-    def exit_code(self, process: GuestProcess, timeout: float) -> int | None:
+    def exit_code(self, process: GuestProcess, timeout: float | None) -> int | None:
         """The runc-style exit status of `process` once it exited (None: still running)."""
         status = self._reaper.wait(process.child, timeout)
         return None if status is None else exit_status(status)[0]
