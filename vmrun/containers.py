@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from vmrun.config import Config
-from vmrun.errors import AgentError, ContainerNotFoundError, StateConflictError, VmrunError
+from vmrun.errors import AgentError, AgentGoneError, ContainerNotFoundError, StateConflictError, VmrunError
 from vmrun.control import CONTROL_SOCKET, control_call
 from vmrun.hooks import CREATE_HOOKS, hook_state, parse_hooks, run_hooks, run_hooks_logging_failures
 from vmrun.host_cgroup import HostCgroup, cgroup_path, process_tree
@@ -53,6 +53,11 @@ def _wait_gone(processes: list[ProcessRef], timeout: float) -> None:
     # Only our own processes: ProcessRef signals none whose pid another process took over.
     for process in wait_until_gone(processes, timeout):
         process.signal(signal.SIGKILL)
+
+
+# How long `kill` waits, when the guest went mid-call, for the container's host process to
+# follow it (its relay reads the exit, then ends).
+KILLED_GUEST_GRACE_S = 10.0
 
 
 @dataclass
@@ -246,8 +251,14 @@ class Containers:
             if all_processes:
                 return  # as runc: nothing left to signal is not an error with --all
             raise StateConflictError(f"container {container_id!r} is not running")
-        with self._agent(state) as agent:
-            agent.signal_process(container_id, signum, all_processes=all_processes)
+        try:
+            with self._agent(state) as agent:
+                agent.signal_process(container_id, signum, all_processes=all_processes)
+        except AgentGoneError:
+            # A signal that ends a pod's last container can take the guest down before the
+            # agent's reply is out: the container is then gone, and the signal was delivered.
+            if wait_until_gone([state.process], timeout=KILLED_GUEST_GRACE_S):
+                raise
 
     def delete(self, container_id: str, force: bool = False) -> None:
         validate_id(container_id)

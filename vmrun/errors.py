@@ -61,6 +61,10 @@ class AgentError(VmrunError):
     """The in-guest agent failed or could not be reached."""
 
 
+class AgentGoneError(AgentError):
+    """The connection to the agent broke or could not be made: the guest may be gone."""
+
+
 class Interrupted(VmrunError):
     """A stop signal arrived before the work was done: unwind, cleaning up."""
 

@@ -11,7 +11,7 @@ import grpc
 
 from vmrun.agent import agent_pb2 as pb
 from vmrun.agent import agent_pb2_grpc
-from vmrun.errors import AgentError
+from vmrun.errors import AgentError, AgentGoneError
 from vmrun.network.scan import PodInterface
 
 # Output chunks can be large; stdin chunks are bounded by the sender.
@@ -23,7 +23,10 @@ _CHANNEL_OPTIONS = [
 
 def _error(exc: grpc.RpcError) -> AgentError:
     details = exc.details() if hasattr(exc, "details") else str(exc)
-    return AgentError(f"agent: {details}")
+    code = exc.code() if hasattr(exc, "code") else None
+    # UNAVAILABLE is gRPC's word for a transport that broke or never connected.
+    kind = AgentGoneError if code == grpc.StatusCode.UNAVAILABLE else AgentError
+    return kind(f"agent: {details}")
 
 
 class AgentClient:
