@@ -31,6 +31,10 @@ _HOST_CID = 2
 # A lost connection request is retried after this, not after the kernel's 2 s.
 _CONNECT_TIMEOUT = 0.5
 _SERVER_SETUP_TIMEOUT = 5.0
+# /init loads the kernel modules while the agent starts, and writes this file (the guest
+# uptime then) once they are in: vsock needs them.
+_MODULES_LOADED = "/run/vmrun/modules-loaded"
+_MODULES_TIMEOUT = 60.0
 
 
 def _log(message: str) -> None:
@@ -52,10 +56,30 @@ def _dial_agent() -> socket.socket:
     return conn
 
 
-def _boot_report() -> str:
-    """Guest uptime now and when /init handed over to the agent: where boot time went."""
-    uptime = open("/proc/uptime").read().split()[0]
-    return f"uptime={uptime} agent_started={os.environ.get('VMRUN_INIT_DONE', '0')}"
+def _wait_for_modules() -> str:
+    """Wait until /init has loaded the kernel modules; the guest uptime when it had ("0"
+    if it never said: the agent goes on, and what lacks a module fails by itself)."""
+    deadline = time.monotonic() + _MODULES_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            with open(_MODULES_LOADED) as marker:
+                return marker.read().strip() or "0"
+        except FileNotFoundError:
+            time.sleep(0.005)
+    _log(f"the kernel modules are not all loaded after {_MODULES_TIMEOUT:g} s: going on")
+    return "0"
+
+
+def _uptime() -> str:
+    with open("/proc/uptime") as uptime:
+        return uptime.read().split()[0]
+
+
+def _boot_report(milestones: dict[str, str]) -> str:
+    """Guest uptime now, when /init handed over to the agent and at the agent's milestones
+    (its modules in, gRPC loaded, serving): where boot time went."""
+    steps = " ".join(f"{name}={at}" for name, at in milestones.items())
+    return f"uptime={_uptime()} agent_started={os.environ.get('VMRUN_INIT_DONE', '0')} {steps}"
 
 
 def _local_cid() -> int:
@@ -83,7 +107,7 @@ def _open_first_connection() -> socket.socket:
     return conn
 
 
-def _announce_ready(bridge: SocketBridge, first_connection: socket.socket) -> None:
+def _announce_ready(bridge: SocketBridge, first_connection: socket.socket, boot_report: str) -> None:
     """Connect to the host's ready port until it answers (the device may come late), say
     READY, and keep the connection: spliced to `first_connection`, it carries the host's
     first gRPC connection, so the host's first call needs no vsock connection of its own."""
@@ -98,7 +122,7 @@ def _announce_ready(bridge: SocketBridge, first_connection: socket.socket) -> No
         try:
             conn.settimeout(_CONNECT_TIMEOUT)
             conn.connect((_HOST_CID, ready_port(cid)))
-            message = f"{vmrun.__version__} {_boot_report()}"
+            message = f"{vmrun.__version__} {boot_report}"
             conn.sendall(READY_MESSAGE + b" " + message.encode() + b"\n")
         except OSError:
             conn.close()
@@ -137,6 +161,7 @@ def _prepared_warm_up(reaper: Reaper) -> WarmUp | None:
 
 
 def main() -> None:
+    milestones = {"agent_main": _uptime()}  # the interpreter up, the server's imports done
     params = linux.kernel_cmdline()
     agent_port = int(params.get("agent_port", AGENT_PORT))
     if os.getpid() != 1:
@@ -163,6 +188,8 @@ def main() -> None:
     from vmrun.agent.service import AgentService
     from vmrun.common.process_stream import PROCESS_STREAM_PORT
 
+    milestones["grpc_loaded"] = _uptime()
+
     os.makedirs(os.path.dirname(AGENT_UNIX_SOCKET), exist_ok=True)
     if os.path.exists(AGENT_UNIX_SOCKET):
         os.unlink(AGENT_UNIX_SOCKET)
@@ -176,6 +203,7 @@ def main() -> None:
     agent_pb2_grpc.add_AgentServicer_to_server(service, server)
     server.add_insecure_port(f"unix:{AGENT_UNIX_SOCKET}")
     server.start()
+    milestones["modules_loaded"] = _wait_for_modules()  # AF_VSOCK itself is a module
     bridge = SocketBridge(_vsock_listener(agent_port), _dial_agent, "vsock-agent").start()
     DnsRelayGuest(_vsock_listener(RELAY_PORT), _log).start()  # idle until the host asks for it
     # Each guest process's stdio, signals and exit, for the host process standing for it.
@@ -188,7 +216,8 @@ def main() -> None:
     first_connection = _open_first_connection()
     # A template is saved once this line is on the console; its clones get vsock later.
     _log("listening")
-    _announce_ready(bridge, first_connection)
+    milestones["serving"] = _uptime()
+    _announce_ready(bridge, first_connection, _boot_report(milestones))
     _log(f"ready on vsock port {agent_port}")
     # The agent serves until the guest goes. Not server.wait_for_termination(): it wakes
     # ten times a second, which under TCG is CPU every idle pod spends.
