@@ -7,6 +7,8 @@ Cache layout under `cache_dir` (default /var/lib/vmrun/image):
     debs/              downloaded .deb files, reused while their version is current
     wheels/            downloaded wheels
     apt/pkgcache.bin   APT's binary cache, so that computing the key stays cheap
+    kernels/<key>/     the vmrun guest kernel built from source (guest/kernel_build.py), reused
+                       by every image while its source and config are the same
     <key>/             one built image: vmlinux or vmlinuz, initrd.img, root.erofs, manifest.json
     current            symlink to the newest <key>
     .lock              serialises builds
@@ -33,8 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from guest import debs, kernel, python_tree, root_image, rootfs
+from guest import debs, kernel, kernel_build, python_tree, root_image, rootfs
 from guest.image_cache import GuestImage, find_image, load_image  # noqa: F401 - find_image: public here too
+from vmrun.bootfiles import kernel_release
 from vmrun.errors import ImageError
 
 BUILDER_VERSION = 2  # 2: the root on erofs + a stage-1 initrd
@@ -130,8 +133,12 @@ class Plan:
     inputs: KeyInputs
     key: str
     packages: dict[str, debs.Package]
-    kernel_package: str
+    kernel_package: str  # Debian's kernel image package, or the linux-source one we build
     agent: python_tree.AgentSources
+
+    @property
+    def builds_kernel(self) -> bool:
+        return self.kernel_package == kernel_build.SOURCE_PACKAGE
 
 
 def _kernel_package_name(apt_dir: Path, versions: Mapping[str, str]) -> str:
@@ -156,13 +163,18 @@ def _kernel_package_name(apt_dir: Path, versions: Mapping[str, str]) -> str:
     return name
 
 
-def make_plan(cache_dir: Path, log: Log) -> Plan:
+def make_plan(cache_dir: Path, log: Log, kernel_source: str = "vmrun") -> Plan:
+    """The plan for an image whose kernel is "vmrun" (built from source) or "debian"."""
     debs.ensure_lists(log)
     apt_dir = cache_dir / "apt"
-    versions = debs.policy_versions([KERNEL_META, *PACKAGES], apt_dir)
-    kernel_pkg = _kernel_package_name(apt_dir, versions)
-    versions.update(debs.policy_versions([kernel_pkg], apt_dir))
-    del versions[KERNEL_META]
+    if kernel_source == "vmrun":
+        kernel_pkg = kernel_build.SOURCE_PACKAGE
+        versions = debs.policy_versions([kernel_pkg, *PACKAGES], apt_dir)
+    else:
+        versions = debs.policy_versions([KERNEL_META, *PACKAGES], apt_dir)
+        kernel_pkg = _kernel_package_name(apt_dir, versions)
+        versions.update(debs.policy_versions([kernel_pkg], apt_dir))
+        del versions[KERNEL_META]
     packages = {name: debs.Package(name, versions[name]) for name in [kernel_pkg, *PACKAGES]}
     wheels = python_tree.host_versions()
     agent = python_tree.agent_sources()
@@ -225,13 +237,14 @@ def _prune_images(cache_dir: Path, keep_key: str) -> None:
 
 
 def build_image(
-    cache_dir: Path, *, force: bool = False, log: Log = print
+    cache_dir: Path, *, force: bool = False, log: Log = print, kernel_source: str = "vmrun"
 ) -> tuple[GuestImage, bool, float]:
-    """Build the guest image unless the cache has it; return (image, cache_hit, seconds)."""
+    """Build the guest image unless the cache has it; return (image, cache_hit, seconds).
+    `kernel_source`: "vmrun" (guest/kernel_build.py) or "debian" (the cloud kernel)."""
     start = time.monotonic()
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    plan = make_plan(cache_dir, log)
+    plan = make_plan(cache_dir, log, kernel_source)
     if not force:
         cached = load_image(cache_dir / plan.key)
         if cached is not None:
@@ -291,20 +304,32 @@ def _build(plan: Plan, cache_dir: Path, work: Path, log: Log, start: float) -> P
     )
 
     staging = work / "staging"
-    step(f"extracting {len(deb_paths)} Debian packages")
-    debs.extract(deb_paths, staging)
+    # The kernel's source package is unpacked by its own build, when not cached.
+    to_extract = {name: path for name, path in deb_paths.items()
+                  if not (plan.builds_kernel and name == plan.kernel_package)}
+    step(f"extracting {len(to_extract)} Debian packages")
+    debs.extract(to_extract, staging)
 
     root = work / "root"
     root.mkdir()
     rootfs.make_layout(root)
 
-    step("kernel: unpacking the PVH vmlinux and resolving modules")
-    kern = kernel.kernel_from_staging(staging)
-    tree = kernel.ModuleTree.load(staging / "lib/modules" / kern.release)
-    stage1_order = tree.resolve([(name, False) for name in root_image.STAGE1_MODULES], log)
-    order = [name for name in tree.resolve(kernel.parse_module_list(MODULES_LIST.read_text()), log)
-             if name not in stage1_order]  # loaded by stage 1 already
-    module_paths = kernel.install_modules(tree, order, root, kern.release)
+    tree: kernel.ModuleTree | None = None
+    if plan.builds_kernel:
+        step("kernel: the vmrun guest kernel (built from source once, then cached)")
+        source_deb = deb_paths[plan.kernel_package]
+        vmlinux = kernel_build.build_kernel(source_deb, plan.packages[plan.kernel_package].version,
+                                            cache_dir / "kernels", log)
+        kern = kernel.Kernel(kernel_release(vmlinux) or "unknown", vmlinux, vmlinux.read_bytes())
+        stage1_order, module_paths = [], []  # everything is built in
+    else:
+        step("kernel: unpacking the PVH vmlinux and resolving modules")
+        kern = kernel.kernel_from_staging(staging)
+        tree = kernel.ModuleTree.load(staging / "lib/modules" / kern.release)
+        stage1_order = tree.resolve([(name, False) for name in root_image.STAGE1_MODULES], log)
+        order = [name for name in tree.resolve(kernel.parse_module_list(MODULES_LIST.read_text()), log)
+                 if name not in stage1_order]  # loaded by stage 1 already
+        module_paths = kernel.install_modules(tree, order, root, kern.release)
 
     step("python: interpreter, trimmed stdlib, wheels, agent")
     python_tree.install_python(staging, root)
@@ -366,7 +391,7 @@ def _build(plan: Plan, cache_dir: Path, work: Path, log: Log, start: float) -> P
     manifest["stage1_modules"] = stage1_order
     manifest["sizes"] = {
         "kernel": (out / kernel_name).stat().st_size,
-        "bzimage": kern.bzimage.stat().st_size,
+        "bzimage": None if plan.builds_kernel else kern.bzimage.stat().st_size,
         "vmlinux": len(kern.vmlinux) if kern.vmlinux is not None else None,
         "initrd": (out / "initrd.img").stat().st_size,
         "root": root_bytes,

@@ -289,7 +289,7 @@ def install_modules(tree: ModuleTree, order: list[str], root: Path, release: str
 @dataclass
 class Kernel:
     release: str
-    bzimage: Path
+    bzimage: Path  # the vmlinux itself for the kernel vmrun builds (guest/kernel_build.py)
     vmlinux: bytes | None  # PVH-capable ELF, or None
 
 

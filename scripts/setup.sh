@@ -9,12 +9,13 @@ APT_PACKAGES=(
   busybox-static                       # the demo and test containers
   runc                                 # bench: the baseline vmrun is compared with
   lz4 cpio kmod binutils erofs-utils   # the guest image builder (erofs: the guest's root image)
+  make bc bison flex libelf-dev libssl-dev xz-utils  # building the guest kernel (guest/kernel_build.py)
   iproute2
   containernetworking-plugins          # tests: the CRI pod network (bridge, host-local, loopback)
   containerd                           # tests/clients: containerd + ctr drive vmrun as a real client
   dpkg-dev golang-github-gogo-protobuf-dev  # tests/clients/test_cri.py: `apt-get source containerd` (CRI api.proto) + gogo.proto
   podman conmon                        # tests/clients: podman + conmon drive vmrun as a real client
-  gcc libc6-dev                        # tests/security: a static vsock probe for the guest
+  gcc libc6-dev                        # the guest kernel; tests/security: a static vsock probe for the guest
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -397,7 +397,8 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     from guest.build import build_image
 
     image, cache_hit, seconds = build_image(args.config.image_dir, force=args.force,
-                                            log=lambda line: print(line, file=sys.stderr))
+                                            log=lambda line: print(line, file=sys.stderr),
+                                            kernel_source=args.config.guest_kernel)
     verdict = "up to date (cache hit)" if cache_hit else "built"
     print(f"guest image {image.key} {verdict} in {seconds:.1f}s: {image.size_bytes / 2**20:.1f} MiB "
           f"(kernel {image.kernel}, initrd {image.initrd})")

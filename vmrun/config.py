@@ -21,6 +21,7 @@ DEFAULT_CONFIG_PATH = Path("/etc/vmrun/vmrun.toml")
 ACCELERATIONS = ("auto", "kvm", "tcg")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 NETWORK_MODELS = ("tcfilter", "none")
+GUEST_KERNELS = ("vmrun", "debian")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,10 @@ class Config:
     # Guest image: built by `vmrun image build` into image_dir, unless kernel and initrd
     # are given explicitly.
     image_dir: Path = Path("/var/lib/vmrun/image")
+    # The kernel `vmrun image build` puts in the image: "vmrun" (built from Debian's
+    # linux-source with guest/kernel-config/vmrun.config, drivers built in) or "debian"
+    # (Debian's cloud kernel and its modules).
+    guest_kernel: str = "vmrun"
     kernel: str = ""
     initrd: str = ""
     kernel_params: str = ""
@@ -148,6 +153,7 @@ _RULES: dict[str, _Rule] = {
     "run_dir": _Rule(Path, _absolute_path(_RUN_DIR_MAX)),
     "template": _Rule(str, _template_name),
     "network_model": _Rule(str, _one_of(NETWORK_MODELS)),
+    "guest_kernel": _Rule(str, _one_of(GUEST_KERNELS)),
     "templates_dir": _Rule(Path, _absolute_path()),
     "pool_socket": _Rule(str, _absolute_path(_SOCKET_PATH_MAX, empty_ok=True)),
     "pool_size": _Rule(int, _between(1, 256)),

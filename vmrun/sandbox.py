@@ -386,8 +386,8 @@ class Sandbox:
         if not greeting.startswith(READY_MESSAGE):
             conn.close()
             raise HypervisorError(f"unexpected greeting from the guest agent: {greeting[:40]!r}")
-        # "READY <version> uptime=S agent_started=S modules_loaded=S": the guest's own view
-        # of its boot.
+        # "READY <version> uptime=S agent_started=S <milestone>=S...": the guest's own view
+        # of its boot (vmrun/agent/server.py), kept as numbers only.
         for word in greeting.decode(errors="replace").split()[2:]:
             key, _, value = word.partition("=")
             try:

@@ -39,7 +39,7 @@ def test_the_defaults_pass_their_own_rules():
 
 def test_every_key_set_round_trips():
     data = {"qemu": "/usr/bin/qemu-system-x86_64", "virtiofsd": "/usr/libexec/virtiofsd",
-            "image_dir": "/srv/image", "kernel": "/boot/k", "initrd": "/boot/i", "kernel_params": "quiet",
+            "image_dir": "/srv/image", "guest_kernel": "debian", "kernel": "/boot/k", "initrd": "/boot/i", "kernel_params": "quiet",
             "vcpus": 4, "memory_mib": 2048, "acceleration": "kvm", "run_dir": "/run/v", "template": "big-1.0",
             "network_model": "none", "templates_dir": "/srv/templates", "pool_socket": "/run/pool.sock",
             "pool_size": 8, "boot_timeout": 2.5, "log_level": "debug"}
@@ -95,6 +95,7 @@ def test_wrong_types(data, message):
     ({"boot_timeout": 1e9}, "boot_timeout must be <= 3600"),
     ({"acceleration": "hvf"}, "acceleration must be one of auto, kvm, tcg"),
     ({"network_model": "macvtap"}, "network_model must be one of tcfilter, none"),
+    ({"guest_kernel": "custom"}, "guest_kernel must be one of vmrun, debian"),
     ({"log_level": "loud"}, "log_level must be one of debug, info, warning, error"),
     ({"qemu": ""}, "qemu must name a program"),
     ({"virtiofsd": "a\nb"}, "virtiofsd must not hold NUL or newline"),

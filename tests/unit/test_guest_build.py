@@ -82,7 +82,7 @@ def _fake_build(plan, cache_dir, work, log, start):
 def fake_builder(tmp_path, monkeypatch):
     state = {"plan": _fake_plan(tmp_path), "builds": 0}
 
-    def make_plan(cache_dir, log):
+    def make_plan(cache_dir, log, kernel_source="vmrun"):
         return state["plan"]
 
     def counting_build(*args):
