@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from guest import debs, kernel, kernel_build, python_tree, root_image, rootfs
+from guest.cache_dirs import prune_keeping_newest
 from guest.image_cache import GuestImage, find_image, load_image  # noqa: F401 - find_image: public here too
 from vmrun.bootfiles import kernel_release
 from vmrun.errors import ImageError
@@ -222,15 +223,7 @@ def _clean_stale(cache_dir: Path) -> None:
 
 def _prune_images(cache_dir: Path, keep_key: str) -> None:
     images = [p for p in cache_dir.iterdir() if p.is_dir() and KEY_RE.fullmatch(p.name)]
-    images.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-    kept = 1
-    for path in images:
-        if path.name == keep_key:
-            continue
-        if kept < KEEP_IMAGES:
-            kept += 1
-            continue
-        shutil.rmtree(path, ignore_errors=True)
+    prune_keeping_newest(images, keep_key, KEEP_IMAGES)
 
 
 # -- the build ---------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from typing import Callable
 from vmrun.errors import ImageError
 from vmrun.proc import CommandError, run
 
+from guest.cache_dirs import prune_keeping_newest
 from guest.elf import has_pvh_note
 
 SOURCE_PACKAGE = "linux-source-6.1"
@@ -135,19 +136,10 @@ def _make(source: Path, targets: list[str], timeout: float) -> None:
 def _run(argv: list, timeout: float, cwd: Path | None = None) -> None:
     try:
         run(argv, timeout=timeout, cwd=cwd)
-    except CommandError as exc:
-        # The tail of a compiler's output says what failed; the rest is noise here.
-        raise ImageError(f"guest kernel build: {str(exc)[-2000:]}") from None
+    except CommandError as exc:  # its message ends with the command's last line of output
+        raise ImageError(f"guest kernel build: {exc}") from None
 
 
 def _prune(kernels_dir: Path, keep_key: str) -> None:
-    built = sorted((p for p in kernels_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                   key=lambda p: p.stat().st_mtime, reverse=True)
-    kept = 1
-    for path in built:
-        if path.name == keep_key:
-            continue
-        if kept < KEEP_KERNELS:
-            kept += 1
-            continue
-        shutil.rmtree(path, ignore_errors=True)
+    built = [p for p in kernels_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    prune_keeping_newest(built, keep_key, KEEP_KERNELS)
