@@ -165,3 +165,20 @@ def test_package_list_covers_the_essentials():
         assert name in build.PACKAGES
     assert build.INIT_SCRIPT.read_text().startswith("#!/bin/busybox sh")
     assert build.MODULES_LIST.exists()
+
+
+@pytest.mark.parametrize("kernel_source, package, builds", [
+    ("vmrun", "linux-source-6.1", True),
+    ("debian", "linux-image-6.1.0-57-cloud-amd64", False),
+])
+def test_the_plan_takes_the_kernel_it_is_asked_for(tmp_path, monkeypatch, kernel_source, package, builds):
+    """Our kernel is built from the linux-source package; Debian's comes from the package
+    the cloud meta package names. Either way its version is part of the image's key."""
+    monkeypatch.setattr(build.debs, "ensure_lists", lambda log: None)
+    monkeypatch.setattr(build.debs, "policy_versions", lambda names, apt_dir=None: {n: "1" for n in names})
+    monkeypatch.setattr(build, "_kernel_package_name", lambda apt_dir, versions: "linux-image-6.1.0-57-cloud-amd64")
+    monkeypatch.setattr(build.python_tree, "host_versions", lambda: {"grpcio": "1"})
+    monkeypatch.setattr(build.python_tree, "agent_sources", lambda: AgentSources(tmp_path, ()))
+    plan = build.make_plan(tmp_path, lambda m: None, kernel_source)
+    assert plan.kernel_package == package and plan.builds_kernel is builds
+    assert package in plan.inputs.packages and build.KERNEL_META not in plan.inputs.packages
