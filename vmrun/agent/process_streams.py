@@ -212,6 +212,7 @@ class ProcessStream:
         poller.register(wake.fileno(), select.POLLIN)
         kind = OUTPUT_KINDS[output]
         stream.notify_on_close(wake.set)  # the container removed, or its reader gone
+        host_gone = False
         try:
             while not stream.closed and not self._host_gone.is_set():
                 if any(fd == wake.fileno() for fd, _ in poller.poll()):
@@ -225,12 +226,21 @@ class ProcessStream:
                 if not data:
                     break
                 self._frames.send(kind, data)
-            self._frames.send(Kind.OUTPUT_END, bytes([output]))
         except OSError:  # the host's side is gone
-            self._end_host()
+            host_gone = True
         finally:
+            # Let go of the output before saying it ended: whoever hears OUTPUT_END may
+            # count on it being closed here.
             stream.forget(wake.set)
             stream.release()
+        try:
+            if not host_gone:
+                self._frames.send(Kind.OUTPUT_END, bytes([output]))
+        except OSError:
+            host_gone = True
+        finally:
+            if host_gone:
+                self._end_host()
             wake.close()
             self._part_done()
 
