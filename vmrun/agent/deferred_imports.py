@@ -1,0 +1,70 @@
+"""Modules gRPC and protobuf import but the agent never uses, imported only when something
+first uses them.
+
+`grpc` imports `grpc.aio` and its Cython core imports `asyncio` as they load, though
+neither touches them until an asyncio server or channel is made; protobuf's descriptor
+pool imports its pure-Python message implementation (and with it text_format and more)
+even when the C one (upb) does the work. Under TCG those imports are half a second of
+every cold boot, before the agent can answer. A deferred module stands in `sys.modules`
+and imports the real one at its first attribute lookup, so whatever does use it
+(pyroute2 uses asyncio) still gets it, only later.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.machinery
+import sys
+import threading
+import types
+
+# The modules `defer_unused_grpc_modules()` defers.
+UNUSED_GRPC_MODULES = ("asyncio", "grpc.aio", "google.protobuf.internal.python_message")
+
+
+class DeferredModule(types.ModuleType):
+    """A stand-in for a module not imported yet; its first attribute lookup imports it.
+
+    Whoever imported the stand-in keeps it (cygrpc holds its `asyncio`): every lookup
+    on it is then passed to the real module."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        # The import system reads __spec__ of what it finds in sys.modules: a plain spec
+        # says "loaded", so `import asyncio` binds the stand-in without loading anything.
+        self.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        self._vmrun_lock = threading.Lock()
+        self._vmrun_real: types.ModuleType | None = None
+
+    def __getattr__(self, attr: str) -> object:
+        # Only called for what the stand-in itself lacks.
+        if attr.startswith("_vmrun_"):
+            raise AttributeError(attr)
+        return getattr(self._vmrun_load(), attr)
+
+    def _vmrun_load(self) -> types.ModuleType:
+        with self._vmrun_lock:
+            if self._vmrun_real is None:
+                if sys.modules.get(self.__name__) is self:
+                    del sys.modules[self.__name__]
+                self._vmrun_real = importlib.import_module(self.__name__)
+            return self._vmrun_real
+
+    @property
+    def loaded(self) -> bool:
+        return self._vmrun_real is not None
+
+
+def defer(name: str) -> DeferredModule | None:
+    """Put a stand-in for `name` in sys.modules; None if it is imported already."""
+    if name in sys.modules:
+        return None
+    stand_in = DeferredModule(name)
+    sys.modules[name] = stand_in
+    return stand_in
+
+
+def defer_unused_grpc_modules() -> None:
+    """Call before the first `import grpc`."""
+    for name in UNUSED_GRPC_MODULES:
+        defer(name)
