@@ -73,9 +73,6 @@ PACKAGES: tuple[str, ...] = (
     "libgpg-error0",
     "liblz4-1",
     "libzstd1",
-    # pyroute2 (the agent's pod networking) imports ssl and sqlite3 whatever it is used for.
-    "libssl3",
-    "libsqlite3-0",
 )
 
 # Which kernel file QEMU boots: the PVH ELF when available (QEMU loads it directly, no

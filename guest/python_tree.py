@@ -42,11 +42,13 @@ STDLIB_DROP_TOP = frozenset(
 STDLIB_DROP_TOP_PATTERNS = (re.compile(r"config-3\.11.*"), re.compile(r"site-packages|dist-packages"))
 
 # Extension modules (lib-dynload) to drop: missing libraries, tests, audio, terminal UI, and
-# compression nobody in the guest uses (shutil imports bz2 and lzma if they are there: 30 ms
-# of each cold boot under TCG).
+# what nobody in the guest uses but imports if it is there: bz2 and lzma (shutil: 30 ms of
+# each cold boot under TCG), ssl (asyncio, for pyroute2: OpenSSL's set-up is 1-2 MiB of
+# heap in every clone; gRPC carries its own TLS, and the guest speaks none), sqlite3
+# (pyroute2's NDB, which the agent does not load: agent/network.py).
 DYNLOAD_DROP = frozenset(
     {
-        "_hashlib", "_curses", "_curses_panel", "_dbm", "_gdbm", "_bz2", "_lzma",
+        "_hashlib", "_curses", "_curses_panel", "_dbm", "_gdbm", "_bz2", "_lzma", "_ssl", "_sqlite3",
         "_decimal", "nis", "readline", "_tkinter", "_ctypes_test", "_testbuffer", "_testcapi",
         "_testclinic", "_testimportmultiple", "_testinternalcapi", "_testmultiphase",
         "_xxtestfuzz", "xxlimited", "xxlimited_35", "ossaudiodev", "audioop", "xxsubtype",

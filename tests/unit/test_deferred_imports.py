@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vmrun.agent.deferred_imports import DeferredModule, defer
+from vmrun.agent.deferred_imports import DeferredModule, bare_package, defer, load
 
 PACKAGE = "vmrun_deferred_probe"
 
@@ -72,6 +72,23 @@ def test_from_import_and_submodule_import_go_through(probe_package: Path) -> Non
     defer(PACKAGE)
     extra = importlib.import_module(f"{PACKAGE}.extra")
     assert extra.WORD == "extra" and loads(probe_package) == 2
+
+
+def test_load_imports_what_a_stand_in_held(probe_package: Path) -> None:
+    stand_in = defer(PACKAGE)
+    real = load(PACKAGE)
+    assert real is not stand_in and real.VALUE == 42 and stand_in.loaded
+    assert load(PACKAGE) is real and loads(probe_package) == 1
+
+
+def test_a_bare_package_gives_its_submodules_without_its_init(probe_package: Path) -> None:
+    package = bare_package(PACKAGE)
+    extra = importlib.import_module(f"{PACKAGE}.extra")
+    assert extra.WORD == "extra"
+    assert loads(probe_package) == 0 and not hasattr(package, "VALUE")
+    assert bare_package(PACKAGE) is package
+    with pytest.raises(ImportError):
+        bare_package(f"{PACKAGE}.part")  # a module, not a package
 
 
 def test_a_module_already_imported_is_left_alone() -> None:

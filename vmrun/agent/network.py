@@ -11,6 +11,7 @@ import time
 from typing import Iterator
 
 from vmrun.agent import agent_pb2 as pb
+from vmrun.agent.deferred_imports import bare_package, defer, load
 
 _NIC_TIMEOUT = 30.0
 _NUD_PERMANENT = 0x80
@@ -20,11 +21,25 @@ class NetworkConfigError(Exception):
     """A request the guest cannot carry out (no such NIC, a bad address)."""
 
 
+def _pyroute2():  # type: ignore[no-untyped-def]
+    """pyroute2's IPRoute and NetlinkError, without the rest of pyroute2 (deferred_imports.py).
+
+    The guest has no ssl module (no TLS in it). asyncio, which pyroute2 runs on, copes with
+    that if it finds none; pyroute2's probe module imports ssl for a probe we never send,
+    so it gets a stand-in, put in place only once asyncio has looked for itself."""
+    load("asyncio")
+    defer("ssl")
+    bare_package("pyroute2")
+    from pyroute2.iproute import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    return IPRoute, NetlinkError
+
+
 @contextlib.contextmanager
 def _iproute() -> Iterator:  # type: ignore[type-arg]
     """An IPRoute; a netlink error becomes a NetworkConfigError with the kernel's reason."""
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
+    IPRoute, NetlinkError = _pyroute2()
 
     try:
         with IPRoute() as ipr:
