@@ -19,6 +19,7 @@ import sys
 import threading
 from pathlib import Path
 
+from vmrun.common.deferred_imports import defer_unused_grpc_modules
 from vmrun.config import load_config
 from vmrun.errors import VmrunError
 from vmrun.host_cgroup import HostCgroup, joined
@@ -123,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready-fd", type=int, required=True)
     parser.add_argument("--debug", action="store_true", help="log debug messages too")
     args = parser.parse_args(argv)
+    defer_unused_grpc_modules()  # before the agent client imports gRPC: less memory per pod
     config = load_config()
     _log_to_file(daemon_log_for(vm_dir_for(config, args.id)), logging.DEBUG if args.debug else config.log_level)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vmrun.agent.deferred_imports import DeferredModule, bare_package, defer, load
+from vmrun.common.deferred_imports import DeferredModule, bare_package, defer, load
 
 PACKAGE = "vmrun_deferred_probe"
 
@@ -105,8 +105,8 @@ def test_a_missing_attribute_is_still_an_attribute_error(probe_package: Path) ->
 
 GRPC_PROBE = """
 import sys
-from vmrun.agent.deferred_imports import defer_unused_grpc_modules
-defer_unused_grpc_modules()
+from vmrun.common.deferred_imports import defer_unused_grpc_modules
+defer_unused_grpc_modules(also=("asyncio",))
 from concurrent import futures
 import grpc
 server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))

@@ -11,7 +11,7 @@ import time
 from typing import Iterator
 
 from vmrun.agent import agent_pb2 as pb
-from vmrun.agent.deferred_imports import bare_package, defer, load
+from vmrun.common.deferred_imports import bare_package, defer, load
 
 _NIC_TIMEOUT = 30.0
 _NUD_PERMANENT = 0x80

@@ -17,7 +17,7 @@ import time
 
 import vmrun
 from vmrun.agent.crun import pin_crun_binary
-from vmrun.agent.deferred_imports import defer_unused_grpc_modules
+from vmrun.common.deferred_imports import defer_unused_grpc_modules
 from vmrun.agent.dns_relay import DnsRelayGuest
 from vmrun.agent.hotplug import HotplugOnliner
 from vmrun.agent.processes import Reaper, Spawner
@@ -181,7 +181,7 @@ def main() -> None:
         warm_up.run_soon()
     # gRPC and the service load only now, so that the warm-up starts first; without the
     # modules its synchronous server never uses (half a second under TCG).
-    defer_unused_grpc_modules()
+    defer_unused_grpc_modules(also=("asyncio",))  # cygrpc imports it for gRPC's asyncio API only
     from concurrent import futures
 
     import grpc

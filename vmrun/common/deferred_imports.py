@@ -1,13 +1,14 @@
-"""Modules gRPC and protobuf import but the agent never uses, imported only when something
-first uses them.
+"""Modules gRPC and protobuf import but a synchronous gRPC user never touches, imported
+only when something first uses them (the guest's agent and the host's sandbox daemon).
 
 `grpc` imports `grpc.aio` and its Cython core imports `asyncio` as they load, though
 neither touches them until an asyncio server or channel is made; protobuf's descriptor
 pool imports its pure-Python message implementation (and with it text_format and more)
-even when the C one (upb) does the work. Under TCG those imports are half a second of
-every cold boot, before the agent can answer. A deferred module stands in `sys.modules`
-and imports the real one at its first attribute lookup, so whatever does use it
-(pyroute2 uses asyncio) still gets it, only later.
+even when the C one (upb) does the work. In the guest, under TCG, those imports are half
+a second of every cold boot, before the agent can answer; in the daemon (whose QMP client
+needs asyncio anyway) the rest is 1.7 MiB of every pod's host memory. A deferred module
+stands in `sys.modules` and imports the real one at its first attribute lookup, so
+whatever does use it (pyroute2 uses asyncio) still gets it, only later.
 
 A package can also be entered without its `__init__`: pyroute2's imports every family it
 speaks (nftables, wireless, ipvs, its NDB database on sqlite, ...) where the agent needs
@@ -23,8 +24,8 @@ import sys
 import threading
 import types
 
-# The modules `defer_unused_grpc_modules()` defers.
-UNUSED_GRPC_MODULES = ("asyncio", "grpc.aio", "google.protobuf.internal.python_message")
+# gRPC's asyncio API and protobuf's pure-Python messages: `defer_unused_grpc_modules()`.
+UNUSED_GRPC_MODULES = ("grpc.aio", "google.protobuf.internal.python_message")
 
 
 class DeferredModule(types.ModuleType):
@@ -90,7 +91,7 @@ def load(name: str) -> types.ModuleType:
     return module
 
 
-def defer_unused_grpc_modules() -> None:
-    """Call before the first `import grpc`."""
-    for name in UNUSED_GRPC_MODULES:
+def defer_unused_grpc_modules(also: tuple[str, ...] = ()) -> None:
+    """Call before the first `import grpc`; `also` names more modules to defer."""
+    for name in (*also, *UNUSED_GRPC_MODULES):
         defer(name)
