@@ -11,6 +11,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import struct
 import termios
 import threading
@@ -167,6 +168,7 @@ class ProcessStream:
 
     def _pump_stdin(self, fd: int) -> None:
         """Our stdin into the guest, as it comes, until EOF."""
+        _widen_pipe(fd)
         while True:
             with self._credit_changed:
                 self._credit_changed.wait_for(lambda: self._credit > 0 or self._ended)
@@ -183,6 +185,24 @@ class ProcessStream:
     def close(self) -> None:
         """Drop the stream (the guest kills a process that has not exited)."""
         self._frames.close()
+
+
+# A pipe holds 64 KiB unless asked: each read of one then makes a frame of at most that,
+# and each frame costs the guest's agent a round of Python under TCG (300 MiB through a
+# pipe took 6.4 s instead of 3.8 s from a file). Pipes may grow to 1 MiB unprivileged.
+_STDIN_PIPE_SIZE = 1 << 20
+
+
+def _widen_pipe(fd: int) -> None:
+    """Let a pipe on `fd` hold a frame's worth and more (never shrink it); anything else
+    is left as it is."""
+    try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return
+        if fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) < _STDIN_PIPE_SIZE:
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _STDIN_PIPE_SIZE)
+    except OSError:
+        pass  # over the user's pipe quota, or not ours to change: small frames, still correct
 
 
 def _read_some(fd: int, limit: int) -> bytes:
