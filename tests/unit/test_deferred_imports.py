@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vmrun.common.deferred_imports import DeferredModule, bare_package, defer, load
+from vmrun.common.deferred_imports import DeferredModule, bare_package, defer, is_loaded, load
 
 PACKAGE = "vmrun_deferred_probe"
 
@@ -44,7 +44,7 @@ def test_import_binds_the_stand_in_without_loading(probe_package: Path) -> None:
     stand_in = defer(PACKAGE)
     assert isinstance(stand_in, DeferredModule)
     module = importlib.import_module(PACKAGE)
-    assert module is stand_in and not stand_in.loaded
+    assert module is stand_in and not is_loaded(stand_in)
     assert loads(probe_package) == 0
 
 
@@ -53,7 +53,7 @@ def test_first_attribute_loads_the_real_module_once(probe_package: Path) -> None
     assert stand_in is not None
     assert stand_in.VALUE == 42
     assert stand_in.part.WORD == "part"
-    assert stand_in.loaded and loads(probe_package) == 1
+    assert is_loaded(stand_in) and loads(probe_package) == 1
     real = sys.modules[PACKAGE]
     assert real is not stand_in and real.VALUE == 42
     importlib.import_module(PACKAGE)
@@ -77,7 +77,7 @@ def test_from_import_and_submodule_import_go_through(probe_package: Path) -> Non
 def test_load_imports_what_a_stand_in_held(probe_package: Path) -> None:
     stand_in = defer(PACKAGE)
     real = load(PACKAGE)
-    assert real is not stand_in and real.VALUE == 42 and stand_in.loaded
+    assert real is not stand_in and real.VALUE == 42 and is_loaded(stand_in)
     assert load(PACKAGE) is real and loads(probe_package) == 1
 
 
@@ -105,7 +105,7 @@ def test_a_missing_attribute_is_still_an_attribute_error(probe_package: Path) ->
 
 GRPC_PROBE = """
 import sys
-from vmrun.common.deferred_imports import defer_unused_grpc_modules
+from vmrun.common.deferred_imports import DeferredModule, defer_unused_grpc_modules, is_loaded
 defer_unused_grpc_modules(also=("asyncio",))
 from concurrent import futures
 import grpc
@@ -124,11 +124,11 @@ message = struct_pb2.Struct(fields={"a": struct_pb2.Value(number_value=1.0)})
 assert struct_pb2.Struct.FromString(message.SerializeToString()) == message
 from google.protobuf.internal import api_implementation
 # Only the pure-Python implementation needs it.
-print("python_message used", sys.modules["google.protobuf.internal.python_message"].loaded
+print("python_message used", is_loaded(sys.modules["google.protobuf.internal.python_message"])
       == (api_implementation.Type() == "python"))
-print("asyncio loaded", sys.modules["asyncio"].loaded)
+print("asyncio loaded", is_loaded(sys.modules["asyncio"]))
 print("aio server", callable(grpc.aio.server))
-print("asyncio loaded", not hasattr(sys.modules["asyncio"], "loaded"))
+print("asyncio loaded", is_loaded(sys.modules["asyncio"]) and not isinstance(sys.modules["asyncio"], DeferredModule))
 """
 
 
@@ -138,5 +138,5 @@ def test_grpc_serves_without_the_deferred_modules_and_still_finds_them() -> None
     result = subprocess.run([sys.executable, "-c", GRPC_PROBE], capture_output=True, text=True, timeout=60,
                             cwd=Path(__file__).resolve().parents[2])
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split("\n") == [
-        "code UNIMPLEMENTED", "python_message used True", "asyncio loaded False", "aio server True", "asyncio loaded True", ""]
+    assert result.stdout.split("\n") == ["code UNIMPLEMENTED", "python_message used True", "asyncio loaded False",
+                                         "aio server True", "asyncio loaded True", ""]

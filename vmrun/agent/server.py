@@ -17,7 +17,6 @@ import time
 
 import vmrun
 from vmrun.agent.crun import pin_crun_binary
-from vmrun.common.deferred_imports import defer_unused_grpc_modules
 from vmrun.agent.dns_relay import DnsRelayGuest
 from vmrun.agent.hotplug import HotplugOnliner
 from vmrun.agent.processes import Reaper, Spawner
@@ -26,6 +25,7 @@ from vmrun.agent.warm_up import WarmUp
 from vmrun.common import linux
 from vmrun.common.bridge import SocketBridge
 from vmrun.common.constants import AGENT_PORT, AGENT_UNIX_SOCKET, READY_MESSAGE, ready_port
+from vmrun.common.deferred_imports import defer_unused_grpc_modules
 from vmrun.common.dns_relay import RELAY_PORT
 
 _HOST_CID = 2

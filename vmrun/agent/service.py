@@ -404,7 +404,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         if terminal:
             # A short path of its own: a unix socket path must fit in 108 bytes, and
             # callers' container ids alone are 64 characters.
-            console_path = Path(CONSOLES_DIR) / f"{os.urandom(8).hex()}.sock"  # not secrets: its imports cost boot time under TCG
+            # (Not `secrets`: its imports cost boot time under TCG.)
+            console_path = Path(CONSOLES_DIR) / f"{os.urandom(8).hex()}.sock"
             console_path.parent.mkdir(parents=True, exist_ok=True)
             receiver = _ConsoleReceiver(console_path)
             null = os.open("/dev/null", os.O_RDWR)

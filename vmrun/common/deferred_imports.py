@@ -56,9 +56,12 @@ class DeferredModule(types.ModuleType):
                 self._vmrun_real = importlib.import_module(self.__name__)
             return self._vmrun_real
 
-    @property
-    def loaded(self) -> bool:
-        return self._vmrun_real is not None
+
+
+def is_loaded(module: types.ModuleType) -> bool:
+    """Whether `module` is imported for real: a module, or a stand-in that has imported
+    its own. (A function, not an attribute: the stand-in's attributes are the module's.)"""
+    return not isinstance(module, DeferredModule) or module._vmrun_real is not None
 
 
 def bare_package(name: str) -> types.ModuleType:
