@@ -1,5 +1,6 @@
-"""The agent's deferred imports: a stand-in is bound by `import`, and the real module is
-imported at the first attribute lookup, whichever way it is reached."""
+"""Deferred imports (the agent's and the sandbox daemon's): a stand-in is bound by
+`import`, and the real module is imported at the first attribute lookup, whichever way
+it is reached."""
 
 from __future__ import annotations
 
