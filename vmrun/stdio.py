@@ -134,6 +134,10 @@ class ProcessStream:
                     code = unpack_exit(payload)
                 else:
                     raise StreamError(f"{kind.name} is not the guest's to send")
+                if code is not None and not open_outputs:
+                    # Everything is here. The guest closes next; stdin it never read makes
+                    # that close a reset, which must not turn a finished run into an error.
+                    break
         except (OSError, StreamError) as exc:
             raise AgentError(f"agent: the process stream broke: {exc}") from None
         finally:

@@ -133,6 +133,28 @@ def test_the_host_relays_output_and_returns_the_exit_status():
     assert os.read(out_r, 100) == b"hello world" and os.read(err_r, 100) == b"oops"
 
 
+def test_a_reset_after_the_exit_and_every_output_end_is_no_error():
+    # A process that never reads its stdin: the guest closes with that stdin unread, and
+    # the host's socket reads a reset (ECONNRESET) where it would have read the end.
+    guest = ScriptedGuest()
+    guest.attach()
+    null = os.open(os.devnull, os.O_WRONLY)
+    stdin_r, stdin_w = os.pipe()
+    os.write(stdin_w, b"never read")
+    os.close(stdin_w)
+    thread, result = relay_in_thread(guest.host, stdin=stdin_r, stdout=null, stderr=null, terminal=False)
+    assert guest.frames.receive()[0] == Kind.STDIN  # now unread in the guest's socket
+    guest.frames.send(Kind.EXIT, pack_exit(0))
+    guest.frames.send(Kind.OUTPUT_END, bytes([Output.STDOUT]))
+    guest.frames.send(Kind.OUTPUT_END, bytes([Output.STDERR]))
+    time.sleep(0.2)  # the relay takes the frames, then waits for more (the end, or the reset)
+    guest.frames.close()
+    thread.join(5)
+    os.close(null)
+    os.close(stdin_r)
+    assert result == {"code": 0}
+
+
 @pytest.mark.parametrize("script", [
     [],  # the guest went before the exit
     [(Kind.EXIT, pack_exit(0))],  # an output never ended
