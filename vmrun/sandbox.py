@@ -29,7 +29,7 @@ from vmrun.kept_logs import keep_logs
 from vmrun.log import debugging
 from vmrun.hypervisor.accel import Acceleration, detect_acceleration
 from vmrun.hypervisor.memory_copy import MemoryCopy
-from vmrun.hypervisor.qemu import BASE_KERNEL_PARAMS, QemuVM, VMSpec, hotplug_port_id
+from vmrun.hypervisor.qemu import QemuVM, VMSpec, base_kernel_params, hotplug_port_id
 from vmrun.hypervisor.resize import DEFAULT_MAX_MEMORY_MIB, DEFAULT_MAX_VCPUS, GuestCounts, GuestSizer
 from vmrun.hypervisor.templates import restore_state, template_vm_spec
 from vmrun.hypervisor.virtiofsd import VIRTIOFSD_SOCKET, Virtiofsd, find_virtiofsd
@@ -204,7 +204,8 @@ class Sandbox:
             self.vm.resume()
         else:
             wait_for_helpers()
-            params = f"{BASE_KERNEL_PARAMS} {agent_kernel_params(acceleration.translates, self.config.vcpus)}"
+            translated = acceleration.translates
+            params = f"{base_kernel_params(translated)} {agent_kernel_params(translated, self.config.vcpus)}"
             spec = VMSpec(
                 name=f"vmrun-{self.sandbox_id[:32]}",
                 qemu=self.config.qemu,

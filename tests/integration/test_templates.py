@@ -7,11 +7,14 @@ import json
 import mmap
 import secrets
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from leftovers import clone_memory_of
+
+from vmrun.hypervisor.accel import detect_acceleration
 
 
 pytestmark = pytest.mark.integration
@@ -93,6 +96,28 @@ def test_template_rm(templated):
     again = templated.vmrun("template", "rm", "default")
     assert again.returncode == 1 and b"does not exist" in again.stderr
     assert not (templated.base / "templates" / "default").exists()
+
+
+def test_a_clones_clock_goes_on_from_its_templates(vm_env):
+    """Under TCG guests keep time with the TSC (not the HPET, an emulated device); a clone's
+    TSC continues from where its template stopped instead of jumping by the time the
+    template lay saved (a jump of minutes would overflow the kernel's clock arithmetic)."""
+    vm_env.use_templates()
+    started = time.monotonic()
+    assert vm_env.vmrun("template", "create").returncode == 0
+    creating = time.monotonic() - started
+    time.sleep(8)  # the template lies saved: a clock that ran on would count this too
+    bundle = vm_env.bundle("clock", ["cat", "/sys/devices/system/clocksource/clocksource0/current_clocksource",
+                                     "/proc/uptime"])
+    started = time.monotonic()
+    result = vm_env.vmrun("run", "--bundle", str(bundle), "clock")
+    running = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    clocksource, uptime = result.stdout.decode().split("\n")[:2]
+    translated = detect_acceleration(vm_env.config().acceleration, vm_env.config().run_dir).translates
+    assert clocksource == ("tsc" if translated else "kvm-clock")
+    # The guest lived while the template was made and while the clone ran, not in between.
+    assert float(uptime.split()[0]) < creating + running
 
 
 def test_clones_draw_different_random_bytes(templated):

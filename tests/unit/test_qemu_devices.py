@@ -2,7 +2,7 @@ from pathlib import Path
 
 from vmrun.hypervisor.accel import Acceleration
 from vmrun.hypervisor.devices import QemuDevice
-from vmrun.hypervisor.qemu import VMSpec, qemu_command
+from vmrun.hypervisor.qemu import VMSpec, base_kernel_params, qemu_command
 
 
 class RecordingVM:
@@ -70,3 +70,10 @@ def test_without_a_root_image_nothing_changes():
     args = qemu_command(spec(), Path("/q.sock"))
     assert args[args.index("-m") + 1] == "256M" and not any("pmem" in a for a in args)
     assert args[args.index("-append") + 1] == "console=ttyS0"
+
+
+def test_translated_guests_keep_time_with_the_tsc_and_kvm_guests_with_kvm_clock():
+    assert "clocksource=tsc" in base_kernel_params(translated=True).split()
+    assert "tsc=reliable" in base_kernel_params(translated=True).split()
+    assert "clocksource" not in base_kernel_params(translated=False)
+    assert base_kernel_params(translated=False).startswith("console=ttyS0")

@@ -32,6 +32,17 @@ BASE_KERNEL_PARAMS = (
     # and mmio tracing, a KDF self-test, the module-signing keys (modules are unsigned).
     "initcall_blacklist=init_kprobe_trace,init_mmio_trace,crypto_kdf108_init,load_system_certificate_list"
 )
+# Under TCG the guest's clocksource watchdog sees its vCPU threads descheduled and drops the
+# TSC for the HPET, each read of which is an emulated MMIO access under QEMU's big lock
+# (a sixth of the guest's time while it moves stdio). TCG's TSC is the host's, stopped
+# while the VM is and carried in its saved state: a clone's goes on from its template's.
+# KVM guests keep kvm-clock.
+_TCG_CLOCK_PARAMS = "tsc=reliable clocksource=tsc"
+
+
+def base_kernel_params(translated: bool) -> str:
+    """The guest kernel command line every vmrun guest starts with."""
+    return f"{BASE_KERNEL_PARAMS} {_TCG_CLOCK_PARAMS}" if translated else BASE_KERNEL_PARAMS
 # The guest's hot-pluggable memory: a virtio-mem device over a shared memfd of its own.
 VIRTIO_MEM_ID = "hotmem"
 _VIRTIO_MEM_BACKEND = "hotmem-ram"

@@ -33,7 +33,7 @@ from vmrun.common.constants import agent_kernel_params
 from vmrun.errors import ConfigError, HypervisorError
 from vmrun.hypervisor.accel import Acceleration
 from vmrun.hypervisor.memory_copy import punch_zero_pages
-from vmrun.hypervisor.qemu import BASE_KERNEL_PARAMS, QemuVM, VMSpec
+from vmrun.hypervisor.qemu import QemuVM, VMSpec, base_kernel_params
 from vmrun.hypervisor.resize import DEFAULT_MAX_MEMORY_MIB, DEFAULT_MAX_VCPUS
 
 DEFINITIONS_DIR = Path(__file__).resolve().parents[2] / "vmtemplates"
@@ -79,7 +79,8 @@ class TemplateDefinition:
     def kernel_command_line(self, acceleration: Acceleration) -> str:
         # Fixed for the template and every clone: a clone cannot change its command line.
         agent = agent_kernel_params(acceleration.translates, self.vcpus)
-        return f"{BASE_KERNEL_PARAMS} {agent} vmrun.template=1 {self.kernel_params}".strip()
+        base = base_kernel_params(acceleration.translates)
+        return f"{base} {agent} vmrun.template=1 {self.kernel_params}".strip()
 
 
 def _file_identity(path: Path) -> str:
