@@ -43,6 +43,8 @@ _TCG_CLOCK_PARAMS = "tsc=reliable clocksource=tsc"
 def base_kernel_params(translated: bool) -> str:
     """The guest kernel command line every vmrun guest starts with."""
     return f"{BASE_KERNEL_PARAMS} {_TCG_CLOCK_PARAMS}" if translated else BASE_KERNEL_PARAMS
+
+
 # The guest's hot-pluggable memory: a virtio-mem device over a shared memfd of its own.
 VIRTIO_MEM_ID = "hotmem"
 _VIRTIO_MEM_BACKEND = "hotmem-ram"
