@@ -147,7 +147,7 @@ def test_a_reset_after_the_exit_and_every_output_end_is_no_error():
     guest.frames.send(Kind.EXIT, pack_exit(0))
     guest.frames.send(Kind.OUTPUT_END, bytes([Output.STDOUT]))
     guest.frames.send(Kind.OUTPUT_END, bytes([Output.STDERR]))
-    time.sleep(0.2)  # the relay takes the frames, then waits for more (the end, or the reset)
+    time.sleep(0.2)  # the relay's STDIN_EOF lands, unread, in the guest's socket
     guest.frames.close()
     thread.join(5)
     os.close(null)
