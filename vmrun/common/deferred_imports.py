@@ -57,7 +57,6 @@ class DeferredModule(types.ModuleType):
             return self._vmrun_real
 
 
-
 def is_loaded(module: types.ModuleType) -> bool:
     """Whether `module` is imported for real: a module, or a stand-in that has imported
     its own. (A function, not an attribute: the stand-in's attributes are the module's.)"""
