@@ -1,7 +1,9 @@
 """Split virtqueue: popping descriptor chains and pushing used entries on a fake ring."""
 
+import mmap
 import os
 import struct
+import time
 
 import pytest
 
@@ -124,6 +126,48 @@ def test_indices_wrap_around_16_bits(ring):
     ring.vq.push(4, 0)
     idx, elems = ring.used()
     assert idx == 1 and elems[7] == (2, 0) and elems[0] == (4, 0)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the race needs two CPUs at once")
+def test_a_driver_reading_the_used_idx_meanwhile_sees_only_values_we_published(ring):
+    """The guest's driver reads the used idx from another CPU while we store it. A store
+    that passes through another value (struct.pack_into zeroes its destination first) makes
+    the driver take a stale slot for a new entry ("rx:id N is not a head!"). A reader
+    process polls the idx while we push for a second: it must never see it go back."""
+    ring.desc(0, GPA + BUFS, 64, VRING_DESC_F_WRITE)
+    ring.vq.set_base(0x8000)  # mid-range: a stray 0 is far behind, and the idx wraps during the run
+    ring.avail_idx = 0x8000
+    ring.write(USED + 2, struct.pack("<H", 0x8000))
+    ring.vq.set_addr(UVA + DESC, UVA + USED, UVA + AVAIL)  # re-attach: used idx re-read
+    report_r, report_w = os.pipe()
+    reader = os.fork()
+    if reader == 0:  # the driver: count steps backwards until the parent closes the pipe
+        os.close(report_r)
+        view = mmap.mmap(ring.fd, SIZE)
+        last, backwards = 0x8000, 0
+        deadline = time.monotonic() + 10  # should the parent die first
+        while view[BUFS + 4096] == 0 and time.monotonic() < deadline:
+            for _ in range(2000):
+                idx = struct.unpack_from("<H", view, USED + 2)[0]
+                backwards += (idx - last) & 0xFFFF > 0x8000
+                last = idx
+        os.write(report_w, str(backwards).encode())
+        os._exit(0)
+    os.close(report_w)
+    try:
+        pushed, end = 0, time.monotonic() + 1.0
+        while time.monotonic() < end:
+            for _ in range(500):
+                ring.make_available(0)
+                ring.vq.push(ring.vq.pop().head, 64)
+                pushed += 1
+    finally:
+        ring.write(BUFS + 4096, b"\1")  # the reader stops
+        backwards = int(os.read(report_r, 64) or b"-1")
+        os.close(report_r)
+        os.waitpid(reader, 0)
+    assert pushed > 0x8000, pushed  # the idx wrapped meanwhile
+    assert backwards == 0, f"the reader saw the used idx go back {backwards} times in {pushed} pushes"
 
 
 def test_get_vring_base_stops_the_ring(ring):

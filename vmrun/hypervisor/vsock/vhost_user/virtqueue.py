@@ -11,6 +11,11 @@ ring whose indices make no sense is marked broken instead of crashing the backen
 
 Memory ordering: we only run on x86-64, whose total store order keeps our stores (used
 element before used idx) and our loads (avail idx before ring entries) in program order.
+
+Stores the driver may read while we make them go through typed memoryviews (one native
+store each), never struct.pack_into: CPython's pack_into zeroes its destination before it
+writes the value, and a vCPU reading the used idx in that instant takes 0 for the idx
+(Linux: "rx:id N is not a head!", the queue dead). Native order is the ring's order here.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import sys
 from dataclasses import dataclass, field
 
 from .memory import GuestMemory, GuestMemoryError
@@ -32,6 +38,9 @@ _DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 _EVENTFD_ONE = (1).to_bytes(8, "little")
+
+if sys.byteorder != "little":  # the typed views below store in native order
+    raise ImportError("the vhost-user vsock backend needs a little-endian host")
 
 MAX_QUEUE_SIZE = 32768
 # The longest descriptor chain we walk. Linux's virtio-vsock driver uses one descriptor per
@@ -87,7 +96,8 @@ class Virtqueue:
         self.memory: GuestMemory | None = None
         self._desc: memoryview | None = None
         self._avail: memoryview | None = None
-        self._used: memoryview | None = None
+        self._used_idx: memoryview | None = None  # the used ring's idx, as one native u16
+        self._used_elems: memoryview | None = None  # its {id, len} entries, as native u32s
         self.pushed = 0  # used entries written since the last notify()
         # Heads we popped and have not pushed back: a head is the driver's or ours, never
         # both. Returning one twice, or one we never got, is what a guest reports as
@@ -124,7 +134,9 @@ class Virtqueue:
         try:
             self._desc = self.memory.uva(self.desc_addr, desc_table_size(self.num))
             self._avail = self.memory.uva(self.avail_addr, avail_ring_size(self.num))
-            self._used = self.memory.uva(self.used_addr, used_ring_size(self.num))
+            used = self.memory.uva(self.used_addr, used_ring_size(self.num))
+            self._used_idx = used[2:4].cast("H")
+            self._used_elems = used[4:4 + _USED_ELEM.size * self.num].cast("I")
         except GuestMemoryError as exc:
             log.error("queue %d: ring outside guest memory: %s", self.index, exc)
             self._detach()
@@ -132,15 +144,15 @@ class Virtqueue:
             return False
         # Resume from where the used ring is (0 on a fresh ring, our last value after a
         # stop/start): the driver has consumed nothing past it.
-        self.used_idx = _U16.unpack_from(self._used, 2)[0]
+        self.used_idx = self._used_idx[0]
         self.broken = False
         return True
 
     def _detach(self) -> None:
-        for view in (self._desc, self._avail, self._used):
+        for view in (self._desc, self._avail, self._used_idx, self._used_elems):
             if view is not None:
                 view.release()
-        self._desc = self._avail = self._used = None
+        self._desc = self._avail = self._used_idx = self._used_elems = None
 
     def set_kick_fd(self, fd: int | None) -> None:
         self._close_fd("kick_fd")
@@ -264,16 +276,17 @@ class Virtqueue:
 
     def push(self, head: int, length: int) -> None:
         """Return a chain to the driver, `length` bytes written into its writable part."""
-        assert self._used is not None
+        assert self._used_idx is not None and self._used_elems is not None
         if not (0 <= head < len(self._held) and self._held[head]):
             self.broken = True
             raise RingError(f"queue {self.index}: descriptor {head} is not ours to return")
         self._held[head] = 0
-        slot = self.used_idx % self.num
-        _USED_ELEM.pack_into(self._used, 4 + _USED_ELEM.size * slot, head, length)
+        slot = 2 * (self.used_idx % self.num)
+        self._used_elems[slot] = head
+        self._used_elems[slot + 1] = length
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         # The element is stored before the index that publishes it (x86 TSO).
-        _U16.pack_into(self._used, 2, self.used_idx)
+        self._used_idx[0] = self.used_idx
         self.pushed += 1
 
     def notify(self) -> None:
