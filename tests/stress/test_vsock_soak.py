@@ -1,6 +1,7 @@
 """Sustained traffic both ways over the guest's vsock, several pods at once, hundreds of
 times: no run may hang. A wedged data path once stopped a guest's vsock under sustained
-container output (QEMU: "tx:id 2 is not a head!"); this is the soak that would show it.
+container output (the guest: "tx:id 2 is not a head!", from the vsock backend's used-idx
+store passing through 0, since fixed: docs/performance.md); this is the soak that would show it.
 
 VMRUN_STRESS_RUNS (default 300) runs, VMRUN_STRESS_PODS (default 3) at a time, each a
 clone that takes 1 MiB on stdin and writes 2 MiB to stdout and 256 KiB to stderr; one
