@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from guest import kernel_build
-from guest.kernel_build import kernel_key, missing_options, wanted_options
+from guest.kernel_build import SourceEdit, apply_source_edits, kernel_key, missing_options, wanted_options
 
 FRAGMENT = """\
 # a comment
@@ -40,6 +40,34 @@ def test_the_key_follows_the_source_version_and_the_fragment():
     assert key == kernel_key("6.1.192-3", FRAGMENT)
     assert key != kernel_key("6.1.193-1", FRAGMENT)
     assert key != kernel_key("6.1.192-3", FRAGMENT + "CONFIG_IPV6=y\n")
+
+
+def test_the_key_follows_the_source_edits():
+    edit = SourceEdit("include/x.h", "#define A 4", "#define A 16")
+    assert kernel_key("6.1.192-3", FRAGMENT, (edit,)) != kernel_key("6.1.192-3", FRAGMENT, ())
+    assert kernel_key("6.1.192-3", FRAGMENT, (edit,)) != kernel_key(
+        "6.1.192-3", FRAGMENT, (SourceEdit("include/x.h", "#define A 4", "#define A 64"),))
+
+
+def test_a_source_edit_changes_its_text_once(tmp_path):
+    (tmp_path / "include").mkdir()
+    header = tmp_path / "include" / "x.h"
+    header.write_text("#define A\tSIZE(1024 * 4)\n#define B 1\n")
+    apply_source_edits(tmp_path, (SourceEdit("include/x.h", "A\tSIZE(1024 * 4)", "A\tSIZE(1024 * 16)"),))
+    assert header.read_text() == "#define A\tSIZE(1024 * 16)\n#define B 1\n"
+
+
+@pytest.mark.parametrize("text, found", [("#define B 1\n", 0), ("#define A 4\n#define A 4\n", 2)])
+def test_a_source_edit_whose_text_is_not_there_once_stops_the_build(tmp_path, text, found):
+    (tmp_path / "x.h").write_text(text)
+    with pytest.raises(kernel_build.ImageError, match=f"{found} times, not once"):
+        apply_source_edits(tmp_path, (SourceEdit("x.h", "#define A 4", "#define A 16"),))
+    assert (tmp_path / "x.h").read_text() == text  # left as it was
+
+
+def test_a_source_edit_of_a_missing_file_stops_the_build(tmp_path):
+    with pytest.raises(kernel_build.ImageError, match="cannot read x.h"):
+        apply_source_edits(tmp_path, (SourceEdit("x.h", "a", "b"),))
 
 
 def test_the_shipped_fragment_builds_in_what_the_guest_boots_from():
