@@ -141,7 +141,7 @@ def test_a_driver_reading_the_used_idx_meanwhile_sees_only_values_we_published(r
     ring.vq.set_addr(UVA + DESC, UVA + USED, UVA + AVAIL)  # re-attach: used idx re-read
     report_r, report_w = os.pipe()
     reader = os.fork()
-    if reader == 0:  # the driver: count steps backwards until the parent closes the pipe
+    if reader == 0:  # the driver: count steps backwards until the parent sets the stop byte
         os.close(report_r)
         view = mmap.mmap(ring.fd, SIZE)
         last, backwards = 0x8000, 0

@@ -12,7 +12,7 @@ ring whose indices make no sense is marked broken instead of crashing the backen
 Memory ordering: we only run on x86-64, whose total store order keeps our stores (used
 element before used idx) and our loads (avail idx before ring entries) in program order.
 
-Stores the driver may read while we make them go through typed memoryviews (one native
+What we store where the driver may be reading goes through typed memoryviews (one native
 store each), never struct.pack_into: CPython's pack_into zeroes its destination before it
 writes the value, and a vCPU reading the used idx in that instant takes 0 for the idx
 (Linux: "rx:id N is not a head!", the queue dead). Native order is the ring's order here.
