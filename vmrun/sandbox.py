@@ -359,13 +359,6 @@ class Sandbox:
         log.debug("cloned %s from template %s", self.sandbox_id, lease.definition.name)
         return vm
 
-    def _console_tail(self) -> str:
-        try:
-            lines = self.console_log.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return ""
-        return lines[-1].strip() if lines else ""
-
     def _wait_ready(self, listener: socket.socket, is_guest: Callable[[object], bool]) -> socket.socket:
         """The guest agent's READY connection, once it has said so."""
         assert self.vm is not None
@@ -374,14 +367,10 @@ class Sandbox:
 
         def check_guest() -> None:
             if not vm.alive():
-                console = self._console_tail()
-                raise HypervisorError(vm.failure() + (f" (guest console: {console})" if console else ""))
+                raise HypervisorError(vm.with_console(vm.failure()))
             if time.monotonic() > deadline:
-                console = self._console_tail()
-                raise HypervisorError(
-                    f"the guest agent was not ready within {self.config.boot_timeout:g}s"
-                    + (f" (guest console: {console})" if console else "")
-                )
+                timeout = self.config.boot_timeout
+                raise HypervisorError(vm.with_console(f"the guest agent was not ready within {timeout:g}s"))
 
         conn, greeting = accept_greeting(listener, check_guest, is_guest)
         if not greeting.startswith(READY_MESSAGE):

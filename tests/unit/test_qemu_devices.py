@@ -2,7 +2,7 @@ from pathlib import Path
 
 from vmrun.hypervisor.accel import Acceleration
 from vmrun.hypervisor.devices import QemuDevice
-from vmrun.hypervisor.qemu import VMSpec, base_kernel_params, qemu_command
+from vmrun.hypervisor.qemu import QemuVM, VMSpec, base_kernel_params, qemu_command
 
 
 class RecordingVM:
@@ -38,7 +38,7 @@ def test_kernel_device_needs_no_chardev():
 def spec(**kwargs):
     return VMSpec(name="t", qemu="qemu", acceleration=Acceleration("tcg", "test"), vcpus=1, memory_mib=256,
                   kernel=Path("/k"), initrd=Path("/i"), kernel_params="console=ttyS0",
-                  console_log=Path("/c.log"), **kwargs)
+                  **{"console_log": Path("/c.log"), **kwargs})
 
 
 def test_cold_boot_memory_is_a_shared_memfd():
@@ -77,3 +77,15 @@ def test_translated_guests_keep_time_with_the_tsc_and_kvm_guests_with_kvm_clock(
     assert "tsc=reliable" in base_kernel_params(translated=True).split()
     assert "clocksource" not in base_kernel_params(translated=False)
     assert base_kernel_params(translated=False).startswith("console=ttyS0")
+
+
+def test_the_console_tail_is_one_printable_line_and_a_panic_says_why(tmp_path):
+    console = tmp_path / "console.log"
+    vm = QemuVM(spec(console_log=console), tmp_path / "q.sock", tmp_path / "q.log")
+    assert vm.console_tail() == ""  # no console yet
+    console.write_bytes(b"x" * 10000 + b"\nvmrun-init: starting\n\x1b[2Jcleared \x07\n\n")
+    assert vm.console_tail() == "?[2Jcleared ?"  # a guest's escapes never reach a terminal
+    console.write_bytes(b"Traceback ...\n[ 3.35] Kernel panic - not syncing: Attempted to kill init!\n"
+                        b"[ 3.36] Call Trace:\n[ 3.36]  </TASK>\n[ 3.37] Kernel Offset: disabled\n")
+    assert vm.with_console("QEMU exited with status 0") == (
+        "QEMU exited with status 0 (guest console: [ 3.35] Kernel panic - not syncing: Attempted to kill init!)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import threading
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from qemu.qmp.legacy import QEMUMonitorProtocol
 
 _QMP_ACCEPT_TIMEOUT = 10.0
+_CONSOLE_TAIL_BYTES = 4096  # enough for a last line; a guest's console file is up to LOG_LIMIT
 _QBOOT = Path("/usr/share/qemu/qboot.rom")
 
 # Cheap boot: skip crypto self-tests and legacy devices; panic powers the VM off (QEMU
@@ -277,6 +279,25 @@ class QemuVM:
         self._qmp_listener = None
         connection.settimeout(None)
         return connection
+
+    def console_tail(self) -> str:
+        """The guest console's last line, printable characters only (a guest writes it), or ''."""
+        try:
+            with open(self.spec.console_log, "rb") as console:
+                console.seek(max(0, console.seek(0, os.SEEK_END) - _CONSOLE_TAIL_BYTES))
+                tail = console.read()
+        except OSError:
+            return ""
+        lines = [line.strip() for line in tail.decode(errors="replace").splitlines() if line.strip()]
+        # After a panic its own line says more than the stack dump that ends the console.
+        panics = [line for line in lines if "Kernel panic" in line]
+        last = (panics or lines or [""])[-1]
+        return "".join(c if c.isprintable() else "?" for c in last)
+
+    def with_console(self, message: str) -> str:
+        """`message`, and what the guest said last: why a boot failed is often only there."""
+        console = self.console_tail()
+        return f"{message} (guest console: {console})" if console else message
 
     def failure(self) -> str:
         """Why QEMU is gone, from its log."""

@@ -242,9 +242,9 @@ def _wait_for_console(vm: QemuVM, console: Path, marker: bytes, timeout: float) 
         except FileNotFoundError:
             pass
         if not vm.alive():
-            raise HypervisorError(vm.failure())
+            raise HypervisorError(vm.with_console(vm.failure()))
         if time.monotonic() > deadline:
-            raise HypervisorError(f"the template's agent did not start within {timeout:g}s")
+            raise HypervisorError(vm.with_console(f"the template's agent did not start within {timeout:g}s"))
         time.sleep(0.02)
 
 
