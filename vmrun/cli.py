@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, NoReturn
 
 import vmrun
 from vmrun.config import Config, config_as_dict, config_path, load_config
-from vmrun.errors import CommandError, ConfigError, StateConflictError, VmrunError
+from vmrun.errors import CommandError, ConfigError, StateConflictError, UsageError, VmrunError
 from vmrun.hooks import SUPPORTED_HOOKS
 from vmrun.log import setup_logging
-from vmrun.oci import load_bundle, write_default_spec
+from vmrun.oci import load_bundle, process_problem, write_default_spec
 from vmrun.orphans import reclaim_orphaned
 from vmrun.proc import run
 from vmrun.state import DEFAULT_ROOT, StateStore
@@ -33,7 +33,7 @@ log = logging.getLogger("vmrun")
 
 def parse_signal(text: str) -> int:
     """A signal as runc takes it: a number, or a name with or without SIG."""
-    if text.isdigit():
+    if text.isascii() and text.isdigit():  # not "²": a digit to str.isdigit, not to int()
         number = int(text)
         if number <= 0 or number >= signal.NSIG:
             raise VmrunError(f"invalid signal {text!r}")
@@ -122,9 +122,11 @@ def cmd_exec(args: argparse.Namespace) -> int:
     containers = _containers(args)
     if args.process:
         try:
-            process = json.loads(Path(args.process).read_text())
+            process = json.loads(Path(args.process).read_bytes())
         except (OSError, ValueError) as exc:
             raise VmrunError(f"exec: cannot read process file {args.process}: {exc}") from None
+        if problem := process_problem(process):
+            raise VmrunError(f"exec: process file {args.process}: {problem}")
     else:
         spec = load_bundle(_store(args).load(args.id).bundle).spec
         process = exec_process_from_args(spec, args.command, cwd=args.cwd, env=args.env, user=args.user,
@@ -172,7 +174,8 @@ def cmd_update(args: argparse.Namespace) -> int:
     if args.resources:
         from vmrun.resources import check_resources
 
-        source = sys.stdin.read() if args.resources == "-" else Path(args.resources).read_text()
+        # Bytes: json.loads decodes them, and text that is not UTF-8 is one more ValueError.
+        source = sys.stdin.buffer.read() if args.resources == "-" else Path(args.resources).read_bytes()
         try:
             resources = json.loads(source)
         except ValueError as exc:
@@ -217,13 +220,15 @@ def cmd_events(args: argparse.Namespace) -> int:
                     emit({"type": "oom", "id": args.id})
 
         threading.Thread(target=tell_ooms, name="oom-events", daemon=True).start()
+    first = True
     while True:
         try:
             data = containers.stats(args.id)
         except StateConflictError:
-            if args.stats:
-                raise
+            if args.stats or first:
+                raise  # as runc: not running, so no events to give
             return 0  # the container stopped: the event stream ends
+        first = False
         emit({"type": "stats", "id": args.id, "data": data})
         if args.stats:
             return 0
@@ -231,14 +236,18 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 
 def _seconds(text: str) -> float:
-    """runc's Go durations for --interval: 5s, 500ms, 1m, or plain seconds."""
-    for suffix, factor in (("ms", 0.001), ("s", 1.0), ("m", 60.0)):
-        if text.endswith(suffix) and text[: -len(suffix)].replace(".", "", 1).isdigit():
-            return float(text[: -len(suffix)]) * factor
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}") from None
+    """runc's Go durations for --interval: 5s, 500ms, 1m, 1h, or plain seconds; above 0."""
+    number, factor = text, 1.0
+    for suffix, suffix_factor in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
+        if text.endswith(suffix):
+            number, factor = text[: -len(suffix)], suffix_factor
+            break
+    if not (number.isascii() and number.replace(".", "", 1).isdigit()):
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}")
+    seconds = float(number) * factor
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError("duration interval must be greater than 0")
+    return seconds
 
 
 def cmd_features(args: argparse.Namespace) -> int:
@@ -406,13 +415,41 @@ def cmd_image_build(args: argparse.Namespace) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        # One line, like every other error of ours (argparse prints the whole usage).
-        self.exit(2, f"vmrun: {message} (see {self.prog} --help)\n")
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        # One line, like every other error of ours (argparse prints the whole usage), and
+        # through main's handler: into the --log file too, where containerd looks.
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+# The global options that say where errors go, which main needs before argparse, whose
+# errors must go there too: --log FILE, --log-format FORMAT, --debug.
+_GLOBAL_OPTIONS_WITH_VALUES = {"--root", "--log", "--log-format"}
+
+
+def _log_options(argv: list[str]) -> tuple[str, str, bool]:
+    """--log, --log-format and --debug as given before the command (argparse's rules
+    checked later: an invalid format falls back to text here)."""
+    found = {"--log": "", "--log-format": "text"}
+    debug = False
+    words = iter(argv)
+    for word in words:
+        if not word.startswith("-") or word == "--":
+            break  # the command: global options come before it
+        name, has_value, value = word.partition("=")
+        if name in _GLOBAL_OPTIONS_WITH_VALUES:
+            value = value if has_value else next(words, "")
+            if name in found:
+                found[name] = value
+        elif word == "--debug":
+            debug = True
+    log_format = found["--log-format"] if found["--log-format"] in ("text", "json") else "text"
+    return found["--log"], log_format, debug
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="vmrun", description="Run OCI containers inside lightweight QEMU guests.")
+    # No abbreviated options (as runc): _log_options sees them as argparse does.
+    parser = _Parser(prog="vmrun", description="Run OCI containers inside lightweight QEMU guests.",
+                     allow_abbrev=False)
     parser.add_argument("--version", "-v", action="version", version=f"vmrun version {vmrun.__version__}")
     parser.add_argument("--root", default=str(DEFAULT_ROOT), help="directory for container state")
     parser.add_argument("--log", default="", help="log file (runc-style lines)")
@@ -626,24 +663,34 @@ def _open_closed_std_streams() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     _open_closed_std_streams()
-    args = build_parser().parse_args(argv)
-    logs_to_file = setup_logging(args.log, args.log_format, args.debug)
+    argv = sys.argv[1:] if argv is None else argv
+    logs_to_file = False
     try:
+        logs_to_file = setup_logging(*_log_options(argv))
+        args = build_parser().parse_args(argv)
         _refuse_unsupported(args)
         args.config = _load_config(args, logs_to_file)
         if not args.debug:
             logging.getLogger("vmrun").setLevel(args.config.log_level.upper())
         code = args.handler(args)
     except (VmrunError, OSError) as exc:
-        # One line for the caller on stderr, and one in the --log file containerd reads.
-        message = str(exc) if isinstance(exc, VmrunError) else _os_error_line(exc)
-        if logs_to_file:
-            log.error(message)
-        print(f"vmrun: {message}", file=sys.stderr)
-        code = exc.exit_code if isinstance(exc, VmrunError) else 1
+        code = _report(str(exc) if isinstance(exc, VmrunError) else _os_error_line(exc), logs_to_file)
+        code = exc.exit_code if isinstance(exc, VmrunError) else code
     except KeyboardInterrupt:
         code = 128 + signal.SIGINT
+    except Exception as exc:  # noqa: BLE001 - a bug of ours: still one line, where the caller looks
+        log.debug("internal error", exc_info=True)
+        code = _report(f"internal error: {type(exc).__name__}: {exc}", logs_to_file)
     _exit_now(code)
+
+
+def _report(message: str, logs_to_file: bool) -> int:
+    """One line for the caller on stderr, and one in the --log file containerd reads; 1."""
+    if logs_to_file:
+        log.error(message)
+    # A path in a message may hold a newline: stderr still gets one line.
+    print("vmrun: " + message.replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
+    return 1
 
 
 def _exit_now(code: int) -> NoReturn:

@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import signal
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +94,8 @@ class Containers:
         bundle = load_bundle(bundle_dir)
         if bundle.terminal and not console_socket:
             raise VmrunError("process.terminal is set: --console-socket is required")
+        if bundle.terminal:
+            _check_console_socket(console_socket)
         annotations = bundle.spec.get("annotations") or {}
         place = placement(container_id, annotations)
         # Until the shim stands for it, this process does: if it dies, the state reads stopped.
@@ -266,8 +269,11 @@ class Containers:
             with self.store.locked(container_id):
                 self._delete_locked(container_id, force)
         except ContainerNotFoundError:
+            # As runc: a directory without a state (a create that died early) goes, and
+            # forcing the delete of what is not there succeeds.
+            self.store.remove_debris(container_id)
             if force:
-                return  # as runc: forcing the delete of what is not there succeeds
+                return
             raise
 
     def _delete_locked(self, container_id: str, force: bool) -> None:
@@ -302,6 +308,8 @@ class Containers:
         terminal = bool(process.get("terminal"))
         if terminal and detach and not console_socket:
             raise VmrunError("--tty with --detach needs --console-socket")
+        if terminal and console_socket:
+            _check_console_socket(console_socket)
         exec_id = "exec-" + secrets.token_hex(8)
         if terminal and not detach and "consoleSize" not in process:
             from vmrun.stdio import caller_terminal_fd, console_size
@@ -419,6 +427,17 @@ class Containers:
         fit_guest_to(Path(state.vm_dir), container_id, resources)
         with self._agent(state) as agent:
             agent.update_container(container_id, resources)
+
+
+def _check_console_socket(path: str) -> None:
+    """Refuse a console socket that is not one before anything starts (runc dials it
+    first; our shim sends the terminal there only once the guest has made it)."""
+    try:
+        is_socket = stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError as exc:
+        raise VmrunError(f"cannot use console socket {path}: {exc.strerror}") from None
+    if not is_socket:
+        raise VmrunError(f"cannot use console socket {path}: not a socket")
 
 
 def exec_process_from_args(spec: dict, args: list[str], *, cwd: str = "", env: list[str] = (),

@@ -13,6 +13,12 @@ class VmrunError(Exception):
     exit_code = 1
 
 
+class UsageError(VmrunError):
+    """The command line itself is wrong (an unknown flag, a missing argument)."""
+
+    exit_code = 2
+
+
 class ConfigError(VmrunError):
     """vmrun's own configuration (vmrun.toml) is invalid."""
 

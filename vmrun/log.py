@@ -12,6 +12,8 @@ import logging
 import sys
 from datetime import datetime, timezone
 
+from vmrun.errors import VmrunError
+
 _LEVELS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning",
            logging.ERROR: "error", logging.CRITICAL: "fatal"}
 
@@ -45,9 +47,8 @@ def setup_logging(log_path: str | None, log_format: str, debug: bool) -> bool:
         try:
             handler: logging.Handler = logging.FileHandler(log_path)
         except OSError as exc:
-            print(f"vmrun: cannot open log file {log_path}: {exc.strerror}", file=sys.stderr)
-            handler = logging.StreamHandler(sys.stderr)
-            log_path = None
+            # As runc: a command whose log cannot be written fails, before it does anything.
+            raise VmrunError(f"cannot open log file {log_path}: {exc.strerror}") from None
     else:
         handler = logging.StreamHandler(sys.stderr)
         # Without --log, stderr only shows problems unless --debug asks for more.

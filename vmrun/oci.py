@@ -30,7 +30,7 @@ _IGNORED_MEMORY_LIMITS = ("kernel", "kernelTCP")
 
 # runc's rule: word characters, '+', '-' and '.', and never "." or "..".
 _ID_PATTERN = re.compile(r"^[\w+.-]+$", re.ASCII)
-_MAX_ID_LENGTH = 1024
+_MAX_ID_LENGTH = 255  # the id names its state directory: a file name
 
 
 def validate_id(container_id: str) -> str:
@@ -60,11 +60,84 @@ def _require(condition: bool, bundle: Path, message: str) -> None:
         raise BundleError(f"bundle {bundle}: {message}")
 
 
+def _is_list_of(value: object, kind: type) -> bool:
+    return isinstance(value, list) and all(isinstance(item, kind) and not isinstance(item, bool) for item in value)
+
+
+def _field(obj: dict, key: str, default: object) -> object:
+    """obj[key], or `default` when absent or null (Go's decoder, runc's, takes null as unset)."""
+    value = obj.get(key)
+    return default if value is None else value
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON's true is no number
+
+
+def _is_id_number(value: object) -> bool:
+    return _is_integer(value) and 0 <= value < 1 << 32  # type: ignore[operator]
+
+
+def process_problem(process: object) -> str:
+    """What makes `process` (a spec's, or an exec's --process) not a process, as the
+    runtime spec types it; "" if nothing. crun in the guest checks the rest."""
+    if not isinstance(process, dict):
+        return "process must be an object"
+    args = process.get("args")
+    if not (_is_list_of(args, str) and args):
+        return "process.args must be a non-empty list of strings"
+    if not isinstance(_field(process, "terminal", False), bool):
+        return "process.terminal must be true or false"
+    cwd = _field(process, "cwd", "/")
+    if not (isinstance(cwd, str) and cwd.startswith("/")):
+        return "process.cwd must be an absolute path"
+    if not _is_list_of(_field(process, "env", []), str):
+        return "process.env must be a list of strings"
+    user = _field(process, "user", {})
+    if not (isinstance(user, dict) and all(_is_id_number(_field(user, key, 0)) for key in ("uid", "gid"))
+            and isinstance(_field(user, "additionalGids", []), list)
+            and all(_is_id_number(gid) for gid in _field(user, "additionalGids", []))):
+        return "process.user must be an object with numeric uid, gid and additionalGids"
+    capabilities = _field(process, "capabilities", {})
+    if not (isinstance(capabilities, dict)
+            and all(_is_list_of(names, str) for names in capabilities.values() if names is not None)):
+        return "process.capabilities must be an object of lists of capability names"
+    rlimits = _field(process, "rlimits", [])
+    if not (isinstance(rlimits, list) and all(
+            isinstance(limit, dict) and isinstance(limit.get("type"), str)
+            and _is_integer(limit.get("soft")) and _is_integer(limit.get("hard"))
+            for limit in rlimits)):
+        return "process.rlimits must be a list of {type, soft, hard}"
+    return ""
+
+
+def _spec_problem(spec: dict) -> str:
+    """What is mistyped in the spec's fields outside process, root and hooks; "" if nothing."""
+    if not isinstance(_field(spec, "hostname", ""), str):
+        return "hostname must be a string"
+    annotations = _field(spec, "annotations", {})
+    if not (isinstance(annotations, dict) and all(isinstance(value, str) for value in annotations.values())):
+        return "annotations must be an object of strings"
+    for mount in spec.get("mounts", []):
+        if not all(isinstance(_field(mount, key, ""), str) for key in ("source", "type")) \
+                or not _is_list_of(_field(mount, "options", []), str):
+            return f"mount {mount.get('destination')!r}: source and type must be strings, options a list of strings"
+    linux = spec.get("linux") or {}
+    namespaces = _field(linux, "namespaces", [])
+    if not (isinstance(namespaces, list) and all(
+            isinstance(namespace, dict) and isinstance(namespace.get("type"), str)
+            and isinstance(_field(namespace, "path", ""), str) for namespace in namespaces)):
+        return "linux.namespaces must be a list of {type, path}"
+    return ""
+
+
 def load_bundle(bundle_dir: str | Path) -> Bundle:
     path = Path(bundle_dir).absolute()
     config = path / "config.json"
     try:
-        text = config.read_text()
+        text = config.read_bytes().decode()
+    except UnicodeDecodeError:
+        raise BundleError(f"bundle {path}: config.json is not UTF-8 text") from None
     except FileNotFoundError:
         raise BundleError(f"bundle {path}: config.json not found") from None
     except OSError as exc:
@@ -77,14 +150,9 @@ def load_bundle(bundle_dir: str | Path) -> Bundle:
     _require(isinstance(spec.get("ociVersion"), str), path, "config.json has no ociVersion")
     _require(bool(_OCI_VERSION_PATTERN.match(spec["ociVersion"])), path,
              f"ociVersion {spec['ociVersion']!r} is not a 1.x version (this runtime takes 1.0.0 to {MAX_OCI_VERSION})")
-    process = spec.get("process")
-    _require(isinstance(process, dict), path, "config.json has no process")
-    args = process.get("args")
-    _require(
-        isinstance(args, list) and bool(args) and all(isinstance(a, str) for a in args),
-        path,
-        "process.args must be a non-empty list of strings",
-    )
+    _require("process" in spec, path, "config.json has no process")
+    problem = process_problem(spec["process"])
+    _require(not problem, path, problem)
     root = spec.get("root")
     _require(isinstance(root, dict) and isinstance(root.get("path"), str) and bool(root["path"]), path,
              "config.json has no root.path")
@@ -97,10 +165,12 @@ def load_bundle(bundle_dir: str | Path) -> Bundle:
     mounts = spec.get("mounts", [])
     _require(isinstance(mounts, list) and all(isinstance(m, dict) and isinstance(m.get("destination"), str)
                                               for m in mounts), path, "mounts must be a list of objects with a destination")
-    check_namespace_paths(spec)
     linux = spec.get("linux")
+    _require(linux is None or isinstance(linux, dict), path, "linux must be an object")
+    problem = _spec_problem(spec)
+    _require(not problem, path, problem)
+    check_namespace_paths(spec)
     if linux is not None:
-        _require(isinstance(linux, dict), path, "linux must be an object")
         try:
             check_resources(linux.get("resources"))
         except BundleError as exc:

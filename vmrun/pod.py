@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vmrun.errors import InvalidIdError
+from vmrun.oci import validate_id
+
 # (container-type key, sandbox value, sandbox-id key) for each caller.
 _CALLERS = (
     ("io.kubernetes.cri.container-type", "sandbox", "io.kubernetes.cri.sandbox-id"),
@@ -32,5 +35,9 @@ def placement(container_id: str, annotations: dict[str, str]) -> PodPlacement:
             return PodPlacement(container_id, True)
         sandbox_id = annotations.get(sandbox_id_key, "")
         if sandbox_id and sandbox_id != container_id:
+            try:
+                validate_id(sandbox_id)
+            except InvalidIdError:
+                raise InvalidIdError(f"annotation {sandbox_id_key}: invalid sandbox id {sandbox_id!r}") from None
             return PodPlacement(sandbox_id, False)
     return PodPlacement(container_id, True)

@@ -226,6 +226,11 @@ class StateStore:
     def remove(self, container_id: str) -> None:
         shutil.rmtree(self._dir(container_id), ignore_errors=True)
 
+    def remove_debris(self, container_id: str) -> None:
+        """Remove what a create that died before its first save left under this id, if so."""
+        if self._is_debris(self._dir(container_id)):
+            self.remove(container_id)
+
     def list(self) -> list[ContainerState]:
         """Every container recorded; what is not one (a stray file, a damaged or half-made
         entry) is skipped, with a warning, so one cannot hide the others."""

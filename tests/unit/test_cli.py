@@ -14,7 +14,7 @@ def test_signals_by_name_or_number(text, number):
     assert parse_signal(text) == number
 
 
-@pytest.mark.parametrize("text", ["0", "99", "NOPE", "SIG"])
+@pytest.mark.parametrize("text", ["0", "99", "NOPE", "SIG", "\u00b2"])
 def test_bad_signals(text):
     with pytest.raises(VmrunError):
         parse_signal(text)
@@ -129,3 +129,93 @@ def test_features_says_what_runs():
     assert features["ociVersionMax"] == "1.3.0"
     assert features["hooks"] == ["prestart", "createRuntime", "createContainer", "startContainer", "poststart",
                                  "poststop"]
+
+
+def test_a_usage_error_is_one_line_and_in_the_log_too(tmp_path):
+    log = tmp_path / "log.json"
+    for command in (["kill"], ["create", "--bogus", "x"], ["events", "--interval", "0", "x"]):
+        result = vmrun("--root", str(tmp_path), "--log", str(log), "--log-format", "json", *command)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert json.loads(log.read_text().splitlines()[-1])["msg"] in result.stderr
+    assert "duration interval must be greater than 0" in log.read_text()
+
+
+@pytest.mark.parametrize("interval, seconds", [("5s", 5.0), ("500ms", 0.5), ("1m", 60.0), ("1h", 3600.0), ("2", 2.0)])
+def test_event_intervals_as_go_writes_them(interval, seconds):
+    from vmrun.cli import _seconds
+
+    assert _seconds(interval) == seconds
+
+
+@pytest.mark.parametrize("interval", ["0", "0s", "-1", "nan", "inf", "1d", "\u0662s"])
+def test_bad_event_intervals(interval):
+    import argparse
+
+    from vmrun.cli import _seconds
+
+    with pytest.raises(argparse.ArgumentTypeError):
+        _seconds(interval)
+
+
+def test_a_log_file_that_cannot_be_opened_fails_the_command(tmp_path):
+    result = vmrun("--root", str(tmp_path), "--log", str(tmp_path / "no" / "log.json"), "list", "-q")
+    assert result.returncode == 1
+    assert result.stderr == f"vmrun: cannot open log file {tmp_path / 'no' / 'log.json'}: No such file or directory\n"
+
+
+def test_a_bug_of_ours_is_still_one_line_where_the_caller_looks(tmp_path):
+    log = tmp_path / "log.json"
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys, vmrun.cli as cli; cli.cmd_list = lambda args: 1 / 0; cli.main()",
+         "--root", str(tmp_path), "--log", str(log), "--log-format", "json", "list"],
+        capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr == "vmrun: internal error: ZeroDivisionError: division by zero\n"
+    assert json.loads(log.read_text())["msg"] == "internal error: ZeroDivisionError: division by zero"
+
+
+def test_a_newline_in_a_message_stays_on_one_line(tmp_path):
+    result = vmrun("spec", "--bundle", str(tmp_path / "no\nwhere"))
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "no\\nwhere" in result.stderr
+
+
+def test_delete_removes_what_a_create_that_died_early_left(tmp_path):
+    for force in (False, True):
+        debris = tmp_path / "c1"
+        debris.mkdir()
+        os.utime(debris, (0, 0))  # old: no create is still making it
+        result = vmrun("--root", str(tmp_path), "delete", *(["--force"] if force else []), "c1")
+        assert result.returncode == (0 if force else 1) and not debris.exists()
+        if not force:
+            assert "does not exist" in result.stderr
+
+
+def test_a_terminal_with_a_console_socket_that_is_not_one_is_refused_before_the_boot(tmp_path):
+    from vmrun.oci import default_spec
+
+    (tmp_path / "bundle" / "rootfs").mkdir(parents=True)
+    (tmp_path / "bundle" / "config.json").write_text(json.dumps(default_spec()))  # terminal: true
+    (tmp_path / "file").write_text("")
+    for socket_path, why in ((tmp_path / "none", "No such file or directory"), (tmp_path / "file", "not a socket")):
+        result = vmrun("--root", str(tmp_path / "root"), "create", "--bundle", str(tmp_path / "bundle"),
+                       "--console-socket", str(socket_path), "c1")
+        assert result.returncode == 1
+        assert result.stderr == f"vmrun: cannot use console socket {socket_path}: {why}\n"
+        assert not (tmp_path / "root" / "c1").exists()
+
+
+def test_an_exec_process_file_that_is_no_process_is_refused(tmp_path):
+    process = tmp_path / "process.json"
+    for content, why in ((b"[1]", "process must be an object"), (b"{}", "process.args must be"),
+                         (b'{"args": "sh"}', "process.args must be"), (b"\xff", "cannot read process file")):
+        process.write_bytes(content)
+        result = vmrun("--root", str(tmp_path), "exec", "--process", str(process), "c1")
+        assert result.returncode == 1 and why in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_events_of_a_stopped_container_is_an_error_as_runc(tmp_path):
+    from vmrun.state import ContainerState, StateStore
+
+    StateStore(tmp_path).create(ContainerState("c1", "/b", "/b/rootfs", "stopped"))
+    result = vmrun("--root", str(tmp_path), "events", "c1")
+    assert result.returncode == 1 and "it is stopped" in result.stderr and result.stdout == ""

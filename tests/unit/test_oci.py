@@ -14,7 +14,7 @@ def write_bundle(tmp_path, spec, make_rootfs=True):
     return tmp_path
 
 
-@pytest.mark.parametrize("bad", ["", ".", "..", "a/b", "../x", "x/..", "a b", "é", "x" * 1025])
+@pytest.mark.parametrize("bad", ["", ".", "..", "a/b", "../x", "x/..", "a b", "é", "x" * 256])
 def test_invalid_ids_are_refused(bad):
     with pytest.raises(InvalidIdError):
         validate_id(bad)
@@ -190,3 +190,61 @@ def test_an_unknown_namespace_type_is_refused(tmp_path):
     spec["linux"]["namespaces"].append({"type": "bogus"})
     with pytest.raises(BundleError, match="unknown namespace"):
         load_bundle(write_bundle(tmp_path, spec))
+
+
+def _with(path, value):
+    """default_spec() with the field at `path` (dotted) set to `value`."""
+    spec = default_spec()
+    *parents, last = path.split(".")
+    node = spec
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[last] = value
+    return spec
+
+
+@pytest.mark.parametrize("path, value, message", [
+    ("hostname", 5, "hostname must be a string"),
+    ("annotations", ["x"], "annotations must be an object of strings"),
+    ("annotations", {"io.kubernetes.cri.sandbox-id": 5}, "annotations must be an object of strings"),
+    ("linux.namespaces", 5, "linux.namespaces must be a list"),
+    ("linux.namespaces", [{"type": "pid", "path": 5}], "linux.namespaces must be a list"),
+    ("process", ["sh"], "process must be an object"),
+    ("process.terminal", "false", "process.terminal must be true or false"),
+    ("process.cwd", "tmp", "process.cwd must be an absolute path"),
+    ("process.env", "PATH=/bin", "process.env must be a list of strings"),
+    ("process.user", {"uid": "0", "gid": 0}, "process.user must be an object"),
+    ("process.user", {"uid": 0, "gid": 0, "additionalGids": [-1]}, "process.user must be an object"),
+    ("process.capabilities", {"bounding": "CAP_KILL"}, "process.capabilities must be an object of lists"),
+    ("process.rlimits", [{"type": "RLIMIT_NOFILE", "soft": "1", "hard": 2}], "process.rlimits must be a list"),
+    ("mounts", [{"destination": "/d", "source": 5, "type": "bind"}], "source and type must be strings"),
+    ("mounts", [{"destination": "/d", "options": "ro"}], "options a list of strings"),
+])
+def test_a_mistyped_field_is_one_line_error_before_anything_starts(tmp_path, path, value, message):
+    with pytest.raises(BundleError) as err:
+        load_bundle(write_bundle(tmp_path, _with(path, value)))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_config_that_is_not_utf8_is_one_line_error(tmp_path):
+    (tmp_path / "rootfs").mkdir()
+    (tmp_path / "config.json").write_bytes(json.dumps(default_spec()).encode().replace(b'"sh"', b'"\xff"'))
+    with pytest.raises(BundleError, match="config.json is not UTF-8 text"):
+        load_bundle(tmp_path)
+
+
+def test_the_specs_own_types_load(tmp_path):
+    spec = _with("process.user", {"uid": 1000, "gid": 1000, "additionalGids": [5, 6]})
+    spec["process"]["rlimits"] = [{"type": "RLIMIT_NOFILE", "soft": 1024, "hard": 4096}]
+    spec["mounts"].append({"destination": "/data", "source": "/srv", "type": "bind", "options": ["rbind", "ro"]})
+    spec["annotations"] = {"io.kubernetes.cri.container-type": "sandbox"}
+    spec["hostname"] = "pod"
+    assert load_bundle(write_bundle(tmp_path, spec)).spec == spec
+
+
+def test_null_is_unset_as_runcs_decoder_takes_it(tmp_path):
+    spec = default_spec()
+    spec.update(hostname=None, annotations=None)
+    spec["process"].update(env=None, cwd=None, terminal=None, capabilities={"bounding": None})
+    spec["linux"]["namespaces"].append({"type": "ipc", "path": None})
+    load_bundle(write_bundle(tmp_path, spec))

@@ -147,6 +147,26 @@ def test_a_half_made_entry_is_taken_over_once_old(tmp_path, monkeypatch):
     assert store.load("c1").status == "creating"
 
 
-def test_an_id_too_long_for_a_file_name_is_one_clear_error(tmp_path):
-    with pytest.raises(VmrunError, match="File name too long"):
-        StateStore(tmp_path).create(ContainerState("x" * 1000, "/b", "/b/rootfs", "creating"))
+def test_an_id_too_long_for_a_file_name_is_an_invalid_id(tmp_path):
+    store = StateStore(tmp_path)
+    with pytest.raises(InvalidIdError, match="invalid container id"):
+        store.create(ContainerState("x" * 256, "/b", "/b/rootfs", "creating"))
+    with pytest.raises(InvalidIdError):  # so is every command's, not "File name too long"
+        store.load("x" * 256)
+    store.create(ContainerState("x" * 255, "/b", "/b/rootfs", "creating"))
+    assert store.load("x" * 255).status == "creating"
+
+
+def test_an_old_state_directory_without_a_state_goes_with_remove_debris(tmp_path, monkeypatch):
+    import vmrun.state
+
+    store = StateStore(tmp_path)
+    (tmp_path / "c1").mkdir()
+    store.remove_debris("c1")
+    assert (tmp_path / "c1").is_dir()  # a create may be making it this very moment
+    monkeypatch.setattr(vmrun.state, "_DEBRIS_AGE", -1.0)
+    store.remove_debris("c1")
+    assert not (tmp_path / "c1").exists()
+    store.create(ContainerState("c2", "/b", "/b/rootfs", "creating"))
+    store.remove_debris("c2")
+    assert store.load("c2").status == "creating"  # a container is never debris
