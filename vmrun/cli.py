@@ -35,7 +35,7 @@ def parse_signal(text: str) -> int:
     """A signal as runc takes it: a number, or a name with or without SIG."""
     if text.isascii() and text.isdigit():  # not "²": a digit to str.isdigit, not to int()
         number = int(text)
-        if number <= 0 or number >= signal.NSIG:
+        if number >= signal.NSIG:  # 0 is kill(2)'s own: whether the container is alive
             raise VmrunError(f"invalid signal {text!r}")
         return number
     name = text.upper()
@@ -107,6 +107,7 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def cmd_kill(args: argparse.Namespace) -> int:
+    _store(args).load(args.id)  # as runc: a container that does not exist is the error, whatever the signal
     _containers(args).kill(args.id, parse_signal(args.signal), args.all)
     return 0
 

@@ -254,6 +254,8 @@ class Containers:
             if all_processes:
                 return  # as runc: nothing left to signal is not an error with --all
             raise StateConflictError(f"container {container_id!r} is not running")
+        if signum == 0:
+            return  # as kill(2) and runc: only whether there is a process to signal
         try:
             with self._agent(state) as agent:
                 agent.signal_process(container_id, signum, all_processes=all_processes)

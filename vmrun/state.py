@@ -126,7 +126,10 @@ class ContainerState:
 
 
 def write_pid_file(path: str, pid: int) -> None:
-    write_atomic(path, str(pid))
+    try:
+        write_atomic(path, str(pid))
+    except OSError as exc:  # named as the caller gave it, not as the temporary file beside it
+        raise VmrunError(f"cannot write pid file {path}: {exc.strerror}") from None
 
 
 class StateStore:

@@ -85,8 +85,11 @@ def test_create_start_exec_kill_delete(vm_env):
     refused = vm_env.vmrun("delete", "life")
     assert refused.returncode != 0 and b"running" in refused.stderr
 
+    assert vm_env.vmrun("kill", "life", "0").returncode == 0  # alive: signal 0 only asks
+    assert status(vm_env, "life")["status"] == "running"
     assert vm_env.vmrun("kill", "life", "9").returncode == 0
     wait_for(lambda: status(vm_env, "life")["status"] == "stopped")
+    assert vm_env.vmrun("kill", "life", "0").returncode != 0  # as runc: not running
     assert vm_env.vmrun("delete", "life").returncode == 0
     assert vm_env.vmrun("state", "life").returncode != 0
 

@@ -9,12 +9,13 @@ from vmrun.cli import parse_signal
 from vmrun.errors import VmrunError
 
 
-@pytest.mark.parametrize("text, number", [("9", 9), ("KILL", 9), ("SIGTERM", 15), ("term", 15), ("SIGUSR1", 10)])
+@pytest.mark.parametrize("text, number", [("9", 9), ("KILL", 9), ("SIGTERM", 15), ("term", 15), ("SIGUSR1", 10),
+                                          ("0", 0)])
 def test_signals_by_name_or_number(text, number):
     assert parse_signal(text) == number
 
 
-@pytest.mark.parametrize("text", ["0", "99", "NOPE", "SIG", "\u00b2"])
+@pytest.mark.parametrize("text", ["99", "65", "NOPE", "SIG", "\u00b2", "-1"])
 def test_bad_signals(text):
     with pytest.raises(VmrunError):
         parse_signal(text)
@@ -219,3 +220,16 @@ def test_events_of_a_stopped_container_is_an_error_as_runc(tmp_path):
     StateStore(tmp_path).create(ContainerState("c1", "/b", "/b/rootfs", "stopped"))
     result = vmrun("--root", str(tmp_path), "events", "c1")
     assert result.returncode == 1 and "it is stopped" in result.stderr and result.stdout == ""
+
+
+def test_kill_says_first_that_the_container_does_not_exist(tmp_path):
+    result = vmrun("--root", str(tmp_path), "kill", "nosuch", "FOO")
+    assert result.returncode == 1 and "does not exist" in result.stderr
+
+
+def test_signal_0_asks_whether_the_container_runs(tmp_path):
+    from vmrun.state import ContainerState, StateStore
+
+    StateStore(tmp_path).create(ContainerState("c1", "/b", "/b/rootfs", "stopped"))
+    result = vmrun("--root", str(tmp_path), "kill", "c1", "0")
+    assert result.returncode == 1 and "is not running" in result.stderr

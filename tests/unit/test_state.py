@@ -170,3 +170,12 @@ def test_an_old_state_directory_without_a_state_goes_with_remove_debris(tmp_path
     store.create(ContainerState("c2", "/b", "/b/rootfs", "creating"))
     store.remove_debris("c2")
     assert store.load("c2").status == "creating"  # a container is never debris
+
+
+def test_a_pid_file_that_cannot_be_written_is_named_as_given(tmp_path):
+    from vmrun.state import write_pid_file
+
+    with pytest.raises(VmrunError, match=f"^cannot write pid file {tmp_path}/no/pid: No such file or directory$"):
+        write_pid_file(str(tmp_path / "no" / "pid"), 1)
+    write_pid_file(str(tmp_path / "pid"), 42)
+    assert (tmp_path / "pid").read_text() == "42"
