@@ -675,23 +675,25 @@ def main(argv: list[str] | None = None) -> None:
             logging.getLogger("vmrun").setLevel(args.config.log_level.upper())
         code = args.handler(args)
     except (VmrunError, OSError) as exc:
-        code = _report(str(exc) if isinstance(exc, VmrunError) else _os_error_line(exc), logs_to_file)
-        code = exc.exit_code if isinstance(exc, VmrunError) else code
+        _report(str(exc) if isinstance(exc, VmrunError) else _os_error_line(exc), logs_to_file)
+        code = exc.exit_code if isinstance(exc, VmrunError) else 1
     except KeyboardInterrupt:
         code = 128 + signal.SIGINT
     except Exception as exc:  # noqa: BLE001 - a bug of ours: still one line, where the caller looks
-        log.debug("internal error", exc_info=True)
-        code = _report(f"internal error: {type(exc).__name__}: {exc}", logs_to_file)
+        import traceback
+
+        log.debug("internal error: %s", traceback.format_exc())  # with --debug: where it came from
+        _report(f"internal error: {type(exc).__name__}: {exc}", logs_to_file)
+        code = 1
     _exit_now(code)
 
 
-def _report(message: str, logs_to_file: bool) -> int:
-    """One line for the caller on stderr, and one in the --log file containerd reads; 1."""
+def _report(message: str, logs_to_file: bool) -> None:
+    """One line for the caller on stderr, and one in the --log file containerd reads."""
     if logs_to_file:
         log.error(message)
     # A path in a message may hold a newline: stderr still gets one line.
     print("vmrun: " + message.replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
-    return 1
 
 
 def _exit_now(code: int) -> NoReturn:
