@@ -76,18 +76,35 @@ def cmd_list(args: argparse.Namespace) -> int:
     store = _store(args)
     found = store.list()
     reclaim_orphaned(args.config, store, found)
-    states = [s.runc_json() for s in found]
+    states = [{**s.runc_json(), "owner": _owner(store.root / s.id)} for s in found]
+    if args.quiet:  # before --format, as runc
+        for state in states:
+            print(state["id"])
+        return 0
     if args.format == "json":
         print(json.dumps(states))
         return 0
-    if args.quiet:
-        for s in states:
-            print(s["id"])
-        return 0
-    print(f"{'ID':<20}{'PID':<10}{'STATUS':<10}{'BUNDLE':<40}{'CREATED':<32}OWNER")
-    for s in states:
-        print(f"{s['id']:<20}{s['pid']:<10}{s['status']:<10}{s['bundle']:<40}{s['created']:<32}{s['owner']}")
+    rows = [("ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER"),
+            *((s["id"], str(s["pid"]), s["status"], s["bundle"], s["created"], s["owner"]) for s in states)]
+    # As runc's tabwriter: columns as wide as their longest cell (12 at least), 3 spaces apart.
+    widths = [max(12, *(len(row[column]) for row in rows)) + 3 for column in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("".join(cell.ljust(width) for cell, width in zip(row, widths)) + row[-1])
     return 0
+
+
+def _owner(state_dir: Path) -> str:
+    """Who owns a container's state directory, as runc's list names them: a user, or #uid."""
+    import pwd
+
+    try:
+        uid = state_dir.stat().st_uid
+    except OSError:
+        return ""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"#{uid}"
 
 
 def _containers(args: argparse.Namespace) -> "Containers":
@@ -137,7 +154,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
-    if args.ps_options:
+    if args.ps_options and args.format != "json":  # runc's JSON ignores them too
         raise VmrunError(f"ps: ps options ({' '.join(args.ps_options)}) are not supported: the processes are "
                          "the guest's; vmrun prints ps -ef's columns")
     containers = _containers(args)
@@ -447,11 +464,23 @@ def _log_options(argv: list[str]) -> tuple[str, str, bool]:
     return found["--log"], log_format, debug
 
 
+class _PrintVersion(argparse.Action):
+    """As runc and crun print theirs: "<name> version X", then "key: value" lines (Docker's
+    `info` takes the first line's name and version)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> NoReturn:
+        from vmrun.oci import MAX_OCI_VERSION
+
+        python = ".".join(str(part) for part in sys.version_info[:3])
+        print(f"vmrun version {vmrun.__version__}\nspec: {MAX_OCI_VERSION}\npython: {python}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     # No abbreviated options (as runc): _log_options sees them as argparse does.
     parser = _Parser(prog="vmrun", description="Run OCI containers inside lightweight QEMU guests.",
                      allow_abbrev=False)
-    parser.add_argument("--version", "-v", action="version", version=f"vmrun version {vmrun.__version__}")
+    parser.add_argument("--version", "-v", action=_PrintVersion, nargs=0, help="print the version and exit")
     parser.add_argument("--root", default=str(DEFAULT_ROOT), help="directory for container state")
     parser.add_argument("--log", default="", help="log file (runc-style lines)")
     # runc's default: text (logfmt). containerd's shim passes --log-format json itself.

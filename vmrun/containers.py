@@ -33,6 +33,7 @@ from vmrun.orphans import reclaim_orphaned
 from vmrun.pod import placement
 from vmrun.pool import take_from_pool
 from vmrun.process_ref import ProcessRef, wait_until_gone
+from vmrun.runc_stats import runc_stats
 from vmrun.sandbox import vm_dir_for
 from vmrun.sandbox_daemon import adopt_sandbox_daemon, spawn_sandbox_daemon, stop_sandbox_daemon
 from vmrun.share import share_container_files, unshare_container_files
@@ -400,15 +401,12 @@ class Containers:
         state = self._running_state(container_id, "read the statistics of")
         with self._agent(state) as agent:
             stats = agent.stats(container_id)
-        detail = json.loads(stats.cgroup_stats_json or b"{}")
-        return {
-            "cpu": {"usage": {"total": stats.cpu_usage_ns,
-                              "user": detail.get("cpu", {}).get("user_usec", 0) * 1000,
-                              "kernel": detail.get("cpu", {}).get("system_usec", 0) * 1000}},
-            "memory": {"usage": {"usage": stats.memory_usage_bytes, "limit": stats.memory_limit_bytes},
-                       "raw": detail.get("memory", {})},
-            "pids": {"current": stats.pids_current},
-        }
+        try:
+            detail = json.loads(stats.cgroup_stats_json or b"{}")
+        except ValueError:
+            detail = {}  # the guest's to get wrong: its counters are then absent
+        return runc_stats(cpu_usage_ns=stats.cpu_usage_ns, memory_usage=stats.memory_usage_bytes,
+                          memory_limit=stats.memory_limit_bytes, pids_current=stats.pids_current, detail=detail)
 
     def watch_oom(self, container_id: str) -> Iterator[None]:
         """One item per OOM kill in the container, as it happens, until the guest goes.

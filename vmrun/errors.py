@@ -14,9 +14,8 @@ class VmrunError(Exception):
 
 
 class UsageError(VmrunError):
-    """The command line itself is wrong (an unknown flag, a missing argument)."""
-
-    exit_code = 2
+    """The command line itself is wrong (an unknown flag, a missing argument): exit 1, as
+    runc's every error."""
 
 
 class ConfigError(VmrunError):

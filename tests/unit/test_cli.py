@@ -136,7 +136,7 @@ def test_a_usage_error_is_one_line_and_in_the_log_too(tmp_path):
     log = tmp_path / "log.json"
     for command in (["kill"], ["create", "--bogus", "x"], ["events", "--interval", "0", "x"]):
         result = vmrun("--root", str(tmp_path), "--log", str(log), "--log-format", "json", *command)
-        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr  # as runc
         assert json.loads(log.read_text().splitlines()[-1])["msg"] in result.stderr
     assert "duration interval must be greater than 0" in log.read_text()
 
@@ -233,3 +233,25 @@ def test_signal_0_asks_whether_the_container_runs(tmp_path):
     StateStore(tmp_path).create(ContainerState("c1", "/b", "/b/rootfs", "stopped"))
     result = vmrun("--root", str(tmp_path), "kill", "c1", "0")
     assert result.returncode == 1 and "is not running" in result.stderr
+
+
+def test_list_as_runc_prints_it(tmp_path):
+    import pwd
+
+    from vmrun.state import ContainerState, StateStore
+
+    long_id = "f" * 64  # containerd's ids
+    StateStore(tmp_path).create(ContainerState(long_id, "/b" * 30, "/b/rootfs", "stopped"))
+    owner = pwd.getpwuid(os.getuid()).pw_name
+    table = vmrun("--root", str(tmp_path), "list").stdout.splitlines()
+    assert table[0].split() == ["ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER"]
+    cells = table[1].split()  # columns never run together, whatever their width
+    assert cells[:4] == [long_id, "0", "stopped", "/b" * 30] and cells[-1] == owner
+    listed = json.loads(vmrun("--root", str(tmp_path), "list", "--format", "json").stdout)
+    assert [(c["id"], c["owner"]) for c in listed] == [(long_id, owner)]
+    assert vmrun("--root", str(tmp_path), "list", "-q", "--format", "json").stdout == long_id + "\n"
+
+
+def test_version_as_runc_and_crun_print_theirs():
+    lines = vmrun("--version").stdout.splitlines()
+    assert lines[0].startswith("vmrun version ") and lines[1].startswith("spec: 1.")
