@@ -253,6 +253,13 @@ def cmd_events(args: argparse.Namespace) -> int:
         time.sleep(args.interval)
 
 
+def _pool_size(text: str) -> int:
+    """A pool's size as vmrun.toml's pool_size takes it: 1 to 256 guests."""
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= 256):
+        raise argparse.ArgumentTypeError(f"must be a number of guests from 1 to 256 (got {text!r})")
+    return int(text)
+
+
 def _seconds(text: str) -> float:
     """runc's Go durations for --interval: 5s, 500ms, 1m, 1h, or plain seconds; above 0."""
     number, factor = text, 1.0
@@ -397,7 +404,8 @@ def cmd_pool_serve(args: argparse.Namespace) -> int:
 
     if not args.config.pool_socket:
         raise VmrunError("pool: set pool_socket in vmrun.toml (create looks for the pool there)")
-    Pool(args.config, args.size or args.config.pool_size).serve(Path(args.config.pool_socket))
+    size = args.config.pool_size if args.size is None else args.size
+    Pool(args.config, size).serve(Path(args.config.pool_socket))
     return 0
 
 
@@ -623,7 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
     pool = commands.add_parser("pool", help="a pool of ready guests that create takes from")
     pool_commands = pool.add_subparsers(dest="pool_command", metavar="POOL_COMMAND", required=True)
     pool_serve = pool_commands.add_parser("serve", help="keep guests ready until SIGTERM (in the foreground)")
-    pool_serve.add_argument("--size", type=int, default=0, help="guests to keep ready (default: pool_size)")
+    pool_serve.add_argument("--size", type=_pool_size, help="guests to keep ready, 1 to 256 (default: pool_size)")
     pool_serve.set_defaults(handler=cmd_pool_serve)
     pool_status = pool_commands.add_parser("status", help="how many guests are ready")
     pool_status.set_defaults(handler=cmd_pool_status)

@@ -84,6 +84,8 @@ class _Rule:
 
 def _between(low: float, high: float) -> Callable[[Any], str]:
     def check(value: float) -> str:
+        if value != value:  # NaN: neither below nor above anything, and no timeout at all
+            return f"must be a number from {low:g} to {high:g} (got nan)"
         if value < low:
             return f"must be >= {low:g} (got {value!r})"
         if value > high:
@@ -127,6 +129,15 @@ def _template_name(value: str) -> str:
     return ""
 
 
+def check_template_name(name: str) -> str:
+    """`name` if it can name a template (a file name under vmtemplates/ and templates_dir,
+    never a path), else a ConfigError."""
+    if not _TEMPLATE_NAME.fullmatch(name):
+        raise ConfigError(f"invalid template name {name!r}: use letters, digits, '.', '_' and '-' "
+                          "(a letter or digit first)")
+    return name
+
+
 def _kernel_params(value: str) -> str:
     # Appended to a command line of ours; x86 kernels take 2048 bytes in all.
     if any(c in value for c in "\0\n"):
@@ -141,8 +152,9 @@ _RULES: dict[str, _Rule] = {
     "qemu": _Rule(str, _command(empty_ok=False)),
     "virtiofsd": _Rule(str, _command(empty_ok=True)),
     "image_dir": _Rule(Path, _absolute_path()),
-    "kernel": _Rule(str, _command(empty_ok=True)),
-    "initrd": _Rule(str, _command(empty_ok=True)),
+    # Files, not commands: relative ones would mean another file in each caller's directory.
+    "kernel": _Rule(str, _absolute_path(empty_ok=True)),
+    "initrd": _Rule(str, _absolute_path(empty_ok=True)),
     "kernel_params": _Rule(str, _kernel_params),
     # q35 without interrupt remapping boots at most 255 vCPUs.
     "vcpus": _Rule(int, _between(1, 255)),
@@ -159,6 +171,16 @@ _RULES: dict[str, _Rule] = {
     "pool_size": _Rule(int, _between(1, 256)),
     "boot_timeout": _Rule(float, _between(0.1, 3600)),
     "log_level": _Rule(str, _one_of(LOG_LEVELS)),
+}
+
+# A template definition's settings (vmtemplates/NAME.toml), checked as vmrun.toml's are.
+_TEMPLATE_RULES: dict[str, _Rule] = {
+    "vcpus": _RULES["vcpus"],
+    "memory_mib": _RULES["memory_mib"],
+    "kernel_params": _RULES["kernel_params"],
+    "hotplug_ports": _Rule(int, _between(2, 32)),  # virtio-fs and vsock at least
+    "max_vcpus": _RULES["vcpus"],
+    "max_memory_mib": _RULES["memory_mib"],
 }
 
 _TOML_TYPES = {str: "a string", Path: "a path string", int: "an integer", float: "a number"}
@@ -232,6 +254,14 @@ def _quote_line(text: str, message: str) -> str:
     if not match or not 0 < int(match.group(1)) <= len(lines):
         return ""
     return f": {lines[int(match.group(1)) - 1].strip()[:80]!r}"
+
+
+def template_settings(data: dict, source: str) -> dict[str, object]:
+    """A template definition's settings, each of its type and range; one-line ConfigErrors."""
+    unknown = sorted(set(data) - set(_TEMPLATE_RULES))
+    if unknown:
+        raise ConfigError(f"{source}: unknown setting {unknown[0]!r}")
+    return {key: _convert(source, key, _TEMPLATE_RULES[key], value) for key, value in data.items()}
 
 
 def config_from_dict(data: dict, source: str = "config") -> Config:

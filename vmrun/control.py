@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import stat
 import threading
 from pathlib import Path
 from typing import Callable
@@ -35,7 +36,7 @@ class ControlServer:
     def __init__(self, path: Path, handlers: dict[str, Handler]):
         self.path = path
         self._handlers = handlers
-        path.unlink(missing_ok=True)
+        _clear_stale_socket(path)
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(str(path))
         self._listener.listen(8)
@@ -71,6 +72,24 @@ class ControlServer:
     def close(self) -> None:
         close_listener(self._listener)
         self.path.unlink(missing_ok=True)
+
+
+def _clear_stale_socket(path: Path) -> None:
+    """Remove a socket nobody serves any more at `path`; refuse anything else there (a
+    file of someone's, or a socket another process still serves)."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ControlError(f"{path} exists and is not a socket: not replacing it")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink(missing_ok=True)  # nobody listens: left by a process that died
+            return
+    raise ControlError(f"{path} is served by another process already")
 
 
 def control_call(path: Path, op: str, timeout: float = 120.0, **arguments: object) -> object:

@@ -52,6 +52,19 @@ def _image(config: Config) -> Finding:
                    f"{image.key} ({image.size_bytes / 2**20:.1f} MiB, kernel {release}) in {config.image_dir}")
 
 
+def _template(config: Config) -> Finding:
+    """The template new sandboxes clone: its definition must load, or every create fails."""
+    if not config.template:
+        return Finding("template", True, "none: every sandbox boots")
+    from vmrun.hypervisor.templates import TemplateDefinition
+
+    try:
+        definition = TemplateDefinition.load(config.template)
+    except VmrunError as exc:
+        return Finding("template", False, str(exc))
+    return Finding("template", True, f"{definition.name}: {definition.vcpus} vCPUs, {definition.memory_mib} MiB")
+
+
 def _pod_network(config: Config) -> Finding:
     """A pod's interfaces reach its guest through taps, made on /dev/net/tun."""
     try:
@@ -71,5 +84,6 @@ def check(config: Config) -> list[Finding]:
         _qemu(config),
         _virtiofsd(config),
         _image(config),
+        _template(config),
         _pod_network(config),
     ]

@@ -57,7 +57,7 @@ def parse_listen(text: str) -> tuple[str, int]:
         host = host[1:-1]
     elif ":" in host:
         raise ListenAddressError(f"monitor: --listen {text!r}: write an IPv6 address as [ADDRESS]:PORT")
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
         raise ListenAddressError(f"monitor: --listen {text!r}: the port must be a number from 1 to 65535")
     return host or "0.0.0.0", int(port_text)
 

@@ -109,15 +109,16 @@ class Pool:
 
     def serve(self, socket_path: Path) -> None:
         """Serve until SIGTERM/SIGINT; then stop every idle guest."""
-        threading.Thread(target=self._fill, name="pool-fill", daemon=True).start()
         socket_path.parent.mkdir(parents=True, exist_ok=True)
         stop = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
+        # The socket first: a pool that cannot serve starts no guest.
         server = ControlServer(socket_path, {
             "take": self._take_request,
             "status": lambda request: {"idle": self.idle_count(), "size": self.size},
         })
+        threading.Thread(target=self._fill, name="pool-fill", daemon=True).start()
         try:
             while not stop.wait(0.5):
                 pass

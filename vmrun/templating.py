@@ -111,6 +111,9 @@ def describe_templates(config: Config) -> list[str]:
             reason = template.why_unusable(fingerprint(definition, config.qemu, files, acceleration))
         except Exception as exc:  # noqa: BLE001 - a listing reports, it does not fail
             reason = str(exc)
-        created = template.record().get("created", "?")
+        try:
+            created = str(template.record().get("created", "?"))
+        except (OSError, ValueError, AttributeError):
+            created = "?"  # a damaged record: why_unusable said so
         lines.append(f"{name:<16}{'usable' if not reason else 'stale: ' + reason:<60}{created}")
     return lines

@@ -255,3 +255,24 @@ def test_list_as_runc_prints_it(tmp_path):
 def test_version_as_runc_and_crun_print_theirs():
     lines = vmrun("--version").stdout.splitlines()
     assert lines[0].startswith("vmrun version ") and lines[1].startswith("spec: 1.")
+
+
+@pytest.mark.parametrize("size", ["0", "-1", "257", "two"])
+def test_a_pool_size_out_of_range_is_refused_before_anything_starts(tmp_path, size):
+    result = vmrun("--root", str(tmp_path), "pool", "serve", "--size", size)
+    assert result.returncode == 1 and "must be a number of guests from 1 to 256" in result.stderr
+
+
+def test_template_list_goes_on_past_a_damaged_record(tmp_path):
+    for name in ("kernel", "initrd"):
+        (tmp_path / name).write_bytes(b"")
+    config = tmp_path / "vmrun.toml"
+    config.write_text(f'kernel = "{tmp_path}/kernel"\ninitrd = "{tmp_path}/initrd"\nacceleration = "tcg"\n'
+                      f'templates_dir = "{tmp_path}/templates"\n')
+    for name, record in (("default", "{bad"), ("other", "[1]")):
+        (tmp_path / "templates" / name).mkdir(parents=True)
+        (tmp_path / "templates" / name / "record.json").write_text(record)
+    result = vmrun("template", "list", env={**os.environ, "VMRUN_CONFIG": str(config)})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2 and all("stale" in line for line in lines), lines

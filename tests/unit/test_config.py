@@ -93,6 +93,8 @@ def test_wrong_types(data, message):
     ({"boot_timeout": 0}, "boot_timeout must be >= 0.1"),
     ({"boot_timeout": -5.0}, "boot_timeout must be >= 0.1"),
     ({"boot_timeout": 1e9}, "boot_timeout must be <= 3600"),
+    ({"boot_timeout": float("nan")}, "boot_timeout must be a number from 0.1 to 3600"),
+    ({"kernel": "vmlinux", "initrd": "/i"}, "kernel must be an absolute path"),
     ({"acceleration": "hvf"}, "acceleration must be one of auto, kvm, tcg"),
     ({"network_model": "macvtap"}, "network_model must be one of tcfilter, none"),
     ({"guest_kernel": "custom"}, "guest_kernel must be one of vmrun, debian"),

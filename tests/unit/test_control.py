@@ -45,3 +45,27 @@ def test_a_closed_sandbox_cannot_be_reached(server):
     assert not server.path.exists()
     with pytest.raises(ControlError, match="cannot reach "):
         control_call(server.path, "echo", value=1)
+
+
+def test_a_file_at_the_socket_path_is_never_replaced(tmp_path):
+    precious = tmp_path / "control.sock"
+    precious.write_text("someone's data")
+    with pytest.raises(ControlError, match="exists and is not a socket"):
+        ControlServer(precious, {})
+    assert precious.read_text() == "someone's data"
+
+
+def test_a_served_socket_is_not_taken_over_and_a_stale_one_is(server, tmp_path):
+    with pytest.raises(ControlError, match="is served by another process already"):
+        ControlServer(server.path, {})
+    assert control_call(server.path, "echo", value=1) == {"got": 1}  # the first still serves
+    import socket
+
+    stale = tmp_path / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as dead:
+        dead.bind(str(stale))  # bound, never listening: what a killed server leaves
+    replacement = ControlServer(stale, {"echo": lambda request: request["value"]})
+    try:
+        assert control_call(stale, "echo", value=2) == 2
+    finally:
+        replacement.close()

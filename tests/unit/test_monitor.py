@@ -57,6 +57,7 @@ def test_listen_addresses(text, expected):
     ("127.0.0.1:0", "port must be a number"),
     ("127.0.0.1:65536", "port must be a number"),
     ("127.0.0.1:http", "port must be a number"),
+    ("127.0.0.1:\u00b2", "port must be a number"),
     ("::1:80", "[ADDRESS]:PORT"),
 ])
 def test_bad_listen_addresses_are_one_line_errors(text, says):

@@ -7,7 +7,10 @@ import json
 import threading
 import time
 
+import pytest
+
 from vmrun.bootfiles import BootFiles
+from vmrun.errors import ConfigError
 from vmrun.hypervisor.accel import Acceleration
 from vmrun.hypervisor.templates import Template, TemplateDefinition, TemplateStore, fingerprint
 
@@ -91,3 +94,42 @@ def test_a_template_made_for_another_kernel_command_line_is_stale(tmp_path):
     assert template.why_unusable(expected) == "it was built from another kernel_command_line"
     template.record_path.write_text(json.dumps({"name": "default", "fingerprint": expected}))
     assert template.why_unusable(expected) == ""
+
+
+
+@pytest.mark.parametrize("name", ["./../victim", "..", ".", "", "a/b", "/tmp/x", ".hidden"])
+def test_a_template_name_is_never_a_path(tmp_path, name):
+    (tmp_path / "victim").mkdir()
+    (tmp_path / "victim" / "data").write_text("someone's")
+    store = TemplateStore(tmp_path / "templates")
+    for attempt in (lambda: store.remove(name), lambda: store.get(name), lambda: TemplateDefinition.load(name)):
+        with pytest.raises(ConfigError, match="invalid template name"):
+            attempt()
+    assert (tmp_path / "victim" / "data").read_text() == "someone's"
+    assert not (tmp_path / "templates").exists() or not list((tmp_path / "templates").iterdir())
+
+
+@pytest.mark.parametrize("text, message", [
+    ("vcpus = 0", "vcpus must be >= 1"),
+    ("vcpus = true", "vcpus must be an integer, not a boolean"),
+    ("vcpus = 1.5", "vcpus must be an integer, not a float"),
+    ('vcpus = "2"', "vcpus must be an integer, not a string"),
+    ("memory_mib = -5", "memory_mib must be >= 64"),
+    ("hotplug_ports = 1", "hotplug_ports must be >= 2"),
+    ("hotplug_ports = 100000", "hotplug_ports must be <= 32"),
+    ('kernel_params = ["a", "b"]', "kernel_params must be a string, not an array"),
+    ('kernel_params = "a\\nb"', "kernel_params must not hold NUL or newline"),
+    ("nope = 1", "unknown setting 'nope'"),
+    ("vcpus = 4\nmax_vcpus = 2", "max_vcpus and max_memory_mib must be at least"),
+])
+def test_a_template_definition_is_checked_as_vmrun_toml_is(tmp_path, text, message):
+    (tmp_path / "t.toml").write_text(text + "\n")
+    with pytest.raises(ConfigError, match=message) as caught:
+        TemplateDefinition.load("t", tmp_path)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_template_definition_that_is_not_utf8_is_one_line_error(tmp_path):
+    (tmp_path / "t.toml").write_bytes(b"vcpus = 2 # \xff\n")
+    with pytest.raises(ConfigError, match="template definition .*t.toml"):
+        TemplateDefinition.load("t", tmp_path)

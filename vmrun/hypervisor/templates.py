@@ -22,7 +22,7 @@ import os
 import shutil
 import time
 import tomllib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
@@ -30,6 +30,7 @@ from typing import Iterator
 import vmrun
 from vmrun.bootfiles import BootFiles
 from vmrun.common.constants import agent_kernel_params
+from vmrun.config import check_template_name, template_settings
 from vmrun.errors import ConfigError, HypervisorError
 from vmrun.hypervisor.accel import Acceleration
 from vmrun.hypervisor.memory_copy import punch_zero_pages
@@ -57,20 +58,14 @@ class TemplateDefinition:
 
     @classmethod
     def load(cls, name: str, directory: Path = DEFINITIONS_DIR) -> "TemplateDefinition":
-        path = directory / f"{name}.toml"
+        path = directory / f"{check_template_name(name)}.toml"
         try:
             data = tomllib.loads(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"no template definition {path}") from None
-        except tomllib.TOMLDecodeError as exc:
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"template definition {path}: {exc}") from None
-        known = {f.name for f in fields(cls)} - {"name"}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"template definition {path}: unknown setting {sorted(unknown)[0]!r}")
-        definition = cls(name=name, **data)
-        if definition.hotplug_ports < 2:
-            raise ConfigError(f"template definition {path}: hotplug_ports must be at least 2 (virtio-fs, vsock)")
+        definition = cls(name=name, **template_settings(data, f"template definition {path}"))  # type: ignore[arg-type]
         if definition.max_vcpus < definition.vcpus or definition.max_memory_mib < definition.memory_mib:
             raise ConfigError(f"template definition {path}: max_vcpus and max_memory_mib must be at least "
                               "vcpus and memory_mib")
@@ -148,7 +143,8 @@ class TemplateStore:
     @contextlib.contextmanager
     def _locked(self, name: str, kind: str, shared: bool) -> Iterator[None]:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.root / f".{name}.{kind}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(self.root / f".{check_template_name(name)}.{kind}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                     0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             yield
@@ -167,7 +163,7 @@ class TemplateStore:
         return self._locked(name, "build", shared=False)
 
     def get(self, name: str) -> Template | None:
-        template = Template(self.root / name)
+        template = Template(self.root / check_template_name(name))
         return template if template.record_path.exists() else None
 
     def list(self) -> list[Template]:
@@ -177,7 +173,7 @@ class TemplateStore:
 
     def remove(self, name: str) -> bool:
         """Remove a template, once no clone is copying it."""
-        if not (self.root / name).exists():
+        if not (self.root / check_template_name(name)).exists():
             return False  # and no lock file made for a template that never was
         with self._replacing(name):
             return self._remove_unlocked(name)
