@@ -39,6 +39,7 @@ from vmrun.hypervisor.vsock.transports import make_transport
 from vmrun.mounts import remove_tree_safely
 from vmrun.network.attachment import NetworkAttachment
 from vmrun.network.dns_relay import DnsRelayHost
+from vmrun.network.netns import check_netns
 from vmrun.network.watch import NetnsWatcher
 from vmrun.oci import Bundle
 from vmrun.share import SHARED, make_share, remove_share, share_container_files, unshare_container_files
@@ -394,6 +395,7 @@ class Sandbox:
         assert self.vm is not None and self.agent is not None
         with self._network_lock:  # the control socket serves requests concurrently
             if self.network is None:
+                check_netns(netns_path)  # a typo must not become the pod's network for good
                 self.network = NetworkAttachment(self.vm, self.agent, netns_path, self.config.network_model,
                                                  self._nic_ports)
                 self._stack.callback(self.network.close)

@@ -367,3 +367,19 @@ def test_a_name_server_on_the_containers_loopback_answers_in_the_guest(vm_env):
         vm_env.vmrun("delete", "--force", "dns")
     text = out.read_text()
     assert text.count("198.18.1.7") == 2 and "peer.test" in text and "other.test" in text, (text, answerer.queries)
+
+
+def test_a_mistyped_namespace_does_not_become_the_pods_network(vm_env, pod_netns):
+    pod, _ = pod_netns
+    bundle = vm_env.bundle("typo", ["sleep", "600"])
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["linux"]["namespaces"] = [ns for ns in spec["linux"]["namespaces"] if ns["type"] != "network"]
+    (bundle / "config.json").write_text(json.dumps(spec))  # no network of its own: none attached
+    assert vm_env.vmrun("create", "--bundle", str(bundle), "typo", detached=True).returncode == 0
+    try:
+        typo = vm_env.vmrun("network", "add", "--netns", "/run/netns/vmrun-no-such-pod", "typo")
+        assert typo.returncode == 1 and b"/run/netns/vmrun-no-such-pod" in typo.stderr
+        added = vm_env.vmrun("network", "add", "--netns", f"/run/netns/{pod}", "typo")
+        assert added.returncode == 0 and added.stdout == b"eth0\n", added.stderr
+    finally:
+        vm_env.vmrun("delete", "--force", "typo")
