@@ -84,8 +84,11 @@ def _clear_stale_socket(path: Path) -> None:
     if not stat.S_ISSOCK(mode):
         raise ControlError(f"{path} exists and is not a socket: not replacing it")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2.0)
         try:
             probe.connect(str(path))
+        except TimeoutError:
+            pass  # a listener too busy to accept: served all the same
         except OSError:
             path.unlink(missing_ok=True)  # nobody listens: left by a process that died
             return
