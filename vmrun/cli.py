@@ -76,11 +76,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     store = _store(args)
     found = store.list()
     reclaim_orphaned(args.config, store, found)
-    states = [{**s.runc_json(), "owner": _owner(store.root / s.id)} for s in found]
     if args.quiet:  # before --format, as runc
-        for state in states:
-            print(state["id"])
+        for state in found:
+            print(state.id)
         return 0
+    states = [{**s.runc_json(), "owner": _owner(store.root / s.id)} for s in found]
     if args.format == "json":
         print(json.dumps(states))
         return 0

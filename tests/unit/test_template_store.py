@@ -102,11 +102,12 @@ def test_a_template_name_is_never_a_path(tmp_path, name):
     (tmp_path / "victim").mkdir()
     (tmp_path / "victim" / "data").write_text("someone's")
     store = TemplateStore(tmp_path / "templates")
-    for attempt in (lambda: store.remove(name), lambda: store.get(name), lambda: TemplateDefinition.load(name)):
+    for attempt in (lambda: store.remove(name), lambda: store.get(name), lambda: TemplateDefinition.load(name),
+                    lambda: store.building(name).__enter__()):
         with pytest.raises(ConfigError, match="invalid template name"):
             attempt()
     assert (tmp_path / "victim" / "data").read_text() == "someone's"
-    assert not (tmp_path / "templates").exists() or not list((tmp_path / "templates").iterdir())
+    assert not (tmp_path / "templates").exists()  # not even a lock file made for it
 
 
 @pytest.mark.parametrize("text, message", [

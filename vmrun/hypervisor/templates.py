@@ -142,9 +142,9 @@ class TemplateStore:
 
     @contextlib.contextmanager
     def _locked(self, name: str, kind: str, shared: bool) -> Iterator[None]:
+        lock = self.root / f".{check_template_name(name)}.{kind}"  # before anything is made
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.root / f".{check_template_name(name)}.{kind}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                     0o600)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             yield
